@@ -1,0 +1,492 @@
+"""Perturbation samplers: pure functions ``sample(key, logits_fn, x, y) -> x_adv``.
+
+Every sampler here is one loop, :func:`ascent`, assembled from four small parts:
+
+* an **init** rule ``init(key, x) -> x0`` (identity, Gaussian jitter, uniform in the ball);
+* an **objective** builder ``objective(logits_fn, x, y) -> f(key, x_adv) -> (batch,)``,
+  the per-example potential that is ascended (see :mod:`dale_jax.potentials`);
+* an **update** rule ``update(key, x_adv, grad) -> x_adv`` (signed step plus Gaussian
+  noise, signed step of a Laplace-perturbed gradient, the paper's unsigned Langevin step);
+* the threat model ``(norm, eps)``, projected onto after every step.
+
+The gradient is that of the *sum* of the per-example objective, so each example's
+step depends on that example only: step sizes mean the same at any batch size.
+The loop is a ``lax.fori_loop`` and the result is under ``stop_gradient``, so no
+gradient flows from a sampler into the model parameters.
+
+PGD is the Gaussian Langevin sampler with zero noise (:func:`pgd` calls
+:func:`langevin_gaussian`), FGSM is one PGD step of size eps. A new sampler is a
+few lines::
+
+  sample = samplers.ascent(
+      init=samplers.init_uniform("linf", 0.3),
+      objective=samplers.potential_objective(potentials.margin),
+      update=samplers.signed_step(0.05, "linf", noise_scale=0.01),
+      steps=20, norm="linf", eps=0.3)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from dale_jax import potentials
+from dale_jax import threat
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+Sampler = Callable[[Array, LogitsFn, Array, Array], Array]
+Init = Callable[[Array, Array], Array]
+Objective = Callable[[Array, Array], Array]
+ObjectiveBuilder = Callable[[LogitsFn, Array, Array], Objective]
+Update = Callable[[Array, Array, Array], Array]
+
+
+# ----------------------------------------------------------------------------
+# Validation.
+
+
+def _check_positive(name: str, value: Any) -> None:
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_inputs(logits_fn: LogitsFn, x: Array, y: Array) -> None:
+  """Checks shapes (at trace time) and label values (when they are concrete).
+
+  Raises:
+    ValueError: naming ``x`` or ``y`` when shapes disagree, ``y`` is not an
+      integer vector, or a concrete label is outside ``[0, num_classes)``.
+  """
+  if x.ndim < 2:
+    raise ValueError(f"x must have a batch axis and at least one more, got shape {x.shape}")
+  if y.ndim != 1 or y.shape[0] != x.shape[0]:
+    raise ValueError(f"y must have shape ({x.shape[0]},) to match x {x.shape}, got {y.shape}")
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+  if not isinstance(y, jax.core.Tracer):
+    num_classes = jax.eval_shape(logits_fn, x).shape[-1]
+    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    if lo < 0 or hi >= num_classes:
+      raise ValueError(f"y must lie in [0, {num_classes}), got labels in [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------
+# Init rules.
+
+
+def init_identity(key: Array, x: Array) -> Array:
+  """Starts at the clean input."""
+  del key
+  return x
+
+
+def init_gaussian(std: float) -> Init:
+  """Starts at ``x + std * N(0, I)`` (advbench's Langevin and TRADES start, std 0.001)."""
+  _check_nonnegative("init_std", std)
+
+  def init(key, x):
+    return x + std * jax.random.normal(key, x.shape, x.dtype)
+
+  return init
+
+
+def init_uniform(norm: str, eps: float) -> Init:
+  """Starts uniformly in the eps-ball (PGD's random start)."""
+  threat.check_threat(norm, eps)
+
+  def init(key, x):
+    return threat.uniform(key, x, norm=norm, eps=eps)
+
+  return init
+
+
+# ----------------------------------------------------------------------------
+# Objectives.
+
+
+def potential_objective(potential: Callable[[Array, Array], Array]) -> ObjectiveBuilder:
+  """Ascends ``potential(logits_fn(x_adv), y)``, e.g. cross-entropy or log(1 - p_y)."""
+
+  def build(logits_fn, x, y):
+    del x
+    return lambda key, z: potential(logits_fn(z), y)
+
+  return build
+
+
+def kl_objective() -> ObjectiveBuilder:
+  """Ascends ``KL(p(x) || p(x_adv))`` (TRADES); ``p(x)`` is computed once per call."""
+
+  def build(logits_fn, x, y):
+    del y
+    clean_logits = jax.lax.stop_gradient(logits_fn(x))
+    return lambda key, z: potentials.kl_to_clean(logits_fn(z), clean_logits)
+
+  return build
+
+
+def smoothed_objective(sigma: float, num_samples: int) -> ObjectiveBuilder:
+  """SmoothAdv's objective ``-log (1/n) sum_k softmax_y(f(x_adv + sigma * xi_k))``.
+
+  The noise ``xi_k ~ N(0, I)`` is redrawn at every step. The log-mean is taken in
+  log space (``logsumexp``), so it is finite even when every ``p_y`` underflows.
+  """
+  _check_nonnegative("sigma", sigma)
+  _check_count("num_samples", num_samples, 1)
+
+  def build(logits_fn, x, y):
+    del x
+
+    def objective(key, z):
+      noise = sigma * jax.random.normal(key, (num_samples,) + z.shape, z.dtype)
+      noisy = (z[None] + noise).reshape((-1,) + z.shape[1:])
+      log_p = jax.nn.log_softmax(logits_fn(noisy).astype(jnp.float32))
+      log_p = log_p.reshape((num_samples, z.shape[0], -1))
+      log_p_y = jnp.take_along_axis(log_p, y[None, :, None], axis=-1)[..., 0]
+      return -(jax.nn.logsumexp(log_p_y, axis=0) - math.log(num_samples))
+
+    return objective
+
+  return build
+
+
+# ----------------------------------------------------------------------------
+# Update rules.
+
+
+def signed_step(step_size: float, norm: str = "linf", noise_scale: float = 0.0) -> Update:
+  """``x + eta * s(g) + c * N(0, I)`` with ``s`` the steepest-ascent direction of ``norm``.
+
+  With ``norm="linf"`` this is advbench's Langevin-Gaussian step
+  (``sign(g)``); with ``noise_scale=0`` it is the PGD step.
+  """
+  _check_positive("step_size", step_size)
+  _check_nonnegative("noise_scale", noise_scale)
+  threat.check_threat(norm, 0.0)
+
+  def update(key, x_adv, grad):
+    x_adv = x_adv + step_size * threat.steepest_ascent(grad, norm)
+    if noise_scale:
+      x_adv = x_adv + noise_scale * jax.random.normal(key, x_adv.shape, x_adv.dtype)
+    return x_adv
+
+  return update
+
+
+def laplace_signed_step(step_size: float, norm: str = "linf", noise_scale: float = 0.0) -> Update:
+  """``x + eta * s(g + c * Laplace(0, 1))``: advbench's Langevin-Laplacian step."""
+  _check_positive("step_size", step_size)
+  _check_nonnegative("noise_scale", noise_scale)
+  threat.check_threat(norm, 0.0)
+
+  def update(key, x_adv, grad):
+    noise = jax.random.laplace(key, grad.shape, grad.dtype)
+    return x_adv + step_size * threat.steepest_ascent(grad + noise_scale * noise, norm)
+
+  return update
+
+
+def langevin_step(step_size: float, temperature: float = 1.0) -> Update:
+  """The paper's Langevin step on ``U = (1/T) log g``:
+
+  .. math:: x \\leftarrow x + \\eta \\nabla_x U + \\sqrt{2 \\eta}\\, \\xi, \\quad \\xi \\sim N(0, I)
+
+  The objective passed alongside must be ``log g`` (e.g. ``log(1 - p_y)``); the
+  gradient is used as is, not its sign.
+  """
+  _check_positive("step_size", step_size)
+  _check_positive("temperature", temperature)
+  noise_std = math.sqrt(2.0 * step_size)
+
+  def update(key, x_adv, grad):
+    noise = jax.random.normal(key, x_adv.shape, x_adv.dtype)
+    return x_adv + (step_size / temperature) * grad + noise_std * noise
+
+  return update
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def ascent(
+    *,
+    init: Init,
+    objective: ObjectiveBuilder,
+    update: Update,
+    steps: int,
+    norm: str,
+    eps: float,
+) -> Sampler:
+  """Builds ``sample(key, logits_fn, x, y)``: ``steps`` projected ascent steps.
+
+  ``x_0 = P(init(x))``, ``x_{k+1} = P(update(x_k, grad_x sum_i f_i(x_k)))`` with
+  ``P`` the projection onto the threat model. ``steps = 0`` returns ``P(init(x))``.
+  """
+  _check_count("steps", steps, 0)
+  threat.check_threat(norm, eps)
+
+  def sample(key: Array, logits_fn: LogitsFn, x: Array, y: Array) -> Array:
+    check_inputs(logits_fn, x, y)
+    init_key, loop_key = jax.random.split(key)
+    f = objective(logits_fn, x, y)
+    grad_fn = jax.grad(lambda z, k: jnp.sum(f(k, z)))
+    x_adv = threat.project(init(init_key, x), x, norm=norm, eps=eps)
+
+    def body(i, x_adv):
+      grad_key, update_key = jax.random.split(jax.random.fold_in(loop_key, i))
+      grad = grad_fn(x_adv, grad_key)
+      return threat.project(update(update_key, x_adv, grad), x, norm=norm, eps=eps)
+
+    x_adv = jax.lax.fori_loop(0, steps, body, x_adv)
+    return jax.lax.stop_gradient(x_adv)
+
+  return sample
+
+
+def with_restarts(
+    sampler: Sampler, restarts: int, score: Callable[[Array, Array], Array] = potentials.cross_entropy
+) -> Sampler:
+  """Runs ``sampler`` ``restarts`` times and keeps, per example, the highest ``score``.
+
+  Restart ``r`` uses ``fold_in(key, r)``; with ``restarts = 1`` the sampler is
+  returned unchanged.
+  """
+  _check_count("restarts", restarts, 1)
+  if restarts == 1:
+    return sampler
+
+  def sample(key, logits_fn, x, y):
+    def run(r):
+      x_adv = sampler(jax.random.fold_in(key, r), logits_fn, x, y)
+      return x_adv, score(logits_fn(x_adv), y)
+
+    def body(r, carry):
+      best_x, best_score = carry
+      x_adv, s = run(r)
+      better = s > best_score
+      mask = better.reshape((-1,) + (1,) * (x.ndim - 1))
+      return jnp.where(mask, x_adv, best_x), jnp.where(better, s, best_score)
+
+    best = jax.lax.fori_loop(1, restarts, body, run(0))[0]
+    return jax.lax.stop_gradient(best)
+
+  return sample
+
+
+# ----------------------------------------------------------------------------
+# The samplers advbench and the paper use.
+
+
+def _potential(name: str) -> Callable[[Array, Array], Array]:
+  valid = ("cross_entropy", "log_one_minus_p", "margin")
+  if name not in valid:
+    raise ValueError(f"potential must be one of {valid}, got {name!r}")
+  return potentials.POTENTIALS[name]
+
+
+def langevin_gaussian(
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    noise_scale: float,
+    norm: str = "linf",
+    init_std: float = 0.001,
+    potential: str = "log_one_minus_p",
+    init: Init | None = None,
+) -> Sampler:
+  """advbench's Langevin-Gaussian sampler (Gaussian_DALE):
+
+  start at ``x + init_std * N(0, I)``, then
+  ``x' <- P(x' + eta * sign(grad log(1 - p_y)) + c * N(0, I))``.
+  ``init`` overrides the start rule (PGD uses it).
+  """
+  return ascent(
+      init=init_gaussian(init_std) if init is None else init,
+      objective=potential_objective(_potential(potential)),
+      update=signed_step(step_size, norm, noise_scale),
+      steps=steps,
+      norm=norm,
+      eps=eps,
+  )
+
+
+def langevin_laplacian(
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    noise_scale: float,
+    norm: str = "linf",
+    init_std: float = 0.001,
+    potential: str = "log_one_minus_p",
+) -> Sampler:
+  """advbench's Langevin-Laplacian sampler (Laplacian_DALE):
+  ``x' <- P(x' + eta * sign(grad + c * Laplace(0, 1)))``, start ``x + init_std * N``."""
+  return ascent(
+      init=init_gaussian(init_std),
+      objective=potential_objective(_potential(potential)),
+      update=laplace_signed_step(step_size, norm, noise_scale),
+      steps=steps,
+      norm=norm,
+      eps=eps,
+  )
+
+
+def langevin(
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    temperature: float = 1.0,
+    norm: str = "linf",
+    init_std: float = 0.0,
+    potential: str = "log_one_minus_p",
+) -> Sampler:
+  """The paper's Algorithm 1 sampler: unsigned Langevin steps on ``(1/T) log g``.
+
+  ``delta <- P(delta + eta * grad (1/T) log g + sqrt(2 eta) N(0, I))`` with
+  ``log g = log(1 - p_y)`` by default; starts at ``delta = 0`` as in the paper.
+  """
+  return ascent(
+      init=init_gaussian(init_std),
+      objective=potential_objective(_potential(potential)),
+      update=langevin_step(step_size, temperature),
+      steps=steps,
+      norm=norm,
+      eps=eps,
+  )
+
+
+def pgd(
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: str = "linf",
+    random_start: bool = False,
+    restarts: int = 1,
+    potential: str = "cross_entropy",
+) -> Sampler:
+  """Projected gradient ascent on cross-entropy: :func:`langevin_gaussian` with zero noise.
+
+  Starts at ``x`` (advbench) or, with ``random_start``, uniformly in the ball
+  (Madry et al.); with ``restarts > 1`` keeps each example's highest-loss run.
+  """
+  sampler = langevin_gaussian(
+      eps=eps,
+      step_size=step_size,
+      steps=steps,
+      noise_scale=0.0,
+      norm=norm,
+      potential=potential,
+      init=init_uniform(norm, eps) if random_start else init_identity,
+  )
+  return with_restarts(sampler, restarts, _potential(potential))
+
+
+def fgsm(
+    *, eps: float, norm: str = "linf", random_start: bool = False, step_size: float | None = None
+) -> Sampler:
+  """FGSM: one PGD step of size ``eps`` from ``x``.
+
+  With ``random_start`` it is "fast adversarial training" (Wong et al. 2020):
+  a uniform start in the ball and one step of ``1.25 eps`` unless ``step_size``
+  is given.
+  """
+  if step_size is None:
+    step_size = 1.25 * eps if random_start else eps
+  return pgd(eps=eps, step_size=step_size, steps=1, norm=norm, random_start=random_start)
+
+
+def trades_kl(
+    *, eps: float, step_size: float, steps: int, norm: str = "linf", init_std: float = 0.001
+) -> Sampler:
+  """TRADES' attack: from ``x + 0.001 N``, sign steps on ``KL(p(x) || p(x'))``."""
+  return ascent(
+      init=init_gaussian(init_std),
+      objective=kl_objective(),
+      update=signed_step(step_size, norm),
+      steps=steps,
+      norm=norm,
+      eps=eps,
+  )
+
+
+def smooth_adv(
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    sigma: float,
+    num_samples: int,
+    norm: str = "linf",
+) -> Sampler:
+  """SmoothAdv (Salman et al. 2019) as advbench runs it: from ``x``, sign steps on
+  ``-log mean_k softmax_y(f(x' + sigma xi_k))``."""
+  return ascent(
+      init=init_identity,
+      objective=smoothed_objective(sigma, num_samples),
+      update=signed_step(step_size, norm),
+      steps=steps,
+      norm=norm,
+      eps=eps,
+  )
+
+
+def uniform(*, eps: float, norm: str = "linf") -> Sampler:
+  """One uniform draw in the eps-ball, clipped to ``[0, 1]`` (CVaR, data augmentation)."""
+  threat.check_threat(norm, eps)
+
+  def sample(key, logits_fn, x, y):
+    check_inputs(logits_fn, x, y)
+    return jax.lax.stop_gradient(threat.uniform(key, x, norm=norm, eps=eps))
+
+  return sample
+
+
+SAMPLERS: Mapping[str, Callable[..., Sampler]] = {
+    "pgd": pgd,
+    "fgsm": fgsm,
+    "langevin_gaussian": langevin_gaussian,
+    "langevin_laplacian": langevin_laplacian,
+    "langevin": langevin,
+    "trades_kl": trades_kl,
+    "smooth_adv": smooth_adv,
+    "uniform": uniform,
+}
+
+
+def make_sampler(config: Mapping[str, Any]) -> Sampler:
+  """Builds a sampler from a config section ``{name: ..., **hyperparameters}``.
+
+  Raises:
+    ValueError: for an unknown ``name`` (listing the valid ones) or a field the
+      sampler does not take (naming it and listing the accepted ones).
+  """
+  config = dict(config)
+  name = config.pop("name", None)
+  if name not in SAMPLERS:
+    raise ValueError(f"sampler.name must be one of {sorted(SAMPLERS)}, got {name!r}")
+  factory = SAMPLERS[name]
+  accepted = [p for p in inspect.signature(factory).parameters if p != "init"]
+  unknown = sorted(set(config) - set(accepted))
+  if unknown:
+    raise ValueError(f"sampler.{unknown[0]} is not a field of sampler {name!r}; accepted: {accepted}")
+  return factory(**config)
