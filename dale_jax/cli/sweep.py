@@ -1,0 +1,154 @@
+"""``dale-sweep``: train a grid of algorithms x datasets x hparams seeds x trial seeds.
+
+Example (the built-in MNIST digits, 4 algorithms, 2 trials, 2 processes)::
+
+  dale-sweep --datasets=quickstart --algorithms=ERM,PGD,TRADES,Gaussian_DALE_PD \\
+      --n_trials=2 --num_epochs=3 --output_dir=/tmp/sweep --n_workers=2
+
+Runs go to ``<output_dir>/<dataset>/<Algorithm>/h<H>_t<T>``; finished runs (with
+a ``done`` file) are skipped, incomplete ones resume from their checkpoint
+(``--clean_incomplete`` deletes them instead). ``--dry_run`` prints the commands
+as a shell script. Any ``--config.<field>=<value>`` flag is passed to every run.
+On GPUs, ``--n_workers=N`` runs N processes, each pinned to one GPU through
+``CUDA_VISIBLE_DEVICES`` (``--device_env``, ``--devices``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from typing import Sequence
+
+from dale_jax.research import sweep
+
+
+def _split_list(values: Sequence[str]) -> list[str]:
+  return [v for value in values for v in value.split(",") if v]
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="dale-sweep", allow_abbrev=False,
+      description="Train a grid of dale-train runs: algorithms x datasets x "
+      "hparams seeds x trial seeds. Extra --config.<field>=<value> flags are "
+      "passed to every run.")
+  parser.add_argument("--algorithms", nargs="+", required=True,
+                      help="algorithm names, space- or comma-separated")
+  parser.add_argument("--datasets", nargs="+", required=True,
+                      help="dataset config names (files <config_dir>/<dataset>.py)")
+  parser.add_argument("--n_hparams", type=int, default=1,
+                      help="hparams seeds 0..n-1; seed 0 = default hyperparameters")
+  parser.add_argument("--n_trials", type=int, default=3, help="trial seeds 0..n-1")
+  parser.add_argument("--output_dir", required=True, help="root of the runs' workdirs")
+  parser.add_argument("--num_epochs", type=int, default=None,
+                      help="passed as --config.num_epochs (default: the config's)")
+  parser.add_argument("--config_dir", default=sweep.DEFAULT_CONFIG_DIR)
+  parser.add_argument("--n_workers", type=int, default=1,
+                      help="concurrent training processes (one per device on GPUs)")
+  parser.add_argument("--devices", default=None,
+                      help="comma-separated device ids, one per worker (default: "
+                      "$CUDA_VISIBLE_DEVICES or 0..n_workers-1)")
+  parser.add_argument("--device_env", default="auto",
+                      help="variable pinning a process to its device: 'auto' "
+                      "(CUDA_VISIBLE_DEVICES when n_workers > 1 and nvidia-smi "
+                      "exists), 'none', or a variable name")
+  parser.add_argument("--resume_incomplete", action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help="relaunch runs without 'done' in place, so that they "
+                      "resume from their checkpoint (--no-resume_incomplete skips them)")
+  parser.add_argument("--noresume_incomplete", dest="resume_incomplete",
+                      action="store_false", help=argparse.SUPPRESS)
+  parser.add_argument("--clean_incomplete", action="store_true",
+                      help="delete runs without 'done' (checkpoints included) and rerun them")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="print the commands as a shell script and exit")
+  parser.add_argument("--train_command", default=None,
+                      help="command that trains one run (default: "
+                      f"'{shlex.join(sweep.DEFAULT_TRAIN_COMMAND)}')")
+  return parser
+
+
+def _device_env(flag: str, n_workers: int) -> str | None:
+  if flag == "none":
+    return None
+  if flag != "auto":
+    return flag
+  if n_workers > 1 and shutil.which("nvidia-smi"):
+    return "CUDA_VISIBLE_DEVICES"
+  return None
+
+
+def _devices(flag: str | None, device_env: str | None, n_workers: int) -> list[str]:
+  if flag is not None:
+    return _split_list([flag])
+  visible = os.environ.get(device_env or "", "")
+  if visible:
+    return visible.split(",")
+  return [str(i) for i in range(n_workers)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Parses ``argv`` (without the program name), runs the sweep; returns the exit code."""
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)
+  try:
+    sweep._check_overrides(extra)
+  except ValueError as e:
+    parser.error(str(e))
+
+  config_dir = sweep.resolve_config_dir(args.config_dir)
+  train_command = (shlex.split(args.train_command) if args.train_command
+                   else sweep.DEFAULT_TRAIN_COMMAND)
+  try:
+    jobs = sweep.make_jobs(
+        algorithms=_split_list(args.algorithms), datasets=_split_list(args.datasets),
+        n_hparams=args.n_hparams, n_trials=args.n_trials, output_dir=args.output_dir,
+        config_dir=config_dir, num_epochs=args.num_epochs, overrides=extra,
+        train_command=train_command)
+    sweep.check_configs(jobs, config_dir)
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
+
+  counts = sweep.summarize(jobs)
+  to_launch = sweep.select_jobs(jobs, resume_incomplete=args.resume_incomplete,
+                                clean_incomplete=args.clean_incomplete)
+  action = "deleted and rerun" if args.clean_incomplete else (
+      "resumed" if args.resume_incomplete else "skipped")
+  print(f"# {len(jobs)} runs: {counts[sweep.DONE]} done, {counts[sweep.INCOMPLETE]} "
+        f"incomplete ({action}), {counts[sweep.NOT_LAUNCHED]} not launched; "
+        f"{len(to_launch)} to launch", flush=True)
+
+  if args.dry_run:
+    for job in to_launch:
+      command = job.command_str
+      if args.clean_incomplete and sweep.job_state(job) == sweep.INCOMPLETE:
+        command = f"rm -rf {shlex.quote(job.workdir)} && {command}"
+      print(command)
+    return 0
+  if not to_launch:
+    return 0
+
+  n_workers = min(args.n_workers, len(to_launch))
+  device_env = _device_env(args.device_env, args.n_workers)
+  devices = _devices(args.devices, device_env, args.n_workers)
+  try:
+    outcomes = sweep.launch(to_launch, n_workers=n_workers, devices=devices,
+                            device_env=device_env, clean_incomplete=args.clean_incomplete)
+  except ValueError as e:
+    parser.error(str(e))
+  failed = [o for o in outcomes if not o.ok]
+  print(f"# {len(outcomes) - len(failed)} of {len(outcomes)} runs finished"
+        + (f"; failed: {', '.join(o.job.name for o in failed)}" if failed else ""))
+  return 1 if failed else 0
+
+
+def run() -> None:
+  """Console-script entry point."""
+  sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  run()
