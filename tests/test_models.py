@@ -1,0 +1,325 @@
+"""Models: parameter counts of the torch references, forward passes against float64
+NumPy re-implementations of the torch layouts, BatchNorm modes, dtypes, axis_name."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from dale_jax.models import (MODELS, MnistCNN, PreActResNet18, ResNet18, WideResNet,
+                             get_model, init_variables)
+
+CIFAR = (32, 32, 3)
+
+
+def _num(tree) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def _abstract(model, shape=CIFAR):
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
+
+
+def _random_variables(model, shape=CIFAR, seed=0):
+  """Variables with the model's structure, drawn on the host.
+
+  Avoids compiling the initialisers (seconds of threefry code on CPU) and gives
+  BatchNorm non-trivial scales, biases and running statistics.
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape)
+    elif name in ("scale", "var"):
+      value = np.exp(rng.normal(0.0, 0.2, leaf.shape))
+    else:  # bias, mean
+      value = rng.normal(0.0, 0.2, leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, _abstract(model, shape))
+
+
+def _images(n, shape=CIFAR, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).uniform(size=(n,) + shape), jnp.float32)
+
+
+# --- float64 NumPy references of the torch modules ----------------------------------
+
+
+def _relu(x):
+  return np.maximum(x, 0.0)
+
+
+def _conv(x, kernel, stride=1):
+  """torch Conv2d(bias=False, padding=k // 2) on NHWC with an HWIO kernel."""
+  k = kernel.shape[0]
+  pad = k // 2
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho = (x.shape[1] + 2 * pad - k) // stride + 1
+  wo = (x.shape[2] + 2 * pad - k) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, kernel.shape[-1]))
+  for dy in range(k):
+    for dx in range(k):
+      patch = xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
+      out += patch @ kernel[dy, dx]
+  return out
+
+
+class _Ref:
+  """Walks a variables dict by torch-style layer names, in float64."""
+
+  def __init__(self, variables, train):
+    to64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
+    self.params = to64(variables["params"])
+    self.stats = to64(variables["batch_stats"])
+    self.new_stats = jax.tree.map(lambda a: a, self.stats)
+    self.train = train
+
+  @staticmethod
+  def _get(tree, path):
+    for name in path:
+      tree = tree[name]
+    return tree
+
+  def conv(self, x, *path, stride=1):
+    return _conv(x, self._get(self.params, path)["kernel"], stride)
+
+  def bn(self, x, *path):
+    """torch BatchNorm2d(momentum=0.1, eps=1e-5); running var from the biased variance."""
+    p, s = self._get(self.params, path), self._get(self.stats, path)
+    if self.train:
+      mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+      new = self._get(self.new_stats, path)
+      new["mean"] = 0.9 * s["mean"] + 0.1 * mean
+      new["var"] = 0.9 * s["var"] + 0.1 * var
+    else:
+      mean, var = s["mean"], s["var"]
+    return (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+  def head(self, x, name):
+    p = self.params[name]
+    return x.mean(axis=(1, 2)) @ p["kernel"] + p["bias"]
+
+
+def _resnet_ref(net, x, stage_sizes, width):
+  x = _relu(net.bn(net.conv(x, "conv1"), "bn1"))
+  for i, n in enumerate(stage_sizes):
+    for j in range(n):
+      b, planes, stride = f"layer{i + 1}_{j}", width * 2**i, (2 if i > 0 and j == 0 else 1)
+      y = _relu(net.bn(net.conv(x, b, "conv1", stride=stride), b, "bn1"))
+      y = net.bn(net.conv(y, b, "conv2"), b, "bn2")
+      if stride != 1 or x.shape[-1] != planes:
+        x = net.bn(net.conv(x, b, "shortcut_conv", stride=stride), b, "shortcut_bn")
+      x = _relu(y + x)
+  return net.head(x, "linear")
+
+
+def _preact_ref(net, x, stage_sizes, width, final_norm):
+  x = net.conv(x, "conv1")
+  for i, n in enumerate(stage_sizes):
+    for j in range(n):
+      b, planes, stride = f"layer{i + 1}_{j}", width * 2**i, (2 if i > 0 and j == 0 else 1)
+      a = _relu(net.bn(x, b, "bn1"))
+      y = _relu(net.bn(net.conv(a, b, "conv1", stride=stride), b, "bn2"))
+      y = net.conv(y, b, "conv2")
+      if stride != 1 or x.shape[-1] != planes:
+        x = net.conv(a, b, "shortcut_conv", stride=stride)
+      x = y + x
+  if final_norm:
+    x = _relu(net.bn(x, "bn"))
+  return net.head(x, "linear")
+
+
+def _wrn_ref(net, x, depth, widen_factor):
+  x = net.conv(x, "conv1")
+  for i in range(3):
+    for j in range((depth - 4) // 6):
+      b, planes, stride = f"block{i + 1}_{j}", 16 * 2**i * widen_factor, (2 if i > 0 and j == 0 else 1)
+      a = _relu(net.bn(x, b, "bn1"))
+      y = _relu(net.bn(net.conv(a, b, "conv1", stride=stride), b, "bn2"))
+      y = net.conv(y, b, "conv2")
+      x = y + (x if x.shape[-1] == planes else net.conv(a, b, "shortcut_conv", stride=stride))
+  return net.head(_relu(net.bn(x, "bn")), "fc")
+
+
+# Small widths/depths that keep every code path: identity and 1x1-conv shortcuts, stride 2.
+REFERENCE_CASES = {
+    "resnet18": (ResNet18(num_classes=10, width=4),
+                 functools.partial(_resnet_ref, stage_sizes=(2, 2, 2, 2), width=4)),
+    "preact_resnet18": (PreActResNet18(num_classes=10, width=4),
+                        functools.partial(_preact_ref, stage_sizes=(2, 2, 2, 2), width=4,
+                                          final_norm=True)),
+    # widen_factor 2 makes the first group's first block a stride-1 conv shortcut, as in
+    # WRN-34-10 (16 -> 160 channels).
+    "wrn10_2": (WideResNet(num_classes=10, depth=10, widen_factor=2),
+                functools.partial(_wrn_ref, depth=10, widen_factor=2)),
+}
+
+
+# --- tests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,kwargs,expected", [
+    ("mnist_cnn", {}, 1_199_882),
+    ("resnet18", {}, 11_173_962),
+    ("preact_resnet18", {}, 11_172_170),                     # Wong et al., RobustBench
+    ("preact_resnet18", {"final_norm": False}, 11_171_146),  # kuangliu/pytorch-cifar
+    ("wrn34_10", {}, 46_160_474),
+])
+def test_parameter_counts_equal_torch_references(name, kwargs, expected):
+  shape = (28, 28, 1) if name == "mnist_cnn" else CIFAR
+  variables = _abstract(get_model(name, 10, **kwargs), shape)
+  assert _num(variables["params"]) == expected
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+
+
+def test_parameter_counts_scale_with_num_classes():
+  # Only the last layer depends on num_classes: 512 weights + 1 bias per class.
+  small = _num(_abstract(get_model("resnet18", 10))["params"])
+  large = _num(_abstract(get_model("resnet18", 100))["params"])
+  assert large - small == 90 * 513
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_forward_matches_numpy_reference(case):
+  model, reference = REFERENCE_CASES[case]
+  variables = _random_variables(model)
+  x, x_other = _images(2), _images(2, seed=2)
+
+  @jax.jit
+  def forward(variables, x):
+    train_logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    # Without `mutable`, Flax raises if evaluation tried to write batch statistics.
+    return train_logits, updates["batch_stats"], model.apply(variables, x, train=False)
+
+  train_logits, new_stats, eval_logits = forward(variables, x)
+  for logits in (train_logits, eval_logits):
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+
+  net = _Ref(variables, train=True)
+  np.testing.assert_allclose(train_logits, reference(net, np.asarray(x, np.float64)),
+                             rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               new_stats, net.new_stats)
+  changed = jax.tree.map(lambda a, b: bool(np.all(a != b)), new_stats, variables["batch_stats"])
+  assert all(jax.tree.leaves(changed))  # every running mean and var moved
+  np.testing.assert_allclose(eval_logits,
+                             reference(_Ref(variables, train=False), np.asarray(x, np.float64)),
+                             rtol=1e-4, atol=1e-4)
+
+  # Training uses batch statistics, so example 0's logits depend on example 1;
+  # evaluation uses the running averages, so they do not, and repeat exactly.
+  x_mixed = x.at[1].set(x_other[1])
+  train_mixed, _, eval_mixed = forward(variables, x_mixed)
+  assert not np.allclose(train_mixed[0], train_logits[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(eval_mixed[0], eval_logits[0])
+  np.testing.assert_array_equal(forward(variables, x)[2], eval_logits)
+
+
+def test_init_variables_and_mnist_cnn_apply():
+  model = get_model("mnist_cnn", 10)
+  variables = init_variables(model, jax.random.key(0), (28, 28, 1))
+  assert set(variables) == {"params", "batch_stats"} and variables["batch_stats"] == {}
+  assert _num(variables["params"]) == 1_199_882
+  x = _images(2, (28, 28, 1))
+  apply = jax.jit(model.apply, static_argnames="train")
+  logits_a = apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+  logits_b = apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+  assert logits_a.shape == (2, 10) and logits_a.dtype == jnp.float32
+  assert not np.allclose(logits_a, logits_b)  # dropout is on in training
+  np.testing.assert_array_equal(apply(variables, x, train=False),
+                                apply(variables, x, train=False))
+
+
+def test_init_variables_input_shapes():
+  model = WideResNet(num_classes=10, depth=10, widen_factor=1)
+  variables = _abstract(model)
+  assert set(variables) == {"params", "batch_stats"}
+  assert set(variables["batch_stats"]["bn"]) == {"mean", "var"}
+  # A leading batch dimension is accepted and ignored.
+  with_batch = _abstract(model, (16,) + CIFAR)
+  assert jax.tree.map(jnp.shape, with_batch) == jax.tree.map(jnp.shape, variables)
+  with pytest.raises(ValueError, match="input_shape"):
+    init_variables(model, jax.random.key(0), (32, 32))
+
+
+def test_jit_equals_no_jit():
+  model = WideResNet(num_classes=10, depth=10, widen_factor=1)
+  variables = _random_variables(model)
+  apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+  x = _images(2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               apply(variables, x), jax.jit(apply)(variables, x))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = ResNet18(num_classes=10, width=4, dtype=jnp.bfloat16)
+  abstract = _abstract(model)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(abstract))
+  variables = _random_variables(model)
+  x = _images(2)
+  logits, updates = jax.jit(functools.partial(model.apply, train=True,
+                                              mutable=["batch_stats"]))(variables, x)
+  assert logits.dtype == jnp.float32
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))
+  reference = _resnet_ref(_Ref(variables, train=True), np.asarray(x, np.float64),
+                          stage_sizes=(2, 2, 2, 2), width=4)
+  error = np.abs(np.asarray(logits, np.float64) - reference).max()
+  # bfloat16 has an 8-bit mantissa: clearly not float32 arithmetic, yet close.
+  assert 1e-4 * np.abs(reference).max() < error < 0.1 * np.abs(reference).max()
+
+
+def test_axis_name_averages_batch_statistics_over_the_axis():
+  """Two groups of 2 under vmap(axis_name='data') == one batch of 4 without the axis."""
+  model = ResNet18(num_classes=10, width=4)
+  model_ax = ResNet18(num_classes=10, width=4, axis_name="data")
+  variables = _random_variables(model)
+  x = _images(4)
+  train = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+  train_ax = functools.partial(model_ax.apply, train=True, mutable=["batch_stats"])
+  logits, updates = jax.jit(train)(variables, x)
+  logits_ax, updates_ax = jax.jit(
+      jax.vmap(train_ax, in_axes=(None, 0), axis_name="data"))(variables, x.reshape((2, 2) + CIFAR))
+  np.testing.assert_allclose(logits_ax.reshape(4, 10), logits, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-6),
+               updates_ax, updates)
+  jax.tree.map(lambda a: np.testing.assert_array_equal(a[0], a[1]), updates_ax)
+
+  # The documented use: inside shard_map over a "data" mesh of every local device.
+  devices = jax.devices()
+  n = len(devices)
+  mesh = Mesh(np.array(devices), ("data",))
+  sharded = jax.jit(jax.shard_map(train_ax, mesh=mesh, in_specs=(P(), P("data")),
+                                  out_specs=(P("data"), P())))
+  x_n = _images(2 * n)
+  logits_sm, updates_sm = sharded(variables, x_n)
+  logits_1, updates_1 = jax.jit(train)(variables, x_n)
+  np.testing.assert_allclose(logits_sm, logits_1, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               updates_sm, updates_1)
+
+
+def test_registry_and_unknown_name():
+  assert set(MODELS) == {"mnist_cnn", "resnet18", "preact_resnet18", "wrn34_10"}
+  assert isinstance(get_model("mnist_cnn", 10), MnistCNN)
+  wrn = get_model("wrn34_10", 100)
+  assert (wrn.depth, wrn.widen_factor, wrn.dropout_rate, wrn.num_classes) == (34, 10, 0.0, 100)
+  assert get_model("resnet18", 10, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+  with pytest.raises(ValueError) as error:
+    get_model("resnet50", 10)
+  for name in ("resnet50", "mnist_cnn", "resnet18", "preact_resnet18", "wrn34_10"):
+    assert name in str(error.value)
+
+
+def test_wide_resnet_rejects_bad_depth():
+  with pytest.raises(ValueError, match="depth=12"):
+    _abstract(WideResNet(num_classes=10, depth=12))
