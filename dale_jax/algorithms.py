@@ -1,0 +1,238 @@
+"""Every advbench algorithm (and the paper's Algorithm 1) as a sampler plus a pure loss.
+
+An :class:`Algorithm` says which perturbations to draw (``sampler``, ``draws`` per
+example, run with the model in eval mode), whether the clean logits are needed,
+and how to turn logits into the training loss:
+
+``loss(clean_logits, adv_logits, labels, nu) -> (loss, meters, constraints)``
+
+``adv_logits`` has shape ``(draws, batch, classes)``; ``nu`` is the dual state's
+multiplier (``None`` without a dual); ``constraints`` is what the dual update
+ascends on (``None`` without one). ``meters`` are advbench's training meters.
+
+Deliberate differences from advbench, each a bug fix or a cost saving that
+leaves the estimator unchanged:
+
+* ERM_DataAug averages the CE of the *perturbed* draws (advbench averages the
+  clean CE ``M`` times, i.e. trains plain ERM).
+* TRADES uses the natural CE term of the TRADES paper by default
+  (``loss.ce_on="clean"``); advbench computes it on the adversarial images
+  (``ce_on="adv"`` reproduces that).
+* CVaR draws its ``M`` perturbations once and optimises ``t`` on those losses;
+  advbench redraws and re-forwards all ``M`` draws at each of the ``n_steps``
+  t-steps. The t-step is per example (see :func:`losses.cvar_t_subgradient`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dale_jax import dual as dual_lib
+from dale_jax import losses
+from dale_jax import potentials
+from dale_jax import samplers
+
+Array = jax.Array
+LossFn = Callable[[Array | None, Array | None, Array, Array | None], tuple]
+
+
+class Algorithm(NamedTuple):
+  name: str
+  sampler: samplers.Sampler | None
+  draws: int
+  needs_clean: bool
+  loss: LossFn
+  dual: dual_lib.DualTransformation | None
+
+
+def _ce_each(adv_logits: Array, labels: Array) -> Array:
+  """Mean CE over draws and batch of ``(draws, batch, classes)`` logits."""
+  return jnp.mean(jax.vmap(potentials.cross_entropy, (0, None))(adv_logits, labels))
+
+
+def _single(adv_logits: Array) -> Array:
+  return adv_logits[0]
+
+
+# ----------------------------------------------------------------------------
+# Loss builders: keyword hyperparameters in, loss function out.
+
+
+def _erm():
+  def loss(clean, adv, y, nu):
+    ce = losses.cross_entropy(clean, y)
+    return ce, {"Loss": ce}, None
+
+  return loss
+
+
+def _adversarial_ce():
+  def loss(clean, adv, y, nu):
+    ce = _ce_each(adv, y)
+    return ce, {"Loss": ce}, None
+
+  return loss
+
+
+def _trades(beta: float, ce_on: str = "clean"):
+  if ce_on not in ("clean", "adv"):
+    raise ValueError(f"loss.ce_on must be 'clean' or 'adv', got {ce_on!r}")
+
+  def loss(clean, adv, y, nu):
+    adv = _single(adv)
+    ce = losses.cross_entropy(clean if ce_on == "clean" else adv, y)
+    kl = losses.trades_kl(clean, adv)
+    total = ce + beta * kl
+    return total, {"Loss": total, "clean loss": ce, "invariance loss": kl}, None
+
+  return loss
+
+
+def _logit_pairing(ce_on: str, weight: float = 1.0):
+  def loss(clean, adv, y, nu):
+    adv = _single(adv)
+    ce = losses.cross_entropy(adv if ce_on == "adv" else clean, y)
+    pairing = losses.logit_pairing(clean, adv)
+    total = ce + weight * pairing
+    name = "robust loss" if ce_on == "adv" else "clean loss"
+    return total, {"Loss": total, name: ce, "logit loss": pairing}, None
+
+  return loss
+
+
+def _mart(beta: float):
+  def loss(clean, adv, y, nu):
+    total = losses.mart(clean, _single(adv), y, beta)
+    return total, {"Loss": total}, None
+
+  return loss
+
+
+def _term(t: float):
+  def loss(clean, adv, y, nu):
+    total = losses.tilted(potentials.cross_entropy(clean, y), t)
+    return total, {"Loss": total}, None
+
+  return loss
+
+
+def _cvar(beta: float, t_step_size: float, n_steps: int, method: str, primal_dual: bool = False):
+  def loss(clean, adv, y, nu):
+    per_draw = jax.vmap(potentials.cross_entropy, (0, None))(adv, y)
+    t = losses.optimize_cvar_t(per_draw, beta, t_step_size, n_steps, method=method)
+    cvar = losses.cvar(per_draw, t, beta)
+    meters = {"Loss": cvar, "CVaR loss": cvar}
+    if not primal_dual:
+      return cvar, meters, None
+    ce = losses.cross_entropy(clean, y)
+    total = cvar + jax.lax.stop_gradient(nu) * ce
+    meters.update({"Loss": total, "clean loss": ce, "dual variable": nu})
+    return total, meters, ce
+
+  return loss
+
+
+def _dale(nu_fixed: float | None = None, objective: str = "robust", robust: str = "ce"):
+  """``objective + nu * constraint`` with clean and robust terms in either role."""
+  if objective not in ("robust", "clean"):
+    raise ValueError(f"loss.objective must be 'robust' or 'clean', got {objective!r}")
+
+  def loss(clean, adv, y, nu):
+    adv = _single(adv)
+    clean_loss = losses.cross_entropy(clean, y)
+    robust_loss = (
+        losses.cross_entropy(adv, y) if robust == "ce" else losses.trades_kl(clean, adv))
+    weight = nu_fixed if nu is None else jax.lax.stop_gradient(nu)
+    if objective == "robust":
+      total, constraint = robust_loss + weight * clean_loss, clean_loss
+    else:
+      total, constraint = clean_loss + weight * robust_loss, robust_loss
+    meters = {"Loss": total, "clean loss": clean_loss, "robust loss": robust_loss}
+    if nu is not None:
+      meters["dual variable"] = nu
+    return total, meters, (constraint if nu is not None else None)
+
+  return loss
+
+
+# ----------------------------------------------------------------------------
+# The registry: name -> (loss builder, needs_clean, uses_sampler, uses_dual).
+
+
+class _Spec(NamedTuple):
+  loss: Callable[..., LossFn]
+  needs_clean: bool
+  uses_sampler: bool
+  uses_dual: bool
+
+
+ALGORITHMS: Mapping[str, _Spec] = {
+    "ERM": _Spec(_erm, True, False, False),
+    "ERM_DataAug": _Spec(_adversarial_ce, False, True, False),
+    "FGSM": _Spec(_adversarial_ce, False, True, False),
+    "PGD": _Spec(_adversarial_ce, False, True, False),
+    "TRADES": _Spec(_trades, True, True, False),
+    "ALP": _Spec(lambda **kw: _logit_pairing("adv", **kw), True, True, False),
+    "CLP": _Spec(lambda **kw: _logit_pairing("clean", **kw), True, True, False),
+    "MART": _Spec(_mart, True, True, False),
+    "TERM": _Spec(_term, True, False, False),
+    "RandSmoothing": _Spec(_adversarial_ce, False, True, False),
+    "CVaR_SGD": _Spec(lambda **kw: _cvar(method="subgradient", **kw), False, True, False),
+    "CVaR_SGD_Autograd": _Spec(lambda **kw: _cvar(method="autograd", **kw), False, True, False),
+    "CVaR_SGD_PD": _Spec(
+        lambda **kw: _cvar(method="subgradient", primal_dual=True, **kw), True, True, True),
+    "Gaussian_DALE": _Spec(_dale, True, True, False),
+    "Laplacian_DALE": _Spec(_dale, True, True, False),
+    "Gaussian_DALE_PD": _Spec(_dale, True, True, True),
+    "Gaussian_DALE_PD_Reverse": _Spec(lambda **kw: _dale(objective="clean", **kw), True, True, True),
+    "KL_DALE_PD": _Spec(lambda **kw: _dale(robust="kl", **kw), True, True, True),
+    "DALE": _Spec(_dale, True, True, True),
+}
+
+
+def check_name(name: str) -> None:
+  if name not in ALGORITHMS:
+    raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {name!r}")
+
+
+def make_algorithm(
+    name: str,
+    *,
+    sampler: Mapping[str, Any] | None = None,
+    loss: Mapping[str, Any] | None = None,
+    dual: Mapping[str, Any] | None = None,
+    draws: int = 1,
+    steps_per_epoch: int = 1,
+) -> Algorithm:
+  """Assembles algorithm ``name`` from its config sections.
+
+  Args:
+    name: one of :data:`ALGORITHMS`.
+    sampler: the ``sampler`` section (``name`` + the factory's keyword arguments).
+    loss: keyword hyperparameters of the algorithm's loss (e.g. ``beta``).
+    dual: ``{step_size, margin, init_value, every}`` with ``every`` ``"step"``
+      or ``"epoch"``.
+    draws: perturbations drawn per example.
+    steps_per_epoch: resolves ``dual.every = "epoch"``.
+  """
+  check_name(name)
+  spec = ALGORITHMS[name]
+  try:
+    loss_fn = spec.loss(**dict(loss or {}))
+  except TypeError as e:
+    raise ValueError(f"loss section does not fit algorithm {name!r}: {e}") from None
+  sample = samplers.make_sampler(sampler) if spec.uses_sampler else None
+  dual_tx = None
+  if spec.uses_dual:
+    dual = dict(dual or {})
+    every = dual.pop("every", "step")
+    if every not in ("step", "epoch"):
+      raise ValueError(f"dual.every must be 'step' or 'epoch', got {every!r}")
+    dual_tx = dual_lib.dual_ascent(every=1 if every == "step" else steps_per_epoch, **dual)
+  if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+    raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+  return Algorithm(name, sample, draws if spec.uses_sampler else 0, spec.needs_clean,
+                   loss_fn, dual_tx)

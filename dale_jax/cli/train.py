@@ -1,0 +1,36 @@
+"""``dale-train``: train one algorithm from an ml-collections config.
+
+  dale-train --config=experiments/configs/mnist.py:Gaussian_DALE_PD --workdir=runs/x \
+      --config.optimizer.learning_rate=0.02 --config.num_epochs=10
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from dale_jax import report
+from dale_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. experiments/configs/mnist.py:PGD.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for records and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  record = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(report.results_table(record))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,120 @@
+"""advbench's evaluators as pure, jit-able per-batch functions.
+
+An evaluator is ``evaluate(key, logits_fn, x, y, mask) -> dict of sums`` over the
+unmasked examples of one batch; :func:`finalize` turns summed results into
+advbench's result keys (accuracies in percent, losses as means). Batches are
+padded to a fixed size with ``mask = False`` rows so one program serves them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from dale_jax import losses
+from dale_jax import potentials
+from dale_jax import samplers
+from dale_jax import threat
+
+Array = jax.Array
+Evaluator = Callable[[Array, Callable, Array, Array, Array], dict]
+
+
+def _scored(prefix: str, logits: Array, y: Array, mask: Array) -> dict:
+  correct = (jnp.argmax(logits, -1) == y) & mask
+  loss = jnp.where(mask, potentials.cross_entropy(logits, y), 0.0)
+  return {f"{prefix}-Accuracy": jnp.sum(correct), f"{prefix}-Loss": jnp.sum(loss)}
+
+
+def clean(settings: Mapping[str, Any]) -> Evaluator:
+  del settings
+
+  def evaluate(key, logits_fn, x, y, mask):
+    return _scored("Clean", logits_fn(x), y, mask)
+
+  return evaluate
+
+
+def attacked(prefix: str, sampler: samplers.Sampler) -> Evaluator:
+  """Accuracy and CE on ``sampler``'s perturbed inputs (PGD, FGSM, APGD, ...)."""
+
+  def evaluate(key, logits_fn, x, y, mask):
+    return _scored(prefix, logits_fn(sampler(key, logits_fn, x, y)), y, mask)
+
+  return evaluate
+
+
+def pgd(s: Mapping[str, Any]) -> Evaluator:
+  return attacked("PGD", samplers.pgd(eps=s["eps"], step_size=s["pgd_step_size"],
+                                      steps=s["pgd_steps"], norm=s["norm"]))
+
+
+def fgsm(s: Mapping[str, Any]) -> Evaluator:
+  return attacked("FGSM", samplers.fgsm(eps=s["eps"], norm=s["norm"]))
+
+
+def _uniform_losses(key, logits_fn, x, y, draws, norm, eps):
+  """``(draws, batch)`` logits and CE under uniform perturbations, one draw at a time."""
+
+  def one(k):
+    logits = logits_fn(threat.uniform(k, x, norm=norm, eps=eps))
+    return logits, potentials.cross_entropy(logits, y)
+
+  return jax.lax.map(one, jax.random.split(key, draws))
+
+
+def cvar(s: Mapping[str, Any]) -> Evaluator:
+  """``CVaR_beta`` of the CE under uniform perturbations, ``t`` optimised per example."""
+
+  def evaluate(key, logits_fn, x, y, mask):
+    _, ce = _uniform_losses(key, logits_fn, x, y, s["cvar_draws"], s["norm"], s["eps"])
+    t = losses.optimize_cvar_t(ce, s["cvar_beta"], s["cvar_t_step_size"], s["cvar_steps"])
+    per_example = t + jnp.mean(jax.nn.relu(ce - t), axis=0) / s["cvar_beta"]
+    return {"CVaR-Loss": jnp.sum(jnp.where(mask, per_example, 0.0))}
+
+  return evaluate
+
+
+def augmented(s: Mapping[str, Any]) -> Evaluator:
+  """Accuracy over ``augmented_draws`` uniform perturbations per image and, for each
+  beta, the share of images whose accuracy exceeds ``(1 - beta) * 100``."""
+
+  def evaluate(key, logits_fn, x, y, mask):
+    logits, ce = _uniform_losses(key, logits_fn, x, y, s["augmented_draws"], s["norm"], s["eps"])
+    per_image = jnp.mean(jnp.argmax(logits, -1) == y, axis=0) * 100.0
+    out = {
+        "Augmented-Accuracy": jnp.sum(jnp.where(mask, per_image / 100.0, 0.0)),
+        "Augmented-Loss": jnp.sum(jnp.where(mask, jnp.mean(ce, axis=0), 0.0)),
+    }
+    for beta in s["augmented_betas"]:
+      out[f"Augmented-{beta}-Quantile-Accuracy"] = jnp.sum(
+          (per_image > (1.0 - beta) * 100.0) & mask)
+    return out
+
+  return evaluate
+
+
+EVALUATORS: dict[str, Callable[[Mapping[str, Any]], Evaluator]] = {
+    "Clean": clean,
+    "PGD": pgd,
+    "FGSM": fgsm,
+    "CVaR": cvar,
+    "Augmented": augmented,
+}
+
+
+def make_evaluator(name: str, settings: Mapping[str, Any]) -> Evaluator:
+  if name not in EVALUATORS:
+    raise ValueError(f"evaluator must be one of {sorted(EVALUATORS)}, got {name!r}")
+  return EVALUATORS[name](settings)
+
+
+def finalize(sums: Mapping[str, float], count: int) -> dict[str, float]:
+  """Summed results -> advbench's keys: accuracies in percent, losses as means."""
+  out = {}
+  for k, v in sums.items():
+    v = float(v) / max(count, 1)
+    out[k] = 100.0 * v if "Accuracy" in k else v
+  return out

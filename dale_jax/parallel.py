@@ -1,0 +1,81 @@
+"""Data parallelism: one ``data`` mesh axis over every device of every process.
+
+Training and evaluation steps are ``jax.jit``-compiled with the batch sharded
+over ``data`` and the train state replicated (pmap's model, written the way
+``jax.pmap`` itself is now implemented). Because ``jit`` has global semantics,
+the mean loss, its gradient and BatchNorm's batch statistics are those of the
+*global* batch: XLA inserts the cross-device all-reduces, and one step on N
+devices computes what it computes on one (up to float reassociation). Random
+noise is drawn for the global batch, so every device gets its own.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+  """``jax.distributed.initialize`` for multi-host runs; a no-op for one process.
+
+  On CPU the collectives go over gloo, so several processes on one machine (or
+  on hosts without accelerators) can train together.
+  """
+  if num_processes <= 1:
+    return
+  if jax.default_backend() == "cpu" or not _accelerators_present():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def _accelerators_present() -> bool:
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh named ``data`` over all (global) devices."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_divisible(batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(
+        f"{field}={batch_size} must be divisible by the number of devices ({n}); "
+        f"use a multiple of {n}")
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Places a host batch on the mesh, split over ``data``.
+
+  Single process: ``batch`` is the global batch. Several processes: each passes
+  its own rows (``global_batch / process_count`` of them, see
+  :func:`process_rows`) and the result is the global array.
+  """
+  sharding = batch_sharded(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), batch)
+
+
+def process_rows(global_batch_size: int) -> slice:
+  """The rows of each global batch that this process feeds."""
+  per = global_batch_size // jax.process_count()
+  start = jax.process_index() * per
+  return slice(start, start + per)
