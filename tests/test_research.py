@@ -112,6 +112,29 @@ def test_metric_falls_back_to_clean_accuracy_only_by_default(tmp_path):
     collect.resolve_metric(runs, "PGD-Accuracy")
 
 
+def test_runs_without_validation_allow_last_step_only(tmp_path, capsys):
+  for h in (0, 1):
+    recs = [_record(e, None, {"Clean-Accuracy": 50.0 + 10 * h + e}) for e in range(2)]
+    for r in recs:
+      del r["Validation"]
+    _write_run(tmp_path, "mnist_digits", "ERM", h, 0, recs)
+  runs = collect.load_runs(str(tmp_path))
+  assert collect.resolve_metric(runs) is None
+  (choice,) = collect.choose(runs, "LastStep")
+  # Seed 1 has the better test accuracy, but test numbers must not pick hparams.
+  assert (choice.metric, choice.hparams_seed, choice.records[0]["Epoch"]) == (None, 0, 1)
+  with pytest.raises(collect.NoValidationError, match="the mnist_digits runs have none"):
+    collect.choose(runs, "EarlyStop")
+
+  assert collect_cli.main([f"--input_dir={tmp_path}", "--format=markdown"]) == 0
+  captured = capsys.readouterr()
+  assert "EarlyStop left out for mnist_digits" in captured.err
+  assert "no validation records: smallest hparams seed" in captured.out
+  assert "| ERM | 51.0 ± 0.0 | 0 | 1 |" in captured.out
+  (row,) = [r for r in collect.read_csv(str(tmp_path / "results.csv")) if r.split == "Test"]
+  assert (row.selection, row.selection_metric, row.mean) == ("LastStep", "", 51.0)
+
+
 @pytest.mark.parametrize("selection", collect.SELECTION_METHODS)
 def test_hparams_selection_and_statistics_match_independent_computation(tmp_path, selection):
   raw = _synthetic_sweep(tmp_path)
@@ -338,6 +361,10 @@ def test_dry_run_prints_a_script_and_launches_nothing(tmp_path, fake_train, caps
   assert capsys.readouterr().out.splitlines()[0].endswith("(skipped), 2 not launched; 2 to launch")
   with pytest.raises(SystemExit):
     sweep_cli.main(argv + ["--datasets=cifar10"])  # no such config
+  with pytest.raises(SystemExit):  # the real trainer knows no such algorithm
+    sweep_cli.main(["--algorithms=ERM,Oracle", "--datasets=quickstart", "--dry_run",
+                    f"--output_dir={out_dir}"])
+  assert "Oracle" in capsys.readouterr().err
 
 
 def test_launch_runs_jobs_on_workers_skips_done_and_resumes_incomplete(tmp_path, fake_train):

@@ -57,6 +57,25 @@ def load(args) -> list[collect.Run]:
   return runs
 
 
+def choose(runs: Sequence[collect.Run], selection: str, metric: str | None,
+           fallback: str | None = None) -> list[collect.Choice]:
+  """:func:`collect.choose` per dataset; where ``selection`` needs validation records
+  that a dataset lacks, ``fallback`` is used instead (or the dataset is left out),
+  with a note on stderr."""
+  choices = []
+  for dataset in sorted({r.dataset for r in runs}):
+    group = [r for r in runs if r.dataset == dataset]
+    try:
+      choices.extend(collect.choose(group, selection, metric))
+    except collect.NoValidationError as e:
+      if fallback is None:
+        print(f"# {selection} left out for {dataset}: {e}", file=sys.stderr)
+      else:
+        print(f"# {fallback} instead of {selection} for {dataset}: {e}", file=sys.stderr)
+        choices.extend(collect.choose(group, fallback, metric))
+  return choices
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="dale-collect", allow_abbrev=False,
@@ -99,13 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
   rows = []
-  choices_by_selection = {}
   for selection in selections:
     try:
-      choices = collect.choose(runs, selection, args.selection_metric)
+      choices = choose(runs, selection, args.selection_metric)
     except ValueError as e:
       parser.error(f"{selection}: {e}")
-    choices_by_selection[selection] = choices
     rows.extend(collect.summarize(choices))
 
   tables = collect.make_tables(rows, split=args.split, metrics=_split_list(args.metrics),
@@ -129,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   if args.plots:
     from dale_jax.research import plots  # matplotlib is optional
-    choices = choices_by_selection.get(args.plot_selection) or collect.choose(
-        runs, args.plot_selection, args.selection_metric)
+    choices = choose(runs, args.plot_selection, args.selection_metric, fallback="LastStep")
     paths = plots.plot_all(choices, os.path.join(args.input_dir, "plots"), split=args.split)
     print(f"# wrote {len(paths)} plot(s):")
     for path in paths:

@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     runs = collect_cli.load(args)
-    choices = collect.choose(runs, args.selection, args.selection_metric)
+    choices = collect_cli.choose(runs, args.selection, args.selection_metric,
+                                 fallback="LastStep")
   except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
   if not runs:

@@ -90,6 +90,13 @@ def _devices(flag: str | None, device_env: str | None, n_workers: int) -> list[s
   return [str(i) for i in range(n_workers)]
 
 
+def _check_algorithms(names: Sequence[str]) -> None:
+  from dale_jax import algorithms  # imports JAX, but touches no device
+
+  for name in names:
+    algorithms.check_name(name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Parses ``argv`` (without the program name), runs the sweep; returns the exit code."""
   parser = _parser()
@@ -103,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   train_command = (shlex.split(args.train_command) if args.train_command
                    else sweep.DEFAULT_TRAIN_COMMAND)
   try:
+    if not args.train_command:
+      _check_algorithms(_split_list(args.algorithms))
     jobs = sweep.make_jobs(
         algorithms=_split_list(args.algorithms), datasets=_split_list(args.datasets),
         n_hparams=args.n_hparams, n_trials=args.n_trials, output_dir=args.output_dir,

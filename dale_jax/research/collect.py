@@ -20,7 +20,10 @@ reported numbers are then mean and sample standard deviation (``ddof=1``;
 
 The selection metric defaults to ``PGD-Accuracy`` and falls back to
 ``Clean-Accuracy`` for a dataset whose validation records have no PGD
-evaluation.
+evaluation. A dataset without any validation records (a config with
+``data.validation_size = 0``, such as ``quickstart``) supports only
+``LastStep``, and its hyperparameter seed is then the smallest one present
+(0 = the defaults): choosing by test numbers would overstate them.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ class Choice:
   Attributes:
     dataset, algorithm: the group.
     selection: ``LastStep`` or ``EarlyStop``.
-    metric: validation metric used for selection.
+    metric: validation metric used for selection; ``None`` when the runs have
+      no validation records.
     hparams_seed: the selected hyperparameter seed.
     runs: that seed's runs (one per trial seed, sorted by trial seed).
     records: the selected record of each run, same order.
@@ -83,7 +87,7 @@ class Choice:
   dataset: str
   algorithm: str
   selection: str
-  metric: str
+  metric: str | None
   hparams_seed: int
   runs: tuple[Run, ...]
   records: tuple[Mapping, ...]
@@ -92,7 +96,10 @@ class Choice:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """Mean, std and count of one metric over the selected records of a :class:`Choice`."""
+  """Mean, std and count of one metric over the selected records of a :class:`Choice`.
+
+  ``selection_metric`` is ``""`` when the runs had no validation records.
+  """
 
   dataset: str
   algorithm: str
@@ -255,16 +262,25 @@ def _validation_metrics(runs: Iterable[Run]) -> set[str]:
   return {k for run in runs for r in run.records for k in (r.get("Validation") or {})}
 
 
-def resolve_metric(runs: Sequence[Run], metric: str | None = None) -> str:
+class NoValidationError(ValueError):
+  """``EarlyStop`` was asked for runs without validation records."""
+
+
+def resolve_metric(runs: Sequence[Run], metric: str | None = None) -> str | None:
   """The validation metric used for ``runs`` (those of one dataset).
 
   ``None`` asks for ``PGD-Accuracy``, falling back to ``Clean-Accuracy`` when
   no validation record has it. An explicit metric must be present.
 
+  Returns:
+    The metric, or ``None`` when no run has validation records at all.
+
   Raises:
     ValueError: naming the metric and the available ones, when missing.
   """
   available = _validation_metrics(runs)
+  if not available:
+    return None
   if metric is None:
     if DEFAULT_METRIC in available or FALLBACK_METRIC not in available:
       metric = DEFAULT_METRIC
@@ -287,6 +303,10 @@ def choose(runs: Sequence[Run], selection: str, metric: str | None = None) -> li
 
   Returns:
     One :class:`Choice` per (dataset, algorithm), sorted by dataset then algorithm.
+
+  Raises:
+    NoValidationError: ``EarlyStop`` for a dataset without validation records.
+    ValueError: an explicit ``metric`` that the validation records lack.
   """
   by_dataset: dict[str, list[Run]] = {}
   for run in runs:
@@ -295,7 +315,11 @@ def choose(runs: Sequence[Run], selection: str, metric: str | None = None) -> li
   for dataset in sorted(by_dataset):
     dataset_runs = by_dataset[dataset]
     used_metric = resolve_metric(dataset_runs, metric)
-    sign = 1.0 if higher_is_better(used_metric) else -1.0
+    if used_metric is None and selection == "EarlyStop":
+      raise NoValidationError(
+          f"EarlyStop needs validation records, and the {dataset} runs have none "
+          "(config data.validation_size = 0 or eval.splits without 'Validation')")
+    sign = 1.0 if used_metric is None or higher_is_better(used_metric) else -1.0
     groups: dict[str, dict[int, list[Run]]] = {}
     for run in dataset_runs:
       groups.setdefault(run.algorithm, {}).setdefault(run.hparams_seed, []).append(run)
@@ -304,7 +328,8 @@ def choose(runs: Sequence[Run], selection: str, metric: str | None = None) -> li
       for hparams_seed in sorted(groups[algorithm]):
         seed_runs = sorted(groups[algorithm][hparams_seed], key=lambda r: r.trial_seed)
         records = [select_record(r.records, selection, used_metric) for r in seed_runs]
-        values = [metric_value(r, "Validation", used_metric) for r in records]
+        values = [metric_value(r, "Validation", used_metric) for r in records
+                  ] if used_metric else []
         values = [v for v in values if not math.isnan(v)]
         score = float(np.mean(values)) if values else math.nan
         rank = sign * score if values else -math.inf
@@ -335,7 +360,7 @@ def summarize(choices: Iterable[Choice], splits: Sequence[str] = SPLITS) -> list
         if not values:
           continue
         mean, std = mean_std(values)
-        rows.append(Row(c.dataset, c.algorithm, c.selection, c.metric, c.hparams_seed,
+        rows.append(Row(c.dataset, c.algorithm, c.selection, c.metric or "", c.hparams_seed,
                         split, metric, mean, std, len(values)))
   return rows
 
@@ -406,8 +431,10 @@ class Table:
   def caption(self) -> str:
     how = ("last epoch" if self.selection == "LastStep"
            else f"epoch of best validation {self.selection_metric}")
+    hparams = (f"hparams by validation {self.selection_metric}" if self.selection_metric
+               else "no validation records: smallest hparams seed")
     return (f"{self.dataset}: {self.split.lower()} metrics, mean ± std over trials "
-            f"({self.selection}: {how}; hparams by validation {self.selection_metric})")
+            f"({self.selection}: {how}; {hparams})")
 
   def best(self, metric: str) -> float | None:
     means = [self.cells[(a, metric)].mean for a in self.algorithms if (a, metric) in self.cells]
