@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import textwrap
 
@@ -411,3 +410,52 @@ def test_clean_incomplete_deletes_and_failures_are_reported(tmp_path, fake_train
   assert env["resumed"] is False and env["device"] is None
   log = (out_dir / "mnist" / "PGD" / "h0_t0" / "sweep.log").read_text()
   assert log.startswith("$ ") and "diverged" in log
+
+
+def test_a_train_command_that_cannot_start_fails_its_jobs_only(tmp_path):
+  jobs = sweep.make_jobs(algorithms=["ERM", "PGD"], datasets=["mnist"], n_hparams=1,
+                         n_trials=1, output_dir=str(tmp_path),
+                         train_command=[str(tmp_path / "no-such-trainer")])
+  log = io.StringIO()
+  outcomes = sweep.launch(jobs, n_workers=2, out=log)
+  assert [o.returncode for o in outcomes] == [127, 127]
+  assert "cannot start" in (pathlib.Path(jobs[0].workdir) / "sweep.log").read_text()
+  assert "[2/2] FAILED (exit code 127)" in log.getvalue()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_tiny_quickstart_sweep_then_collect_reports_the_records(tmp_path, capsys,
+                                                                monkeypatch):
+  monkeypatch.chdir(REPO)  # the default --config_dir is relative to the repository
+  out_dir = tmp_path / "sweep"
+  argv = ["--datasets=quickstart", "--algorithms=ERM,Gaussian_DALE_PD", "--n_trials=1",
+          "--num_epochs=1", f"--output_dir={out_dir}", "--n_workers=2",
+          "--config.data.max_train_examples=128", "--config.batch_size=16",
+          "--config.eval.max_examples=100"]
+  assert sweep_cli.main(argv) == 0, capsys.readouterr().out
+  assert sweep_cli.main(argv) == 0  # everything done: nothing relaunched
+  assert "0 to launch" in capsys.readouterr().out.splitlines()[-1]
+
+  assert collect_cli.main([f"--input_dir={out_dir}", "--plots"]) == 0
+  out = capsys.readouterr().out
+  rows = collect.read_csv(str(out_dir / "results.csv"))
+  assert {r.algorithm for r in rows} == {"ERM", "Gaussian_DALE_PD"}
+  for alg in ("ERM", "Gaussian_DALE_PD"):
+    workdir = out_dir / "quickstart" / alg / "h0_t0"
+    (last,) = [json.loads(l) for l in (workdir / "results.jsonl").read_text().splitlines()]
+    assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 1
+    test_rows = {r.metric: r for r in rows if (r.algorithm, r.split) == (alg, "Test")}
+    assert set(test_rows) == set(last["Test"])
+    for metric, value in last["Test"].items():
+      row = test_rows[metric]
+      assert (row.selection, row.hparams_seed, row.n, row.std) == ("LastStep", 0, 1, 0.0)
+      assert row.mean == value
+    for metric in ("Clean-Accuracy", "PGD-Accuracy", "FGSM-Accuracy"):
+      assert f"{last['Test'][metric]:.1f} ± 0.0" in out
+  plots = out_dir / "plots" / "mnist_digits"
+  for name in ("accuracy_curves.png", "pareto.png", "primal_dual_Gaussian_DALE_PD.png"):
+    assert (plots / name).read_bytes()[:4] == b"\x89PNG"

@@ -183,7 +183,10 @@ def load_runs(input_dir: str, *, include_incomplete: bool = False) -> list[Run]:
 
   Returns:
     The runs with at least one record, sorted by (dataset, algorithm,
-    hparams seed, trial seed).
+    hparams seed, trial seed). Dataset, algorithm and seeds are read from
+    ``config.json`` (so the quickstart config's runs say ``mnist_digits``, the
+    data they trained on), else from the records' ``args``, else from the path
+    ``<dataset>/<Algorithm>/h<H>_t<T>``.
   """
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f"input_dir {input_dir!r} is not a directory")

@@ -308,9 +308,16 @@ def launch(
     device_note = f" ({device_env}={devices[slot]})" if device_env else ""
     log.write(f"$ {job.command_str}{device_note}\n")
     log.flush()
-    process = popen(list(job.command), stdout=log, stderr=subprocess.STDOUT,
-                    env=child_env)
-    running[slot] = (job, process, log, time.monotonic())
+    started = time.monotonic()
+    try:
+      process = popen(list(job.command), stdout=log, stderr=subprocess.STDOUT,
+                      env=child_env)
+    except OSError as e:  # e.g. a train command that does not exist
+      log.write(f"cannot start: {e}\n")
+      running[slot] = (job, None, log, started)
+      finish(slot, 127)
+      return
+    running[slot] = (job, process, log, started)
     print(f"[start] {job.name}{device_note}", file=out, flush=True)
 
   def finish(slot: int, returncode: int):
@@ -345,9 +352,9 @@ def launch(
         time.sleep(poll_seconds)
   except BaseException:
     # Interrupted: stop the children too, so no process outlives the sweep.
-    for job, process, log, _ in running.values():
+    for _, process, _, _ in running.values():
       process.terminate()
-    for job, process, log, _ in running.values():
+    for _, process, log, _ in running.values():
       try:
         process.wait(timeout=30)
       except subprocess.TimeoutExpired:
