@@ -69,13 +69,22 @@ def curve(runs: Sequence[collect.Run], split: str, metric: str):
 
 
 def _plot_curve(ax, runs, split, metric, label=None, **kwargs) -> bool:
+  from matplotlib.ticker import MaxNLocator
+
   epochs, mean, std = curve(runs, split, metric)
   if epochs.size == 0:
     return False
   (line,) = ax.plot(epochs, mean, marker="o" if epochs.size < 15 else None,
-                    label=label or _LABELS.get(metric, metric), **kwargs)
+                    label=label or _LABELS.get(metric, metric), gid="curve", **kwargs)
   if np.any(std > 0):
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.2, color=line.get_color())
+  # Epochs are integers: label each when there are few, else integer ticks only.
+  plotted = np.unique(np.concatenate([np.asarray(l.get_xdata(), float)
+                                      for l in ax.get_lines() if l.get_gid() == "curve"]))
+  if plotted.size <= 12:
+    ax.set_xticks(plotted)
+  else:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   return True
 
 
