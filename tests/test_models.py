@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dale_jax.models import (MODELS, MnistCNN, PreActResNet18, ResNet18, WideResNet,
+from dale_jax.models import (MODELS, MnistCNN, PreActResNet18, ResNet, ResNet18, WideResNet,
                              get_model, init_variables)
+from dale_jax.models.resnet import torch_bias_init, torch_kernel_init
+from dale_jax.models.wide_resnet import trades_conv_init
 
 CIFAR = (32, 32, 3)
 
@@ -215,6 +216,12 @@ def test_forward_matches_numpy_reference(case):
   np.testing.assert_allclose(eval_logits,
                              reference(_Ref(variables, train=False), np.asarray(x, np.float64)),
                              rtol=1e-4, atol=1e-4)
+  # Faint images: the first BatchNorm's batch variance is far below epsilon, so the
+  # logits pin epsilon = 1e-5.
+  faint = x * 1e-3
+  np.testing.assert_allclose(forward(variables, faint)[0],
+                             reference(_Ref(variables, train=True), np.asarray(faint, np.float64)),
+                             rtol=1e-4, atol=1e-4)
 
   # Training uses batch statistics, so example 0's logits depend on example 1;
   # evaluation uses the running averages, so they do not, and repeat exactly.
@@ -262,7 +269,7 @@ def test_jit_equals_no_jit():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-  model = ResNet18(num_classes=10, width=4, dtype=jnp.bfloat16)
+  model = ResNet(num_classes=10, stage_sizes=(1, 1), width=4, dtype=jnp.bfloat16)
   abstract = _abstract(model)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(abstract))
   variables = _random_variables(model)
@@ -272,7 +279,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert logits.dtype == jnp.float32
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))
   reference = _resnet_ref(_Ref(variables, train=True), np.asarray(x, np.float64),
-                          stage_sizes=(2, 2, 2, 2), width=4)
+                          stage_sizes=(1, 1), width=4)
   error = np.abs(np.asarray(logits, np.float64) - reference).max()
   # bfloat16 has an 8-bit mantissa: clearly not float32 arithmetic, yet close.
   assert 1e-4 * np.abs(reference).max() < error < 0.1 * np.abs(reference).max()
@@ -280,8 +287,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 def test_axis_name_averages_batch_statistics_over_the_axis():
   """Two groups of 2 under vmap(axis_name='data') == one batch of 4 without the axis."""
-  model = ResNet18(num_classes=10, width=4)
-  model_ax = ResNet18(num_classes=10, width=4, axis_name="data")
+  model = ResNet(num_classes=10, stage_sizes=(1, 1), width=4)
+  model_ax = ResNet(num_classes=10, stage_sizes=(1, 1), width=4, axis_name="data")
   variables = _random_variables(model)
   x = _images(4)
   train = functools.partial(model.apply, train=True, mutable=["batch_stats"])
@@ -306,6 +313,21 @@ def test_axis_name_averages_batch_statistics_over_the_axis():
   np.testing.assert_allclose(logits_sm, logits_1, rtol=1e-4, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                updates_sm, updates_1)
+
+
+def test_initialisers_match_torch():
+  key_a, key_b, key_c = jax.random.split(jax.random.key(0), 3)
+  # torch Conv2d(64, 128, 3) default: U(-1/sqrt(576), 1/sqrt(576)).
+  kernel = np.asarray(torch_kernel_init(key_a, (3, 3, 64, 128)), np.float64)
+  bound = 1.0 / np.sqrt(3 * 3 * 64)
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.99 * bound
+  np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3.0), rtol=0.02)
+  bias = np.asarray(torch_bias_init(512)(key_b, (4096,)), np.float64)
+  assert np.abs(bias).max() <= 1.0 / np.sqrt(512) and np.abs(bias).max() > 0.99 / np.sqrt(512)
+  # TRADES: N(0, 2 / (3 * 3 * out_channels)).
+  kernel = np.asarray(trades_conv_init(key_c, (3, 3, 16, 160)), np.float64)
+  np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / (3 * 3 * 160)), rtol=0.02)
+  assert abs(kernel.mean()) < 0.01 * kernel.std()
 
 
 def test_registry_and_unknown_name():

@@ -16,8 +16,8 @@ Matching torch, so that weights port one to one and training behaves alike:
 * BatchNorm ``momentum=0.9`` (Flax: ``new = 0.9 * old + 0.1 * batch``, i.e. torch's
   ``momentum=0.1``), ``epsilon=1e-5``, scale 1 and bias 0 at init.  One difference:
   torch updates ``running_var`` with the unbiased batch variance, Flax with the biased
-  one (a factor ``n / (n - 1)``, n = batch x height x width; 1.0001 for a CIFAR batch
-  of 128 on the smallest 4x4 map);
+  one (a factor ``n / (n - 1)``, n = batch x height x width; at most 1.0005 for a
+  CIFAR batch of 128, on the last 4x4 maps);
 * initialisation is torch's default: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for
   conv and linear kernels and for the linear bias.
 

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 
 from dale_jax.models.resnet import ModuleDef, linear_head, make_conv, make_norm
 
-_he_fan_out_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# TRADES: conv weights N(0, 2 / n), n = kh * kw * out_channels (He init, fan-out).
+trades_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class WideBlock(nn.Module):
@@ -89,7 +90,7 @@ class WideResNet(nn.Module):
           f"WideResNet depth must be 6 n + 4 with n >= 1 (10, 16, 22, 28, 34, ...), "
           f"got depth={self.depth}")
     blocks_per_group = (self.depth - 4) // 6
-    conv = make_conv(self.dtype, _he_fan_out_normal)
+    conv = make_conv(self.dtype, trades_conv_init)
     norm = make_norm(train, self.dtype, self.axis_name)
     x = conv(16, 3, 1, name="conv1")(x)
     for i in range(3):
