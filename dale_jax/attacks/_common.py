@@ -1,0 +1,87 @@
+"""Parts shared by the attacks: per-example keys, the jit wrapper, argument checks."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dale_jax import threat
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def as_pytree_fn(logits_fn: LogitsFn) -> jax.tree_util.Partial:
+  """Wraps ``logits_fn`` so that it can be passed to a jitted function.
+
+  A ``jax.tree_util.Partial`` is passed through unchanged: its bound arguments
+  (e.g. a model's variables in ``Partial(model.apply, variables)``) are then
+  traced arguments, so new weights do not trigger a recompilation. Any other
+  callable becomes static; what it closes over is baked into the program.
+  """
+  if isinstance(logits_fn, jax.tree_util.Partial):
+    return logits_fn
+  if not callable(logits_fn):
+    raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
+  return jax.tree_util.Partial(logits_fn)
+
+
+def example_keys(key: jax.Array, n: int) -> jax.Array:
+  """One typed key per example: ``fold_in(key, i)`` for ``i < n``.
+
+  ``key`` may be a single key (typed or raw ``uint32[2]``) or already one key
+  per example (shape ``(n,)`` typed, or ``(n, 2)`` raw). Deriving every random
+  draw from a per-example key makes the result of an example independent of
+  the batch it is evaluated in, of ``batch_size`` and of the device count.
+  """
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  if key.shape == ():
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n))
+  if key.shape == (n,):
+    return key
+  raise ValueError(f"key must be one key or one key per example ({n}), got shape {key.shape}")
+
+
+def fold_keys(keys: jax.Array, data) -> jax.Array:
+  """``fold_in(k, data)`` for every per-example key ``k``."""
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
+
+
+def per_example(draw: Callable[[jax.Array], jax.Array], keys: jax.Array) -> jax.Array:
+  """Stacks ``draw(k)`` over the per-example keys."""
+  return jax.vmap(draw)(keys)
+
+
+def batch_shape(x: jax.Array) -> tuple[int, ...]:
+  """Shape that broadcasts a per-example scalar against ``x``."""
+  return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+def bcast(mask: jax.Array, x: jax.Array) -> jax.Array:
+  return mask.reshape(batch_shape(x))
+
+
+def predicted_correct(logits: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.argmax(logits, axis=-1) == y
+
+
+def check_inputs(x, y, norm: str, eps) -> None:
+  """Raises before compiling when the inputs cannot describe an attack."""
+  threat.check_threat(norm, eps)
+  if getattr(x, "ndim", 0) < 2:
+    raise ValueError(f"x must have a batch axis, got shape {getattr(x, 'shape', None)}")
+  if getattr(y, "shape", None) != (x.shape[0],):
+    raise ValueError(f"y must have shape ({x.shape[0]},), got {getattr(y, 'shape', None)}")
+
+
+def check_positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def default_active(x: jax.Array, active) -> jax.Array:
+  if active is None:
+    return jnp.ones((x.shape[0],), bool)
+  return jnp.asarray(active, bool)

