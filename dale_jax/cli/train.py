@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import json
+import logging as std_logging
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from dale_jax import report
@@ -21,7 +23,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for records and check
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax so that the progress lines stay readable."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   record = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
