@@ -26,17 +26,10 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
   """
   if num_processes <= 1:
     return
-  if jax.default_backend() == "cpu" or not _accelerators_present():
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Only the CPU client reads this; it must be set before the backend starts.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
-
-
-def _accelerators_present() -> bool:
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return False
 
 
 def make_mesh() -> Mesh:

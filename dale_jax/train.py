@@ -330,10 +330,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   record: dict = records[-1] if records else {}
 
   def checkpoint(sums):
-    if not all(math.isfinite(v) for v in sums.values()):
-      raise FloatingPointError(
-          f"non-finite training loss at step {int(state.step)} ({sums}); stopping. The last "
-          f"good checkpoint in {workdir}/checkpoints is kept.")
     _save(manager, state, {"sums": sums, "elapsed": time.time() - t_start})
 
   for epoch in range(first_epoch, config.num_epochs):
@@ -357,6 +353,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             meter_sums[k] = meter_sums.get(k, 0.0) + float(v)
         meter_sums["_count"] = meter_sums.get("_count", 0.0) + len(pending)
         pending = []
+        if not all(math.isfinite(v) for v in meter_sums.values()):
+          raise FloatingPointError(
+              f"non-finite training meters by step {done} of epoch {epoch}: {meter_sums}. "
+              f"Stopping; the last good checkpoint in {workdir}/checkpoints is kept.")
         progress.update(done, (done - skip) * config.batch_size,
                         meter_sums["Loss"] / meter_sums["_count"])
         if done % config.checkpoint_every_steps == 0 and done != steps_per_epoch:

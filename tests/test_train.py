@@ -1,0 +1,223 @@
+"""The training job: data parallelism, resume after SIGKILL, config errors, NaN stop."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from dale_jax import configs, train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_step_worker.py")
+ROOT = os.path.dirname(HERE)
+QUICKSTART = os.path.join(ROOT, "experiments", "configs", "quickstart.py")
+
+
+def _run_worker(out, devices, *extra):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.Popen([sys.executable, WORKER, str(out), str(devices), *map(str, extra)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _params(path):
+  with np.load(path) as f:
+    return int(f["devices"]), {k: f[k] for k in f.files if k != "devices"}
+
+
+def _assert_same_params(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_device_params(tmp_path_factory):
+  out = tmp_path_factory.mktemp("one") / "p.npz"
+  proc = _run_worker(out, 1)
+  log = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, log
+  return _params(out)
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(one_device_params, tmp_path):
+  proc = _run_worker(tmp_path / "p.npz", 8)
+  log = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, log
+  devices, params = _params(tmp_path / "p.npz")
+  assert devices == 8 and one_device_params[0] == 1
+  _assert_same_params(one_device_params[1], params)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_match_one(one_device_params, tmp_path):
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [_run_worker(tmp_path / "p.npz", 1, address, 2, i) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs
+  devices, params = _params(tmp_path / "p.npz")
+  assert devices == 2
+  _assert_same_params(one_device_params[1], params)
+
+
+# ----------------------------------------------------------------------------
+# Resume.
+
+_TINY = [
+    "--config.num_epochs=2", "--config.batch_size=32", "--config.data.max_train_examples=192",
+    "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+    "--config.eval.max_examples=100", "--config.eval.evaluators=('Clean','PGD')",
+    "--config.sampler.steps=3",
+]
+
+
+def _train_cmd(workdir):
+  return [sys.executable, "-m", "dale_jax.cli.train", f"--config={QUICKSTART}:Gaussian_DALE_PD",
+          f"--workdir={workdir}", *_TINY]
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "results.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_gives_the_same_results(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  subprocess.run(_train_cmd(full), env=env, check=True, capture_output=True, timeout=600)
+
+  # 6 steps per epoch: kill once step 8 (mid epoch 1) is checkpointed.
+  proc = subprocess.Popen(_train_cmd(killed), env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt = killed / "checkpoints" / "8"
+  deadline = time.time() + 600
+  while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert ckpt.exists() and not (killed / "done").exists(), "run ended before it could be killed"
+  assert [r["Epoch"] for r in _records(killed)] == [0]
+
+  subprocess.run(_train_cmd(killed), env=env, check=True, capture_output=True, timeout=600)
+  a, b = _records(full), _records(killed)
+  assert [r["Epoch"] for r in b] == [0, 1] and (killed / "done").exists()
+  for ra, rb in zip(a, b):
+    assert ra["Test"] == pytest.approx(rb["Test"], rel=1e-6, abs=1e-6)
+    assert ra["Train"] == pytest.approx(rb["Train"], rel=1e-5, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Bad input.
+
+
+def _config(**overrides):
+  c = configs.base_config("mnist_digits", "Gaussian_DALE_PD")
+  for k, v in overrides.items():
+    section = c
+    *path, leaf = k.split(".")
+    for p in path:
+      section = section[p]
+    section[leaf] = v
+  return c
+
+
+@pytest.mark.parametrize("field,value", [
+    ("optimizer.learning_rate", -1.0),
+    ("optimizer.momentum", 1.5),
+    ("batch_size", 0),
+    ("num_epochs", 0),
+    ("sampler.eps", -0.1),
+    ("sampler.step_size", 0.0),
+    ("sampler.steps", -1),
+    ("sampler.norm", "l3"),
+    ("dual.every", "week"),
+    ("model.name", "vgg"),
+    ("eval.eps", -1.0),
+    ("eval.splits", ("Train",)),
+    ("eval.evaluators", ("Clean", "AutoAttackk")),
+    ("schedule.scales", (0.1, 0.2)),
+])
+def test_invalid_values_name_the_field(field, value):
+  with pytest.raises(ValueError, match=field.split(".")[-1]):
+    configs.validate(_config(**{field: value}))
+
+
+def test_unknown_algorithm_and_dataset_list_the_valid_ones():
+  with pytest.raises(ValueError, match="Gaussian_DALE_PD"):
+    configs.base_config("mnist", "DALEE")
+  with pytest.raises(ValueError, match="cifar10"):
+    configs.base_config("imagenet", "PGD")
+
+
+def test_batch_must_divide_over_devices():
+  with pytest.raises(ValueError, match="batch_size.*divisible"):
+    configs.validate(_config(batch_size=60), num_devices=8)
+
+
+def test_cli_rejects_unknown_field_before_writing(tmp_path):
+  workdir = tmp_path / "run"
+  for flag, needle in [("--config.optimizer.lerning_rate=0.1", "lerning_rate"),
+                       ("--config.optimizer.learning_rate=-3", "learning_rate")]:
+    proc = subprocess.run(_train_cmd(workdir)[:5] + [flag], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert proc.returncode != 0 and needle in proc.stderr
+  assert not workdir.exists()
+
+
+def test_hparams_seed_zero_keeps_defaults_and_others_follow_advbench_ranges():
+  c = _config()
+  configs.apply_random_hparams(c)
+  assert c.batch_size == 64 and c.optimizer.learning_rate == 0.01
+  for seed in range(1, 20):
+    c = _config(hparams_seed=seed)
+    configs.apply_random_hparams(c)
+    assert 8 <= c.batch_size < 256
+    assert 10**-4.5 <= c.optimizer.learning_rate <= 10**-2.5
+    assert 0.8 <= c.optimizer.momentum <= 0.95
+    assert 1e-6 <= c.optimizer.weight_decay <= 1e-3
+    assert 1e-6 <= c.sampler.noise_scale <= 1e-2
+  a, b = _config(hparams_seed=3), _config(hparams_seed=3)
+  configs.apply_random_hparams(a)
+  configs.apply_random_hparams(b)
+  assert a.to_dict() == b.to_dict()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = _config(**{"optimizer.learning_rate": 1e12, "optimizer.momentum": 0.0, "batch_size": 32,
+                 "data.max_train_examples": 320, "checkpoint_every_steps": 1,
+                 "log_every_steps": 1, "sampler.steps": 1, "num_epochs": 1})
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    train.train_and_evaluate(c, str(tmp_path))
+  steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert steps, "no checkpoint was kept"
+  state = train.create_train_state(c, jax.random.key(0), (28, 28, 1), 10)
+  restored, sums = train._restore(train._checkpoint_manager(str(tmp_path)), state)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+  assert all(np.isfinite(v) for v in sums["sums"].values())
+
+
+def test_learning_rate_schedule_uses_advbench_absolute_factors():
+  c = configs.base_config("mnist", "ERM")
+  sched = train.learning_rate_schedule(c, steps_per_epoch=10)
+  assert float(sched(0)) == pytest.approx(0.01)
+  assert float(sched(249)) == pytest.approx(0.01)
+  assert float(sched(250)) == pytest.approx(0.001)
+  assert float(sched(350)) == pytest.approx(0.0001)
+  assert float(sched(400)) == pytest.approx(0.00001)
