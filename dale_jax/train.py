@@ -30,6 +30,7 @@ from dale_jax import configs
 from dale_jax import data as data_lib
 from dale_jax import evaluation
 from dale_jax import parallel
+from dale_jax import report
 from dale_jax.models import get_model, init_variables
 from dale_jax.train_state import TrainState
 
@@ -328,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   splits = {"Validation": dataset.validation, "Test": dataset.test}
   t_start = time.time() - elapsed
   record: dict = records[-1] if records else {}
+  writer = report.ScalarWriter(os.path.join(workdir, "tensorboard")) if is_main else None
 
   def checkpoint(sums):
     _save(manager, state, {"sums": sums, "elapsed": time.time() - t_start})
@@ -383,6 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     records.append(record)
     if is_main:
       _write_records(workdir, records)
+      writer.write(epoch, record)
     logging.info("epoch %d: %s", epoch, json.dumps({k: record.get(k) for k in ("Train", "Test")}))
     checkpoint(meter_sums)
 
