@@ -293,6 +293,7 @@ _FAKE_TRAIN = textwrap.dedent("""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "env.json"), "w") as f:
       json.dump({"device": os.environ.get("FAKE_DEVICE"), "argv": sys.argv[1:],
+                 "prealloc": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
                  "resumed": os.path.exists(os.path.join(workdir, "checkpoints"))}, f)
     h, t = int(args["config.hparams_seed"]), int(args["config.seed"])
     with open(os.path.join(workdir, "results.jsonl"), "w") as f:
@@ -366,8 +367,10 @@ def test_dry_run_prints_a_script_and_launches_nothing(tmp_path, fake_train, caps
   assert "Oracle" in capsys.readouterr().err
 
 
-def test_launch_runs_jobs_on_workers_skips_done_and_resumes_incomplete(tmp_path, fake_train):
+def test_launch_runs_jobs_on_workers_skips_done_and_resumes_incomplete(tmp_path, fake_train,
+                                                                      monkeypatch):
   command, configs = fake_train
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
   out_dir = tmp_path / "sweep"
   jobs = sweep.make_jobs(algorithms=["ERM", "PGD"], datasets=["mnist"], n_hparams=2,
                          n_trials=2, output_dir=str(out_dir), config_dir=configs,
@@ -382,6 +385,7 @@ def test_launch_runs_jobs_on_workers_skips_done_and_resumes_incomplete(tmp_path,
   envs = [json.loads((pathlib.Path(j.workdir) / "env.json").read_text()) for j in jobs]
   assert {e["device"] for e in envs} == {"7", "9"}
   assert [e["resumed"] for e in envs] == [True] + [False] * 7  # checkpoint kept
+  assert {e["prealloc"] for e in envs} == {None}
   assert "[8/8] done" in log.getvalue()
   assert sweep.select_jobs(jobs) == []
 
@@ -389,6 +393,19 @@ def test_launch_runs_jobs_on_workers_skips_done_and_resumes_incomplete(tmp_path,
   rows = collect.summarize(collect.choose(collect.load_runs(str(out_dir)), "LastStep"))
   (row,) = [r for r in rows if (r.algorithm, r.split) == ("PGD", "Test")]
   assert (row.hparams_seed, row.mean, row.n) == (1, 10 + 0.5 + 2 + 0.5, 2)
+
+
+def test_workers_sharing_a_device_do_not_preallocate(tmp_path, fake_train, monkeypatch):
+  command, _ = fake_train
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  jobs = sweep.make_jobs(algorithms=["ERM", "PGD"], datasets=["mnist"], n_hparams=1,
+                         n_trials=1, output_dir=str(tmp_path / "s"), train_command=command)
+  outcomes = sweep.launch(jobs, n_workers=2, devices=["0", "0"], device_env="FAKE_DEVICE",
+                          out=io.StringIO())
+  assert all(o.ok for o in outcomes)
+  for job in jobs:
+    env = json.loads((pathlib.Path(job.workdir) / "env.json").read_text())
+    assert (env["device"], env["prealloc"]) == ("0", "false")
 
 
 def test_clean_incomplete_deletes_and_failures_are_reported(tmp_path, fake_train, capsys,

@@ -25,8 +25,9 @@ behaviour, which loses the checkpoints).
 
 Jobs run as child processes, at most ``n_workers`` at a time. Worker ``i`` owns
 ``devices[i]``; when ``device_env`` is set (e.g. ``CUDA_VISIBLE_DEVICES``), every
-process it launches sees only that device. Each child's output goes to
-``<workdir>/sweep.log``.
+process it launches sees only that device. With one worker and no
+``device_env``, each run uses every local device (the trainer is data
+parallel). Each child's output goes to ``<workdir>/sweep.log``.
 """
 
 from __future__ import annotations
@@ -271,6 +272,8 @@ def launch(
     devices: ``devices[i]`` is the device of worker ``i`` (default ``0 .. n_workers-1``).
     device_env: environment variable that pins a process to its worker's
       device, e.g. ``CUDA_VISIBLE_DEVICES``; ``None`` leaves the environment alone.
+      When workers share a device (``devices`` repeats an id), the children
+      also get ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
     clean_incomplete: delete a job's existing workdir (checkpoints included)
       before launching it.
     env: base environment of the children (default ``os.environ``).
@@ -288,6 +291,9 @@ def launch(
   if len(devices) < n_workers:
     raise ValueError(f"devices lists {len(devices)} devices for n_workers={n_workers}")
   base_env = dict(os.environ if env is None else env)
+  if device_env and len(set(devices[:n_workers])) < n_workers:
+    # Workers share a device: JAX must not grab 75% of its memory per process.
+    base_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   out = sys.stdout if out is None else out
 
   pending = collections.deque(jobs)
