@@ -28,7 +28,8 @@ class _MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x.reshape((x.shape[0], -1))
-    return nn.Dense(10)(nn.relu(nn.Dense(self.hidden)(x)))
+    hidden = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
+    return nn.Dense(10, name="out")(hidden)
 
 
 def _mnist():
@@ -273,7 +274,7 @@ def test_bad_arguments_raise_before_compiling(trained):
 # ----------------------------------------------------------------------------- strength order
 
 _N = 200
-_SHORT = {"square": {"n_queries": 1000}}
+_SHORT = None  # the standard settings: Square with 5,000 queries
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +311,7 @@ def test_traceable_ensemble_matches_the_report(trained, report):
   *_, logits_fn, x, y = trained
   # Same keys as evaluate_robustness, without its host-side gathering of the
   # still-robust points: the x_adv it returns gives the same accuracy.
-  x_adv = attacks.make_evaluator("autoattack", norm="linf", eps=EPS, **_SHORT)(
+  x_adv = attacks.make_evaluator("autoattack", norm="linf", eps=EPS)(
       jax.random.key(0), logits_fn, jnp.asarray(x[:_N]), jnp.asarray(y[:_N]))
   acc = 100 * np.mean(np.asarray(logits_fn(x_adv)).argmax(-1) == y[:_N])
   assert acc == pytest.approx(report["ensemble_accuracy"])
@@ -397,7 +398,7 @@ class _TorchMLP:
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(),
                               torch.nn.Linear(64, 10))
     with torch.no_grad():
-      for layer, name in ((net[1], "Dense_0"), (net[3], "Dense_1")):
+      for layer, name in ((net[1], "hidden"), (net[3], "out")):
         layer.weight.copy_(torch.from_numpy(np.asarray(p[name]["kernel"]).T.copy()))
         layer.bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"]).copy()))
     return net.eval()

@@ -25,6 +25,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dale_jax import potentials
+from dale_jax import samplers
 from dale_jax import threat
 from dale_jax.attacks import _common
 from dale_jax.attacks import autopgd as apgd_lib
@@ -88,9 +90,10 @@ def pgd(logits_fn, x, y, key, *, norm, eps, steps=20, step_size=None, random_sta
         active=None):
   """PGD on the cross-entropy: ``x <- P(x + step_size * s(grad))``, ``steps`` times.
 
-  ``s`` is the steepest-ascent direction of ``norm``; the start is ``x`` or,
-  with ``random_start``, a uniform draw in the ball. FGSM is one step of size
-  ``eps``. ``step_size`` defaults to ``2.5 eps / steps``.
+  The loop is :func:`dale_jax.samplers.ascent` (the training code's PGD), with
+  ``s`` the steepest-ascent direction of ``norm``; the start is ``x`` or, with
+  ``random_start``, a uniform draw in the ball from each example's own key.
+  FGSM is one step of size ``eps``. ``step_size`` defaults to ``2.5 eps / steps``.
   """
   _common.check_inputs(x, y, norm, eps)
   _common.check_positive_int("steps", steps)
@@ -98,33 +101,27 @@ def pgd(logits_fn, x, y, key, *, norm, eps, steps=20, step_size=None, random_sta
     step_size = 2.5 * eps / steps
   x = jnp.asarray(x)
   adv, _ = _pgd_jit(_common.as_pytree_fn(logits_fn), x, jnp.asarray(y), key,
-                    _common.default_active(x, active), eps, step_size, norm=norm, steps=steps,
-                    random_start=bool(random_start))
+                    _common.default_active(x, active), eps, step_size=float(step_size),
+                    norm=norm, steps=steps, random_start=bool(random_start))
   return adv
 
 
-def _pgd(fn, x, y, key, active, eps, step_size, *, norm, steps, random_start):
+def _pgd(fn, x, y, key, active, eps, *, step_size, norm, steps, random_start):
   keys = _common.example_keys(key, x.shape[0])
-
-  def loss(xa):
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(fn(xa), y))
-
   if random_start:
-    x0 = jax.vmap(lambda k, xi: threat.uniform(k, xi[None], norm=norm, eps=eps)[0])(keys, x)
+    def init(_, x):
+      return jax.vmap(lambda k, xi: threat.uniform(k, xi[None], norm=norm, eps=eps)[0])(keys, x)
   else:
-    x0 = x
-
-  def step(_, xa):
-    g = jax.grad(loss)(xa)
-    return threat.project(xa + step_size * threat.steepest_ascent(g, norm), x, norm=norm,
-                          eps=eps)
-
-  adv = jax.lax.fori_loop(0, steps, step, x0)
+    init = samplers.init_identity
+  sample = samplers.ascent(
+      init=init, objective=samplers.potential_objective(potentials.cross_entropy),
+      update=samplers.signed_step(step_size, norm), steps=steps, norm=norm, eps=eps)
+  adv = sample(keys[0], fn, x, y)
   adv = jnp.where(_common.bcast(active, x), adv, x)
   return jax.lax.stop_gradient(adv), _common.predicted_correct(fn(adv), y) & active
 
 
-_pgd_jit = jax.jit(_pgd, static_argnames=("norm", "steps", "random_start"))
+_pgd_jit = jax.jit(_pgd, static_argnames=("step_size", "norm", "steps", "random_start"))
 
 
 # ----------------------------------------------------------------------------- one attack
@@ -136,8 +133,8 @@ def _attack(name, settings, fn, x, y, keys, active, eps, *, norm):
   if name == "clean":
     adv = x
   elif name in _REFERENCE:
-    adv, _ = _pgd(fn, x, y, keys, active, eps, s["step_size"], norm=norm, steps=s["steps"],
-                  random_start=s["random_start"])
+    adv, _ = _pgd(fn, x, y, keys, active, eps, step_size=float(s["step_size"]), norm=norm,
+                  steps=s["steps"], random_start=s["random_start"])
   elif name.startswith("apgd"):
     adv, _ = apgd_lib._apgd(  # pylint: disable=protected-access
         fn, x, y, keys, active, eps, norm=norm, steps=s["steps"], restarts=s["restarts"],
@@ -376,7 +373,7 @@ def evaluate_robustness(
       "robust_accuracy": _percent(robust),
       "per_attack": per_attack,
       "per_attack_kind": kind,
-      "ensemble": _ensemble_label(ensemble_names),
+      "ensemble": _ensemble_label(ensemble_names, resolved, eps, n_classes),
       "ensemble_accuracy": _percent(chain) if ensemble_names else None,
       "eps": float(eps),
       "norm": norm,
@@ -391,15 +388,21 @@ def evaluate_robustness(
 
 
 def _percent(mask: np.ndarray) -> float:
-  return float(100.0 * np.mean(mask))
+  return round(float(100.0 * np.mean(mask)), 6)
 
 
-def _ensemble_label(names: tuple[str, ...]) -> str | None:
+def _ensemble_label(names, resolved, eps, n_classes) -> str | None:
+  """AutoAttack's name only for its standard attacks, order and settings."""
   if not names:
     return None
-  if names == AUTOATTACK_STANDARD:
+  standard = {n: default_settings(n, eps) for n in names}
+  if "apgd-t" in standard:
+    standard["apgd-t"]["n_target_classes"] = min(9, n_classes - 1)
+  if names == AUTOATTACK_STANDARD and all(resolved[n] == standard[n] for n in names):
     return AUTOATTACK_LABEL
-  return "custom ensemble: " + ", ".join(names)
+  changed = [n for n in names if resolved[n] != standard[n]]
+  label = "custom ensemble: " + ", ".join(names)
+  return label + (" (non-standard settings: " + ", ".join(changed) + ")" if changed else "")
 
 
 def _sanity_warnings(result, broken, correct, probs_like, margin) -> list[str]:

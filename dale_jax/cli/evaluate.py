@@ -1,0 +1,123 @@
+"""``dale-eval``: accuracy of a finished run under FGSM, PGD-20 and an AutoAttack-style ensemble.
+
+  dale-eval --workdir=runs/x --attacks=clean,pgd20,apgd-ce,apgd-t,square \
+      --n_examples=1000 --batch_size=256
+
+Restores the run's latest checkpoint, attacks the first ``n_examples`` test
+images (all by default) at the run's evaluation threat model (``--eps`` and
+``--norm`` override it), writes ``<workdir>/robustness.json`` and prints a
+table. APGD-CE, APGD-T and Square together are "AutoAttack (standard) without
+FAB-T"; each runs only on the points the previous ones did not break.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from dale_jax import attacks
+from dale_jax import threat
+
+OUTPUT = "robustness.json"
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a finished dale-train run.")
+_ATTACKS = flags.DEFINE_list(
+    "attacks", list(attacks.DEFAULT_ATTACKS),
+    f"Attacks to run, in order, among {', '.join(attacks.ATTACKS)}.")
+_N_EXAMPLES = flags.DEFINE_integer("n_examples", 0, "Evaluate the first N examples (0: all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Examples per attack call.")
+_EPS = flags.DEFINE_float("eps", None, "Radius of the threat model (default: the run's eval eps).")
+_NORM = flags.DEFINE_enum("norm", None, list(threat.NORMS),
+                          "Norm of the threat model (default: the run's eval norm).")
+_SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"], "Split to evaluate.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random draw of the attacks.")
+_APGD_STEPS = flags.DEFINE_integer("apgd_steps", 100, "Iterations of APGD-CE/APGD-T per run.")
+_SQUARE_QUERIES = flags.DEFINE_integer("square_queries", 5000, "Queries of the Square attack.")
+_INDIVIDUAL = flags.DEFINE_boolean(
+    "individual", False, "Run every ensemble attack on all points and report each alone.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def attack_settings(apgd_steps: int, square_queries: int) -> dict:
+  """The per-attack overrides that the flags set."""
+  return {"apgd-ce": {"steps": apgd_steps}, "apgd-dlr": {"steps": apgd_steps},
+          "apgd-t": {"steps": apgd_steps}, "square": {"n_queries": square_queries}}
+
+
+def table(result: dict) -> str:
+  """A Markdown table of a robustness report."""
+  title = (f"{result.get('algorithm', '?')} ({result.get('model', '?')}) on "
+           f"{result.get('dataset', '?')} {result.get('split', '')}: {result['n_examples']} "
+           f"examples, {result['norm']} eps={result['eps']:.4g}")
+  rows = ["| attack | accuracy (%) | measured |", "|---|---|---|"]
+  for name, acc in result["per_attack"].items():
+    kind = result["per_attack_kind"][name]
+    measured = "after the ensemble attacks above" if kind == "cumulative" else "alone"
+    rows.append(f"| {name} | {acc:.2f} | {measured} |")
+  label = result.get("ensemble")
+  if label and result.get("ensemble_accuracy") is not None:
+    rows.append(f"| {label} | {result['ensemble_accuracy']:.2f} | ensemble |")
+  rows.append(f"| robust (no attack succeeded) | {result['robust_accuracy']:.2f} | all |")
+  lines = [title, "", *rows]
+  for w in result["warnings"]:
+    lines.append(f"WARNING: {w}")
+  return "\n".join(lines)
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # checkpoint restores log at INFO
+  names = tuple(_ATTACKS.value)
+  for name in names:
+    if name not in attacks.ATTACKS:
+      raise app.UsageError(f"--attacks: unknown attack {name!r}; known: {attacks.ATTACKS}")
+  for flag in (_N_EXAMPLES,):
+    if flag.value < 0:
+      raise app.UsageError(f"--{flag.name} must be >= 0, got {flag.value}")
+  for flag in (_BATCH_SIZE, _APGD_STEPS, _SQUARE_QUERIES):
+    if flag.value < 1:
+      raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
+  workdir = _WORKDIR.value
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise app.UsageError(f"--workdir: {workdir} holds no config.json of a dale-train run")
+
+  from dale_jax import train  # pylint: disable=import-outside-toplevel
+  config, logits_fn, dataset = train.load_trained(workdir)
+  x, y = getattr(dataset, _SPLIT.value)
+  if _N_EXAMPLES.value:
+    x, y = x[:_N_EXAMPLES.value], y[:_N_EXAMPLES.value]
+  if len(x) == 0:
+    raise app.UsageError(f"the {_SPLIT.value} split of {config.dataset} is empty")
+  eps = _EPS.value if _EPS.value is not None else float(config.eval.eps)
+  norm = _NORM.value or str(config.eval.norm)
+  settings = {k: v for k, v in attack_settings(_APGD_STEPS.value, _SQUARE_QUERIES.value).items()
+              if k in names}
+
+  result = attacks.evaluate_robustness(
+      logits_fn, x, y, attacks=names, norm=norm, eps=eps, batch_size=_BATCH_SIZE.value,
+      seed=_SEED.value, settings=settings, individual=_INDIVIDUAL.value)
+  result.update(model=str(config.model.name), dataset=str(config.dataset),
+                algorithm=str(config.algorithm), split=_SPLIT.value, workdir=workdir)
+  _write_json(os.path.join(workdir, OUTPUT), result)
+  print(table(result))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
