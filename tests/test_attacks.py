@@ -232,6 +232,12 @@ def test_attacks_stay_admissible_and_deterministic(trained, norm, eps):
     # Points already misclassified are returned unchanged.
     wrong = np.asarray(logits_fn(x)).argmax(-1) != y
     np.testing.assert_array_equal(np.asarray(first)[wrong], x[wrong], err_msg=name)
+  # One trace per shape: a new key or radius reuses the compiled program.
+  compiled = autopgd._apgd_jit._cache_size()  # pylint: disable=protected-access
+  other = attacks.apgd(logits_fn, x, y, jax.random.key(8), norm=norm, eps=eps / 2, steps=20,
+                       **apgd_kw)
+  _assert_admissible(other, x, norm, eps / 2)
+  assert autopgd._apgd_jit._cache_size() == compiled  # pylint: disable=protected-access
 
 
 def test_square_l2_pattern_matches_reference():

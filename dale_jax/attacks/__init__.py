@@ -22,12 +22,8 @@ from dale_jax.attacks.ensemble import evaluate_robustness
 from dale_jax.attacks.ensemble import make_evaluator
 from dale_jax.attacks.ensemble import pgd
 from dale_jax.attacks.square_attack import margin_and_loss
+from dale_jax.attacks.ensemble import fgsm
 from dale_jax.attacks.square_attack import square
-
-
-def fgsm(logits_fn, x, y, key, *, norm, eps, active=None):
-  """One steepest-ascent step of size ``eps`` on the cross-entropy, from ``x``."""
-  return pgd(logits_fn, x, y, key, norm=norm, eps=eps, steps=1, step_size=eps, active=active)
 
 
 __all__ = [

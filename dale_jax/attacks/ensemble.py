@@ -106,6 +106,11 @@ def pgd(logits_fn, x, y, key, *, norm, eps, steps=20, step_size=None, random_sta
   return adv
 
 
+def fgsm(logits_fn, x, y, key, *, norm, eps, active=None):
+  """One steepest-ascent step of size ``eps`` on the cross-entropy, from ``x``."""
+  return pgd(logits_fn, x, y, key, norm=norm, eps=eps, steps=1, step_size=eps, active=active)
+
+
 def _pgd(fn, x, y, key, active, eps, *, step_size, norm, steps, random_start):
   keys = _common.example_keys(key, x.shape[0])
   if random_start:
