@@ -4,10 +4,12 @@ The public API::
 
   from dale_jax import samplers, potentials, losses, dual, threat   # pure building blocks
   from dale_jax import algorithms, models, data, evaluation         # what a run is made of
+  from dale_jax import attacks                                      # APGD, Square, AutoAttack-style ensemble
   from dale_jax import train, configs                               # the training job
 """
 
 from dale_jax import algorithms
+from dale_jax import attacks
 from dale_jax import configs
 from dale_jax import data
 from dale_jax import dual

@@ -96,12 +96,30 @@ def augmented(s: Mapping[str, Any]) -> Evaluator:
   return evaluate
 
 
+def _attack(prefix: str, name: str, **fields: str) -> Callable[[Mapping[str, Any]], Evaluator]:
+  """An evaluator from :mod:`dale_jax.attacks`, with ``fields`` mapping the attack's
+  settings to ``eval`` config fields (e.g. ``steps="apgd_steps"``)."""
+
+  def build(s):
+    from dale_jax import attacks  # Imported lazily: attacks itself imports the samplers.
+
+    settings = {k: s[v] for k, v in fields.items()}
+    return attacked(prefix, attacks.make_evaluator(name, norm=s["norm"], eps=s["eps"], **settings))
+
+  return build
+
+
 EVALUATORS: dict[str, Callable[[Mapping[str, Any]], Evaluator]] = {
     "Clean": clean,
     "PGD": pgd,
     "FGSM": fgsm,
     "CVaR": cvar,
     "Augmented": augmented,
+    # Stronger, parameter-free attacks (Croce & Hein 2020; Andriushchenko et al. 2020).
+    "APGD-CE": _attack("APGD-CE", "apgd-ce", steps="apgd_steps"),
+    "APGD-T": _attack("APGD-T", "apgd-t", steps="apgd_steps"),
+    "Square": _attack("Square", "square", n_queries="square_queries"),
+    "AutoAttack": _attack("AutoAttack", "autoattack"),
 }
 
 

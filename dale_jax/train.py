@@ -83,8 +83,8 @@ def create_train_state(config: ml_collections.ConfigDict, key: Array, input_shap
   variables = init_variables(model, init_key, tuple(input_shape))
   tx = make_optimizer(config, steps_per_epoch)
   algorithm = make_algorithm(config, steps_per_epoch)
-  dual_state = algorithm.dual.init() if algorithm.dual else algorithms_lib.dual_lib.DualState(
-      nu=jnp.zeros((0,)), total=jnp.zeros((0,)), count=jnp.zeros((), jnp.int32))
+  # Without a dual, a fixed zero placeholder keeps the state's structure the same.
+  dual_state = (algorithm.dual or algorithms_lib.dual_lib.dual_ascent(0.0, 0.0, 0.0)).init()
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
