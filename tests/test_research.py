@@ -269,6 +269,19 @@ def test_plots_are_written_as_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_plot_cli_draws_one_run(tmp_path, capsys):
+  collect_plots()
+  from dale_jax.cli import plot as plot_cli
+
+  _synthetic_sweep(tmp_path, algorithms=("Gaussian_DALE_PD",), n_hparams=1, n_trials=1)
+  run_dir = tmp_path / "mnist" / "Gaussian_DALE_PD" / "h0_t0"
+  assert plot_cli.main([f"--input_dir={run_dir}", f"--out_dir={tmp_path / 'figs'}"]) == 0
+  written = capsys.readouterr().out.split()
+  assert [os.path.basename(p) for p in written] == [
+      "accuracy_curves.png", "primal_dual_Gaussian_DALE_PD.png", "pareto.png"]
+  assert all(os.path.isfile(p) for p in written)
+
+
 def test_curve_averages_trials_over_common_epochs(tmp_path):
   plots = collect_plots()
   for t, values in enumerate([(10.0, 20.0, 30.0), (30.0, 40.0)]):
