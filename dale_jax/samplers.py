@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dale_jax import potentials
 from dale_jax import threat
@@ -80,7 +81,10 @@ def check_inputs(logits_fn: LogitsFn, x: Array, y: Array) -> None:
     raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
   if not isinstance(y, jax.core.Tracer):
     num_classes = jax.eval_shape(logits_fn, x).shape[-1]
-    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    # On the host: inside a trace (e.g. the restart loop) jnp.min of a concrete
+    # array is a tracer and int() of it fails.
+    labels = np.asarray(y)
+    lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
       raise ValueError(f"y must lie in [0, {num_classes}), got labels in [{lo}, {hi}]")
 
