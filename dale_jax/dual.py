@@ -16,6 +16,7 @@ matching pytree, so several constraints need no new code.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -56,9 +57,10 @@ def dual_ascent(
     constraints (default a scalar).
   """
   for name, value in (("step_size", step_size), ("init_value", init_value)):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0):
       raise ValueError(f"dual.{name} must be a finite number >= 0, got {value!r}")
-  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+  if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
     raise ValueError(f"dual.every must be an integer >= 1, got {every!r}")
 
   def init(constraints_like: PyTree = 0.0) -> DualState:
@@ -71,8 +73,10 @@ def dual_ascent(
     total = jax.tree.map(lambda t, c: t + c, state.total, constraints)
     count = state.count + 1
     apply = count >= every
-    margins = margin if jax.tree.structure(margin).num_leaves > 1 else jax.tree.map(
-        lambda _: margin, constraints)
+    # A margin shaped like the constraints (even a one-entry dict) is used as is; a
+    # scalar margin applies to every constraint.
+    margins = margin if jax.tree.structure(margin) == jax.tree.structure(constraints) else (
+        jax.tree.map(lambda _: margin, constraints))
 
     def step(nu, t, rho):
       new = jnp.maximum(0.0, nu + step_size * (t / count - rho))

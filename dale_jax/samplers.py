@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any, Callable, Mapping
 
 import jax
@@ -51,18 +52,23 @@ Update = Callable[[Array, Array, Array], Array]
 # Validation.
 
 
+# numbers.Real / numbers.Integral so that NumPy scalars (np.float32, np.int64) pass.
+def _is_real(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_positive(name: str, value: Any) -> None:
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+  if not (_is_real(value) and math.isfinite(value) and value > 0):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+  if not (_is_real(value) and math.isfinite(value) and value >= 0):
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -414,6 +420,7 @@ def fgsm(
   a uniform start in the ball and one step of ``1.25 eps`` unless ``step_size``
   is given.
   """
+  threat.check_threat(norm, eps)  # before eps is used as the step size and blamed as one
   if step_size is None:
     step_size = 1.25 * eps if random_start else eps
   return pgd(eps=eps, step_size=step_size, steps=1, norm=norm, random_start=random_start)
