@@ -12,6 +12,8 @@ Norms are taken per example over every axis but the first (the batch axis).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -26,7 +28,11 @@ def check_threat(norm: str, eps: float) -> None:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
   if isinstance(eps, jax.core.Tracer):
     return
-  if not eps >= 0:
+  try:
+    ok = math.isfinite(eps) and eps >= 0
+  except TypeError:  # not a number, e.g. a string from a hand-written config
+    ok = False
+  if not ok:
     raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
