@@ -224,7 +224,7 @@ def make_algorithm(
     loss_fn = spec.loss(**dict(loss or {}))
   except TypeError as e:
     raise ValueError(f"loss section does not fit algorithm {name!r}: {e}") from None
-  sample = samplers.make_sampler(sampler) if spec.uses_sampler else None
+  sample = samplers.make_sampler(sampler or {}) if spec.uses_sampler else None
   dual_tx = None
   if spec.uses_dual:
     dual = dict(dual or {})
