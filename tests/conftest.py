@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny MLP for fast invariants and a small CNN trained on the built-in digits.
+
+The MLP is a fixed random function ``R^d -> R^10`` (no training), cheap to trace and to
+run, for every test that checks shapes, bounds, determinism or tracing. The trained CNN
+is built once per session and used only where a sampler must be shown to move a loss
+the right way, which needs a model whose gradients mean something.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+NUM_CLASSES = 10
+
+
+def mlp_params(dim: int, hidden: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+  """Weights of a ``dim -> hidden -> 10`` tanh MLP with O(1) logits.
+
+  Moderate logits keep every ``p_y`` away from 0 and 1, so input gradients are well
+  above float32 noise and their signs do not depend on the order of summation.
+  """
+  rng = np.random.default_rng(seed)
+  return {
+      "w1": (rng.standard_normal((dim, hidden)) * 1.5 / np.sqrt(dim)).astype(np.float32),
+      "b1": (0.1 * rng.standard_normal(hidden)).astype(np.float32),
+      "w2": (rng.standard_normal((hidden, NUM_CLASSES)) * 0.3).astype(np.float32),
+      "b2": (0.1 * rng.standard_normal(NUM_CLASSES)).astype(np.float32),
+  }
+
+
+def mlp_logits_fn(params: dict[str, np.ndarray], scale: float = 1.0) -> Callable:
+  """``x -> scale * (tanh(flat(x) W1 + b1) W2 + b2)`` for NHWC (or any batched) ``x``."""
+
+  def logits_fn(x):
+    h = jnp.tanh(x.reshape((x.shape[0], -1)) @ params["w1"] + params["b1"])
+    return scale * (h @ params["w2"] + params["b2"])
+
+  return logits_fn
+
+
+class TinyProblem(NamedTuple):
+  logits_fn: Callable  # the MLP
+  x: jax.Array
+  y: jax.Array
+  scaled: Callable  # scaled(s) -> the MLP with its logits multiplied by s (may be traced)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+  """A batch of 4 random 6x6x1 images in [0, 1], labels, and the tiny MLP on them."""
+  shape = (4, 6, 6, 1)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.uniform(0.0, 1.0, shape), jnp.float32)
+  y = jnp.asarray(rng.integers(0, NUM_CLASSES, shape[0]), jnp.int32)
+  params = mlp_params(int(np.prod(shape[1:])))
+  return TinyProblem(mlp_logits_fn(params), x, y, lambda s: mlp_logits_fn(params, s))
+
+
+class TrainedCNN(NamedTuple):
+  logits_fn: Callable  # eval-mode model, plain (not jitted) so samplers trace through it
+  x: np.ndarray  # correctly classified test images
+  y: np.ndarray
+  accuracy: float  # test accuracy in [0, 1]
+
+
+_TRAIN_STEPS = 80
+_TRAIN_BATCH = 16
+
+
+@pytest.fixture(scope="session")
+def trained_cnn():
+  """advbench's MNIST CNN after 80 SGD steps (batch 16) of clean cross-entropy.
+
+  Reaches about 88% test accuracy on the built-in digits: enough for gradients that
+  point somewhere, built in a few seconds of CPU time. ``x, y`` are the correctly
+  classified images among the first 500 test images.
+  """
+  from dale_jax import data  # pylint: disable=import-outside-toplevel
+  from dale_jax import models  # pylint: disable=import-outside-toplevel
+
+  ds = data.load("mnist_digits")
+  x_train, y_train = ds.train
+  model = models.get_model("mnist_cnn", ds.num_classes)
+  params = model.init(jax.random.key(0), jnp.zeros((1,) + ds.input_shape))["params"]
+  tx = optax.sgd(0.05, momentum=0.9)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    def loss(p):
+      logits = model.apply({"params": p}, xb, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(0)
+  for _ in range(_TRAIN_STEPS):
+    idx = rng.integers(0, len(x_train), _TRAIN_BATCH)
+    params, opt_state = step(params, opt_state, x_train[idx], y_train[idx])
+
+  logits_fn = lambda z: model.apply({"params": params}, z, train=False)
+  x_test, y_test = ds.test
+  x_test, y_test = x_test[:500], y_test[:500]
+  correct = np.asarray(jax.jit(logits_fn)(x_test).argmax(-1) == y_test)
+  return TrainedCNN(logits_fn, x_test[correct], y_test[correct], float(correct.mean()))

@@ -1,0 +1,136 @@
+"""Threat models: projections, steepest-ascent directions and uniform draws against NumPy."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dale_jax import threat
+
+SHAPE = (5, 4, 4, 2)
+
+
+def _np_norm(v: np.ndarray, norm: str) -> np.ndarray:
+  flat = v.reshape(v.shape[0], -1)
+  return np.abs(flat).max(axis=1) if norm == "linf" else np.sqrt((flat**2).sum(axis=1))
+
+
+def _np_project(x_adv: np.ndarray, x: np.ndarray, norm: str, eps: float) -> np.ndarray:
+  x_adv, x = x_adv.astype(np.float64), x.astype(np.float64)
+  d = x_adv - x
+  if norm == "linf":
+    d = np.clip(d, -eps, eps)
+  else:
+    n = _np_norm(d, "l2").reshape((-1,) + (1,) * (d.ndim - 1))
+    d = np.where(n > eps, d * eps / np.maximum(n, 1e-300), d)
+  return np.clip(x + d, 0.0, 1.0)
+
+
+def _points(seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0, 1, SHAPE).astype(np.float32)
+  x_adv = (x + rng.normal(0, 0.6, SHAPE)).astype(np.float32)
+  return x, x_adv
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("linf", 0.0), ("l2", 0.5), ("l2", 3.0)])
+def test_project_matches_numpy_and_lands_in_the_threat_model(norm, eps):
+  x, x_adv = _points()
+  got = np.asarray(threat.project(jnp.asarray(x_adv), jnp.asarray(x), norm=norm, eps=eps))
+  np.testing.assert_allclose(got, _np_project(x_adv, x, norm, eps), rtol=0, atol=1e-6)
+  assert np.all(_np_norm(got.astype(np.float64) - x, norm) <= eps + 1e-5)
+  assert got.min() >= 0.0 and got.max() <= 1.0
+  # Projecting twice changes nothing.
+  again = np.asarray(threat.project(jnp.asarray(got), jnp.asarray(x), norm=norm, eps=eps))
+  np.testing.assert_allclose(again, got, rtol=0, atol=1e-6)
+
+
+def test_project_keeps_admissible_points():
+  x, _ = _points()
+  rng = np.random.default_rng(3)
+  inside = np.clip(x + rng.uniform(-0.05, 0.05, SHAPE), 0, 1).astype(np.float32)
+  for norm, eps in (("linf", 0.05), ("l2", 10.0)):
+    got = threat.project(jnp.asarray(inside), jnp.asarray(x), norm=norm, eps=eps)
+    # x + (x' - x) may differ from x' by one rounding.
+    np.testing.assert_allclose(np.asarray(got), inside, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", threat.NORMS)
+def test_steepest_ascent_is_the_dual_norm_direction(norm):
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=SHAPE).astype(np.float32)
+  g[1] = 0.0  # an example with zero gradient must not move (and must not be NaN)
+  got = np.asarray(threat.steepest_ascent(jnp.asarray(g), norm), np.float64)
+  if norm == "linf":
+    want = np.sign(g)
+  else:
+    n = _np_norm(g.astype(np.float64), "l2").reshape(-1, 1, 1, 1)
+    want = np.where(n > 0, g / np.where(n > 0, n, 1.0), 0.0)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # Unit norm of the right kind, and a direction of ascent: <g, s> = ||g||_dual.
+  norms = _np_norm(got, norm)
+  np.testing.assert_allclose(np.delete(norms, 1), 1.0, rtol=1e-6)
+  dual = np.abs(g).reshape(len(g), -1).sum(1) if norm == "linf" else _np_norm(g, "l2")
+  np.testing.assert_allclose((got * g).reshape(len(g), -1).sum(1), dual, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", threat.NORMS)
+def test_per_example_norm_matches_numpy(norm):
+  _, v = _points()
+  np.testing.assert_allclose(np.asarray(threat.per_example_norm(jnp.asarray(v), norm)),
+                             _np_norm(v.astype(np.float64), norm), rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 0.5)])
+def test_uniform_draws_fill_the_ball(norm, eps):
+  # Centre 0.5 with small eps would never clip; here eps is large enough to clip at the
+  # box faces, so check the box, the ball, and the statistics of an unclipped centre.
+  x = jnp.full((2000, 3, 3, 1), 0.5, jnp.float32)
+  d = np.asarray(threat.uniform(jax.random.key(0), x, norm=norm, eps=eps), np.float64) - 0.5
+  n = _np_norm(d, norm)
+  assert np.all(n <= eps + 1e-6)
+  assert np.all(np.abs(d) <= 0.5)
+  dim = 9
+  if norm == "linf":
+    flat = d.ravel()
+    # U(-0.3, 0.3): mean 0, variance eps^2 / 3, quartiles at +-eps/2.
+    assert abs(flat.mean()) < 0.01
+    assert abs(flat.var() - eps**2 / 3) < 0.003
+    np.testing.assert_allclose(np.quantile(flat, [0.25, 0.75]), [-eps / 2, eps / 2], atol=0.01)
+  else:
+    # Uniform in the 9-dimensional ball (the clip at 0.5 from the centre almost never
+    # acts for eps = 0.5): P(||d|| <= r) = (r / eps)^9, so E||d|| = 9/10 eps; direction isotropic.
+    unclipped = np.all(np.abs(d) < 0.5 - 1e-6, axis=(1, 2, 3))
+    assert unclipped.mean() > 0.95
+    np.testing.assert_allclose(np.mean(n[unclipped] / eps), dim / (dim + 1), atol=0.02)
+    assert abs(d[unclipped].mean()) < 0.02
+
+
+def test_uniform_is_deterministic_per_key_and_stays_in_the_box():
+  x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, SHAPE), jnp.float32)
+  a = threat.uniform(jax.random.key(1), x, norm="linf", eps=0.5)
+  b = threat.uniform(jax.random.key(1), x, norm="linf", eps=0.5)
+  c = threat.uniform(jax.random.key(2), x, norm="linf", eps=0.5)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(a), np.asarray(c))
+  assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+@pytest.mark.parametrize("norm,eps,field", [
+    ("l1", 0.1, "norm"), ("Linf", 0.1, "norm"), ("linf", -0.1, "eps"),
+    ("l2", math.nan, "eps"), ("l2", math.inf, "eps"), ("linf", "0.3", "eps"),
+])
+def test_bad_threat_models_are_rejected_by_name(norm, eps, field):
+  with pytest.raises(ValueError, match=field):
+    threat.check_threat(norm, eps)
+  with pytest.raises(ValueError, match=field):
+    threat.uniform(jax.random.key(0), jnp.zeros((1, 2)), norm=norm, eps=eps)
+
+
+def test_numpy_scalar_eps_is_a_threat_model():
+  threat.check_threat("linf", np.float32(0.3))
+  threat.check_threat("l2", np.int64(1))
