@@ -25,6 +25,8 @@ leaves the estimator unchanged:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -111,7 +113,19 @@ def _mart(beta: float):
   return loss
 
 
+def _require(ok: bool, field: str, accepted: str, value: Any) -> None:
+  if not ok:
+    raise ValueError(f"loss.{field} must be {accepted}, got {value!r}")
+
+
+def _is_real(value: Any) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
 def _term(t: float):
+  _require(_is_real(t) and t != 0, "t", "a finite nonzero number", t)  # 1/t
+
   def loss(clean, adv, y, nu):
     total = losses.tilted(potentials.cross_entropy(clean, y), t)
     return total, {"Loss": total}, None
@@ -120,6 +134,12 @@ def _term(t: float):
 
 
 def _cvar(beta: float, t_step_size: float, n_steps: int, method: str, primal_dual: bool = False):
+  _require(_is_real(beta) and 0 < beta <= 1, "beta", "in (0, 1]", beta)  # divides the tail
+  _require(_is_real(t_step_size) and t_step_size >= 0, "t_step_size", "a number >= 0",
+           t_step_size)
+  _require(isinstance(n_steps, numbers.Integral) and not isinstance(n_steps, bool)
+           and n_steps >= 0, "n_steps", "an integer >= 0", n_steps)
+
   def loss(clean, adv, y, nu):
     per_draw = jax.vmap(potentials.cross_entropy, (0, None))(adv, y)
     t = losses.optimize_cvar_t(per_draw, beta, t_step_size, n_steps, method=method)
