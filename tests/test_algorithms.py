@@ -213,6 +213,14 @@ def test_unknown_algorithm_lists_the_valid_names():
     ("Gaussian_DALE_PD", dict(dual=dict(step_size=0.001, margin=0.1, every="batch")), "every"),
     ("Gaussian_DALE_PD", dict(dual=dict(step_size=-0.001, margin=0.1)), "step_size"),
     ("ERM_DataAug", dict(sampler=dict(name="uniform", eps=0.3), draws=0), "draws"),
+    # Values that would only show up as inf/NaN losses or a tracing error later.
+    ("TERM", dict(loss=dict(t=0.0)), "loss.t"),
+    ("CVaR_SGD", dict(loss=dict(beta=0.0, t_step_size=1.0, n_steps=5)), "loss.beta"),
+    ("CVaR_SGD_PD", dict(loss=dict(beta=1.5, t_step_size=1.0, n_steps=5)), "loss.beta"),
+    ("CVaR_SGD", dict(loss=dict(beta=0.5, t_step_size=-1.0, n_steps=5)), "loss.t_step_size"),
+    ("CVaR_SGD_Autograd", dict(loss=dict(beta=0.5, t_step_size=1.0, n_steps=2.5)),
+     "loss.n_steps"),
+    ("CVaR_SGD", dict(loss=dict(beta=0.5, t_step_size=1.0, n_steps=-1)), "loss.n_steps"),
 ])
 def test_bad_sections_raise_naming_the_field(name, kwargs, field):
   config = configs.base_config("mnist_digits", name)
