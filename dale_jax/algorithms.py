@@ -204,8 +204,9 @@ ALGORITHMS: Mapping[str, _Spec] = {
     "CVaR_SGD_Autograd": _Spec(lambda **kw: _cvar(method="autograd", **kw), False, True, False),
     "CVaR_SGD_PD": _Spec(
         lambda **kw: _cvar(method="subgradient", primal_dual=True, **kw), True, True, True),
-    "Gaussian_DALE": _Spec(_dale, True, True, False),
-    "Laplacian_DALE": _Spec(_dale, True, True, False),
+    # Without a dual variable the fixed multiplier is required.
+    "Gaussian_DALE": _Spec(lambda nu_fixed, **kw: _dale(nu_fixed, **kw), True, True, False),
+    "Laplacian_DALE": _Spec(lambda nu_fixed, **kw: _dale(nu_fixed, **kw), True, True, False),
     "Gaussian_DALE_PD": _Spec(_dale, True, True, True),
     "Gaussian_DALE_PD_Reverse": _Spec(lambda **kw: _dale(objective="clean", **kw), True, True, True),
     "KL_DALE_PD": _Spec(lambda **kw: _dale(robust="kl", **kw), True, True, True),
@@ -251,7 +252,10 @@ def make_algorithm(
     every = dual.pop("every", "step")
     if every not in ("step", "epoch"):
       raise ValueError(f"dual.every must be 'step' or 'epoch', got {every!r}")
-    dual_tx = dual_lib.dual_ascent(every=1 if every == "step" else steps_per_epoch, **dual)
+    try:
+      dual_tx = dual_lib.dual_ascent(every=1 if every == "step" else steps_per_epoch, **dual)
+    except TypeError as e:
+      raise ValueError(f"dual section does not fit algorithm {name!r}: {e}") from None
   if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
     raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
   return Algorithm(name, sample, draws if spec.uses_sampler else 0, spec.needs_clean,
