@@ -230,6 +230,14 @@ def test_bad_sections_raise_naming_the_field(name, kwargs, field):
     algorithms.make_algorithm(name, **dict(sections, **kwargs))
 
 
-def test_a_missing_sampler_section_is_named():
+def test_missing_sections_are_named():
   with pytest.raises(ValueError, match=r"sampler\.name"):
     algorithms.make_algorithm("PGD")
+  sampler = configs.base_config("mnist_digits", "Gaussian_DALE").sampler.to_dict()
+  with pytest.raises(ValueError, match="nu_fixed"):
+    algorithms.make_algorithm("Gaussian_DALE", sampler=sampler)
+  with pytest.raises(ValueError, match=r"dual.*step_size"):
+    algorithms.make_algorithm("Gaussian_DALE_PD", sampler=sampler)
+  with pytest.raises(ValueError, match=r"dual.*momentum"):
+    algorithms.make_algorithm("Gaussian_DALE_PD", sampler=sampler,
+                              dual=dict(step_size=0.1, margin=0.1, momentum=0.9))
