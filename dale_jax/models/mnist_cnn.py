@@ -1,10 +1,101 @@
-"""advbench's MNIST CNN, returning logits."""
+"""advbench's MNIST CNN, returning logits.
+
+The layers are those of advbench's network (and of ``flax.linen.Conv`` /
+``max_pool``), but two of them are written for XLA:CPU, where this model trains
+most often and where the straightforward version spends four fifths of an
+adversarial training step in two slow gradients:
+
+* **Convolutions as im2col matmuls.** ``y = patches(x) @ K.reshape(9 C_in, C_out)``
+  with ``patches`` the 3x3 windows stacked on the channel axis (row-major window
+  order, matching the ``HWIO`` kernel). The forward pass, the input gradient
+  (``g @ K^T`` then a sum of nine shifted slices) and the kernel gradient
+  (``patches^T @ g``) are then plain dense matmuls. XLA:CPU lowers the gradients
+  of ``lax.conv_general_dilated`` to generic convolution kernels several times
+  slower than its matmuls, and its own forward kernel materialises the same
+  patches internally anyway.
+* **2x2 max-pool as a maximum of four strided slices** with a custom gradient.
+  XLA's ``reduce_window`` gradient is ``select_and_scatter``, which XLA:CPU runs
+  as a scatter over index tuples (the slowest op of the step). Here the gradient
+  is elementwise: it goes, as in ``select_and_scatter`` and in torch's
+  ``max_pool2d``, to the *first* maximal element of each window in row-major
+  order. (A plain ``jnp.max`` or ``jnp.maximum`` would split it between tied
+  elements, and ties are common: on MNIST's blank background whole windows hold
+  the same value, so the input gradient would differ from torch's there.)
+
+The parameters are ``flax.linen.Conv``/``Dense``'s (``conv1``, ``conv2``, ``fc1``,
+``fc2``; ``kernel`` ``HWIO`` and ``bias``, same initialisers, so the same key gives
+the same weights), the flatten before ``fc1`` is in ``(h, w, c)`` order as before,
+and the outputs equal the ``lax.conv`` / ``reduce_window`` formulation up to float
+rounding (``tests/test_bench.py`` checks both, gradients included).
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def _patches(x: jax.Array, size: int) -> jax.Array:
+  """``(b, h, w, c) -> (b, h - size + 1, w - size + 1, size * size * c)``, VALID windows."""
+  _, h, w, _ = x.shape
+  ho, wo = h - size + 1, w - size + 1
+  return jnp.concatenate(
+      [x[:, i:i + ho, j:j + wo, :] for i in range(size) for j in range(size)], axis=-1)
+
+
+class _Conv(nn.Module):
+  """``nn.Conv(features, (size, size), padding="VALID")`` computed as one matmul."""
+
+  features: int
+  size: int = 3
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (self.size, self.size, x.shape[-1], self.features)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    return _patches(x, self.size) @ kernel.reshape(-1, self.features) + bias
+
+
+def _window_slices(x: jax.Array) -> tuple[jax.Array, ...]:
+  """The four elements of every 2x2 window, in row-major window order."""
+  return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """``nn.max_pool(x, (2, 2), strides=(2, 2))`` for NHWC ``x`` with even H and W.
+
+  The gradient goes to the first maximal element of each window (row-major), as
+  in ``select_and_scatter`` and torch's ``max_pool2d``.
+  """
+  a, b, c, d = _window_slices(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _max_pool_fwd(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(residuals, g):
+  x, y = residuals
+  taken = jnp.zeros(y.shape, bool)
+  grads = []
+  for v in _window_slices(x):
+    first = (v == y) & ~taken
+    taken = taken | first
+    grads.append(jnp.where(first, g, 0.0).astype(g.dtype))
+  ga, gb, gc, gd = grads
+  top = jnp.stack([ga, gb], axis=3)     # (b, h/2, w/2, 2, c)
+  bottom = jnp.stack([gc, gd], axis=3)
+  return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class MnistCNN(nn.Module):
@@ -13,17 +104,23 @@ class MnistCNN(nn.Module):
 
   Same layers as advbench's MNIST model (which returns ``log_softmax``; this one
   returns logits, so ``log_softmax`` of the output equals advbench's output).
+
+  Attributes:
+    num_classes: number of logits.
+    dropout_rates: rates of the two dropout layers (advbench: 0.25 and 0.5);
+      zeros make the training forward deterministic.
   """
 
   num_classes: int = 10
+  dropout_rates: Sequence[float] = (0.25, 0.5)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.relu(nn.Conv(32, (3, 3), padding="VALID", name="conv1")(x))
-    x = nn.relu(nn.Conv(64, (3, 3), padding="VALID", name="conv2")(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.Dropout(0.25, deterministic=not train)(x)
+    x = nn.relu(_Conv(32, name="conv1")(x))
+    x = nn.relu(_Conv(64, name="conv2")(x))
+    x = max_pool_2x2(x)
+    x = nn.Dropout(self.dropout_rates[0], deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(128, name="fc1")(x))
-    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.Dropout(self.dropout_rates[1], deterministic=not train)(x)
     return nn.Dense(self.num_classes, name="fc2")(x).astype(jnp.float32)

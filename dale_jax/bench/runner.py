@@ -1,0 +1,463 @@
+"""Times the full training step of dale_jax against the PyTorch reference.
+
+What is timed is one complete training step after warm-up: the sampler loop, the
+primal update and the dual update, on a fixed synthetic batch that already sits
+on the device. Each framework runs in its own worker process (its own threads,
+its own peak memory), started once; the parent then interleaves the repeats
+(``jax``, ``torch``, ``torch-compile``, ``jax``, ...) so that a change in machine
+load hits every framework alike, and reports medians and spreads. Ratios are
+only ever taken between numbers of the same run.
+
+Frameworks:
+
+* ``jax``: :func:`dale_jax.train.make_train_step` (jitted, state donated), with
+  ``devices`` simulated host devices (``--xla_force_host_platform_device_count``)
+  when asked, the batch split over them;
+* ``torch``: :class:`dale_jax.bench.torch_reference.TrainStep`, eager;
+* ``torch-compile``: the same with the model wrapped in ``torch.compile``.
+
+All start from the same weights (the JAX initialisation, copied to torch).
+
+Per framework the result holds: images/s (median, min, max over repeats), step
+time, compile time (``jax``: lowering + XLA compilation; ``torch-compile``: first
+steps minus steady steps; ``torch``: 0), peak resident memory of the worker,
+XLA's buffer footprint of the step, the device name, the step's matmul/conv
+FLOPs (:mod:`dale_jax.bench.flops`, the same count for every framework since
+they compute the same thing) and the achieved FLOP/s as a share of the device's
+matmul peak, measured here as the best rate of a large float32 matmul in either
+framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Iterable
+
+from dale_jax.bench import ALGORITHMS
+
+FRAMEWORKS = ("jax", "torch", "torch-compile")
+MODELS = ("mnist_cnn", "resnet18")
+_PROTOCOL = "@@dale-bench "
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """One benchmark setting (one batch size, one device count).
+
+  Attributes:
+    algorithm: a dale_jax algorithm name implemented by the torch reference
+      (see :data:`dale_jax.bench.torch_reference.ALGORITHMS`).
+    model: ``mnist_cnn`` (MNIST shapes, advbench's MNIST hyperparameters) or
+      ``resnet18`` (CIFAR-10 shapes and hyperparameters).
+    batch_size: global batch.
+    steps: training steps per timed repeat.
+    repeats: timed repeats per framework.
+    warmup: untimed steps after compilation.
+    devices: simulated host devices for ``jax`` (1 = the default platform).
+    width: ResNet width (64 is ResNet-18); ignored for the MNIST CNN.
+    seed: seed of the weights and the synthetic batch.
+  """
+
+  algorithm: str = "Gaussian_DALE_PD"
+  model: str = "mnist_cnn"
+  batch_size: int = 64
+  steps: int = 20
+  repeats: int = 5
+  warmup: int = 2
+  devices: int = 1
+  width: int = 64
+  seed: int = 0
+
+  def validate(self) -> None:
+    if self.algorithm not in ALGORITHMS:
+      raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+    if self.model not in MODELS:
+      raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+    for name in ("batch_size", "steps", "repeats", "devices", "width"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+      raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+    if self.batch_size % self.devices:
+      raise ValueError(f"batch_size={self.batch_size} must be divisible by devices={self.devices}")
+
+
+# ----------------------------------------------------------------------------
+# Shared set-up (runs inside a worker).
+
+
+def make_config(options: Options):
+  """The dale_jax config of the benchmarked step (advbench defaults, constant lr)."""
+  from dale_jax import configs
+
+  dataset = "mnist" if options.model == "mnist_cnn" else "cifar10"
+  config = configs.base_config(dataset, options.algorithm)
+  config.model.name = options.model
+  config.batch_size = options.batch_size
+  config.seed = options.seed
+  config.schedule.boundaries = ()
+  config.schedule.scales = ()
+  config.data.augment = False  # Both sides time the same step, without augmentation.
+  return config
+
+
+def input_shape(model: str) -> tuple[int, int, int]:
+  return (28, 28, 1) if model == "mnist_cnn" else (32, 32, 3)
+
+
+def synthetic_batch(options: Options) -> dict:
+  """A fixed NHWC batch in ``[0, 1]`` with labels, as NumPy arrays."""
+  import numpy as np
+
+  rng = np.random.default_rng(options.seed)
+  shape = (options.batch_size,) + input_shape(options.model)
+  return {"image": rng.random(shape, dtype=np.float32),
+          "label": rng.integers(0, 10, options.batch_size).astype(np.int32)}
+
+
+def _model_kwargs(options: Options) -> dict:
+  return {} if options.model == "mnist_cnn" else {"width": options.width}
+
+
+def initial_variables(options: Options):
+  """The JAX model's initial variables (both frameworks start from these)."""
+  import jax
+
+  from dale_jax.models import get_model, init_variables
+
+  model = get_model(options.model, 10, **_model_kwargs(options))
+  return init_variables(model, jax.random.PRNGKey(options.seed), input_shape(options.model))
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+  except OSError:
+    pass
+  return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------
+# Workers.
+
+
+class _JaxWorker:
+  def __init__(self, options: Options):
+    import jax
+    import jax.numpy as jnp
+
+    from dale_jax import parallel
+    from dale_jax import train
+    from dale_jax.bench import flops
+
+    self.jax = jax
+    config = make_config(options)
+    devices = jax.devices()[:options.devices]
+    if len(devices) < options.devices:
+      raise ValueError(f"devices={options.devices} but only {len(devices)} are visible")
+    mesh = jax.sharding.Mesh(devices, (parallel.DATA_AXIS,))
+    model = train.create_model(config, 10)
+    if options.model != "mnist_cnn":
+      model = model.clone(width=options.width)
+    algorithm = train.make_algorithm(config)
+    variables = initial_variables(options)
+    state = train.create_train_state(config, jax.random.PRNGKey(options.seed),
+                                     input_shape(options.model), 10)
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                          opt_state=state.tx.init(variables["params"]))
+    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, algorithm=algorithm),
+                   in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=0)
+    batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic_batch(options).items()},
+                           sharded)
+    state = jax.device_put(state, repl)
+    self.flops = flops.count_flops(step, state, batch)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    self.compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    self.xla_bytes = None
+    if memory is not None:
+      self.xla_bytes = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    self.step, self.state, self.batch = compiled, state, batch
+    self.device = f"{devices[0].platform}: {devices[0].device_kind}"
+    if devices[0].platform == "cpu":
+      self.device = f"cpu: {cpu_name()}"
+    self.devices = len(devices)
+
+  def run(self, steps: int) -> float:
+    start = time.perf_counter()
+    state = self.state
+    for _ in range(steps):
+      state, meters = self.step(state, self.batch)
+    self.jax.block_until_ready((state, meters))
+    self.state = state
+    return time.perf_counter() - start
+
+  def matmul_gflops(self, n: int = 2048, tries: int = 5) -> float:
+    jnp = self.jax.numpy
+    a = jnp.ones((n, n), jnp.float32)
+    f = self.jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(tries))
+    return 2 * n**3 / best / 1e9
+
+  def memory(self) -> dict:
+    out = {"peak_rss_mib": round(_peak_rss_mib(), 1)}
+    if self.xla_bytes is not None:
+      out["xla_buffers_mib"] = round(self.xla_bytes / 2**20, 1)
+    stats = self.jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      out["device_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+    return out
+
+  def profile(self, steps: int, top: int) -> list[dict]:
+    from dale_jax.bench import profile
+
+    return profile.top_ops(lambda: self.run(1), self.step.as_text(), steps=steps, top=top)
+
+
+class _TorchWorker:
+  def __init__(self, options: Options, compile_model: bool):
+    import torch
+
+    from dale_jax.bench import torch_reference as tr
+
+    self.torch = torch
+    self.cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if self.cuda else "cpu")
+    config = make_config(options)
+    model = tr.make_model(options.model, 10, **_model_kwargs(options))
+    tr.load_flax_variables(model, initial_variables(options))
+    model = model.to(dev).train()
+    batch = synthetic_batch(options)
+    self.x = tr.to_nchw(batch["image"]).to(dev)
+    self.y = torch.from_numpy(batch["label"]).long().to(dev)
+    self.train_step = tr.TrainStep(torch.compile(model) if compile_model else model, config)
+    self.flops = None
+    self.compile_s = 0.0
+    if compile_model:
+      first = self.run(1)
+      steady = min(self.run(1) for _ in range(2))
+      self.compile_s = max(0.0, first - steady)
+    self.device = f"cuda: {torch.cuda.get_device_name()}" if self.cuda else f"cpu: {cpu_name()}"
+    self.devices = 1
+
+  def run(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      meters = self.train_step(self.x, self.y)
+    float(meters["Loss"])  # Waits for the device.
+    return time.perf_counter() - start
+
+  def matmul_gflops(self, n: int = 2048, tries: int = 5) -> float:
+    torch = self.torch
+    a = torch.ones((n, n), device=self.x.device)
+    sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+    a @ a
+    sync()
+    best = min(_timed(lambda: (a @ a, sync())) for _ in range(tries))
+    return 2 * n**3 / best / 1e9
+
+  def memory(self) -> dict:
+    out = {"peak_rss_mib": round(_peak_rss_mib(), 1)}
+    if self.cuda:
+      out["device_peak_mib"] = round(self.torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _send(obj: dict) -> None:
+  sys.stdout.write(_PROTOCOL + json.dumps(obj) + "\n")
+  sys.stdout.flush()
+
+
+def worker_main(framework: str, options: Options) -> None:
+  """Runs one framework and answers the parent's commands on stdin (one JSON per line)."""
+  try:
+    if framework == "jax":
+      worker = _JaxWorker(options)
+    else:
+      worker = _TorchWorker(options, compile_model=framework == "torch-compile")
+    if options.warmup:
+      worker.run(options.warmup)
+    _send({"ready": True, "compile_s": worker.compile_s, "device": worker.device,
+           "devices": worker.devices, "flops": worker.flops})
+  except Exception as e:  # Reported to the parent, which names the framework.
+    _send({"error": f"{type(e).__name__}: {e}"})
+    return
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "run":
+      _send({"seconds": worker.run(cmd["steps"])})
+    elif cmd["cmd"] == "peak":
+      _send({"gflops": worker.matmul_gflops()})
+    elif cmd["cmd"] == "profile":
+      _send({"ops": worker.profile(cmd["steps"], cmd["top"]) if framework == "jax" else []})
+    elif cmd["cmd"] == "finish":
+      _send(worker.memory())
+      return
+
+
+class _Worker:
+  """The parent's handle on a worker process."""
+
+  def __init__(self, framework: str, options: Options, env: dict | None = None):
+    self.framework = framework
+    args = [sys.executable, "-m", "dale_jax.bench.runner", "--worker", framework,
+            json.dumps(dataclasses.asdict(options))]
+    self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env=env)
+
+  def read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(_PROTOCOL):
+        reply = json.loads(line[len(_PROTOCOL):])
+        if "error" in reply:
+          raise RuntimeError(f"{self.framework} worker failed: {reply['error']}")
+        return reply
+    raise RuntimeError(f"{self.framework} worker exited with code {self.proc.wait()} "
+                       "(its stderr is above)")
+
+  def ask(self, **cmd) -> dict:
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    return self.read()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+    self.proc.wait()
+
+
+def _worker_env(devices: int) -> dict:
+  env = dict(os.environ)
+  if devices > 1:
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env.setdefault("JAX_PLATFORMS", "cpu")
+  return env
+
+
+# ----------------------------------------------------------------------------
+# The parent.
+
+
+def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top: int = 0,
+        log=None) -> list[dict]:
+  """Benchmarks ``frameworks`` on ``options``; one result dict per framework.
+
+  ``log(message)`` is called with progress lines (e.g. ``print`` to stderr).
+  With ``profile_top > 0`` the ``jax`` result also lists the XLA ops that took
+  the most time (see :mod:`dale_jax.bench.profile`).
+  """
+  options.validate()
+  frameworks = list(dict.fromkeys(frameworks))
+  for f in frameworks:
+    if f not in FRAMEWORKS:
+      raise ValueError(f"framework must be one of {FRAMEWORKS}, got {f!r}")
+  if options.devices > 1 and frameworks != ["jax"]:
+    raise ValueError("devices > 1 simulates JAX host devices; run it with framework 'jax' only")
+  log = log or (lambda message: None)
+  workers, ready = {}, {}
+  try:
+    for f in frameworks:
+      log(f"starting {f} (compile and {options.warmup} warm-up steps)")
+      workers[f] = _Worker(f, options, _worker_env(options.devices if f == "jax" else 1))
+      ready[f] = workers[f].read()
+    times = {f: [] for f in frameworks}
+    for r in range(options.repeats):
+      for f in frameworks:
+        times[f].append(workers[f].ask(cmd="run", steps=options.steps)["seconds"])
+      log(f"repeat {r + 1}/{options.repeats}: " + ", ".join(
+          f"{f} {options.batch_size * options.steps / times[f][-1]:.0f} img/s" for f in frameworks))
+    peak = max(w.ask(cmd="peak")["gflops"] for w in workers.values())
+    profiles = {}
+    if profile_top and "jax" in workers:
+      profiles["jax"] = workers["jax"].ask(cmd="profile", steps=3, top=profile_top)["ops"]
+    memory = {f: workers[f].ask(cmd="finish") for f in frameworks}
+  finally:
+    for w in workers.values():
+      w.close()
+  flops = next((ready[f]["flops"] for f in frameworks if ready[f]["flops"]), None)
+  results = []
+  for f in frameworks:
+    images = [options.batch_size * options.steps / t for t in times[f]]
+    step_s = statistics.median(times[f]) / options.steps
+    result = {
+        "framework": f,
+        "algorithm": options.algorithm,
+        "model": options.model,
+        "batch_size": options.batch_size,
+        "devices": ready[f]["devices"],
+        "images_per_sec": round(statistics.median(images), 1),
+        "images_per_sec_min": round(min(images), 1),
+        "images_per_sec_max": round(max(images), 1),
+        "step_ms": round(step_s * 1e3, 2),
+        "compile_s": round(ready[f]["compile_s"], 2),
+        **memory[f],
+        "device": ready[f]["device"],
+        "repeats": options.repeats,
+        "steps": options.steps,
+    }
+    if flops:
+      result["gflops_per_step"] = round(flops / 1e9, 3)
+      result["achieved_gflops"] = round(flops / step_s / 1e9, 1)
+      result["matmul_peak_gflops"] = round(peak, 1)
+      result["share_of_peak"] = round(flops / step_s / 1e9 / peak, 4)
+    if f in profiles:
+      result["top_ops"] = profiles[f]
+    results.append(result)
+  if "torch" in frameworks:
+    base = next(r for r in results if r["framework"] == "torch")["images_per_sec"]
+    for r in results:
+      r["speedup_vs_torch"] = round(r["images_per_sec"] / base, 3)
+  return results
+
+
+def format_table(results: list[dict]) -> str:
+  """A small fixed-width table of :func:`run`'s results."""
+  head = ("framework", "dev", "batch", "img/s [min-max]", "step ms", "compile s", "peak MiB",
+          "% peak", "vs torch")
+  rows = [head]
+  for r in results:
+    rows.append((
+        r["framework"], str(r["devices"]), str(r["batch_size"]),
+        f"{r['images_per_sec']:.0f} [{r['images_per_sec_min']:.0f}-{r['images_per_sec_max']:.0f}]",
+        f"{r['step_ms']:.1f}", f"{r['compile_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
+        f"{100 * r['share_of_peak']:.1f}" if "share_of_peak" in r else "-",
+        f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    worker_main(sys.argv[2], Options(**json.loads(sys.argv[3])))
+  else:
+    sys.exit("usage: python -m dale_jax.bench.runner --worker FRAMEWORK OPTIONS_JSON "
+             "(started by dale-bench)")

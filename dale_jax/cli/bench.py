@@ -1,0 +1,112 @@
+"""``dale-bench``: training-step throughput of dale_jax against PyTorch.
+
+  dale-bench --algorithm=Gaussian_DALE_PD --model=mnist_cnn --batch-size=64,256 \
+      --steps=20 --framework=both --json
+
+Times the full step (sampler loop, primal and dual update) after warm-up; see
+:mod:`dale_jax.bench.runner`. ``--framework`` is ``jax``, ``torch`` (eager),
+``torch-compile``, a comma-separated list of these, or ``both`` (all three).
+``--devices=1,2,4`` adds JAX runs on that many simulated host devices (scaling).
+With ``--json`` each result is one JSON object per line; otherwise a table.
+The torch side needs the ``bench`` extra (``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dale_jax.bench import ALGORITHMS
+from dale_jax.bench import runner
+
+
+def _int_list(text: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+  return values
+
+
+def _frameworks(text: str) -> list[str]:
+  names = runner.FRAMEWORKS if text == "both" else text.split(",")
+  for name in names:
+    if name not in runner.FRAMEWORKS:
+      raise argparse.ArgumentTypeError(
+          f"framework must be 'both' or a comma-separated list of {runner.FRAMEWORKS}, got {name!r}")
+  return list(names)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="dale-bench", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--algorithm", default="Gaussian_DALE_PD", choices=ALGORITHMS)
+  p.add_argument("--model", default="mnist_cnn", choices=runner.MODELS)
+  p.add_argument("--batch-size", type=_int_list, default=[64],
+                 help="global batch; several separated by commas")
+  p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats per framework")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--framework", type=_frameworks, default=list(runner.FRAMEWORKS))
+  p.add_argument("--devices", type=_int_list, default=[1],
+                 help="simulated JAX host devices; several separated by commas")
+  p.add_argument("--width", type=int, default=64, help="ResNet width (64 = ResNet-18)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="also list the N most expensive XLA ops of the JAX step")
+  p.add_argument("--json", action="store_true", help="one JSON object per line and framework")
+  return p.parse_args(argv)
+
+
+def _settings(frameworks: list[str], devices: list[int]) -> list[tuple[list[str], int]]:
+  """(frameworks, devices) runs: torch runs once, on one device; JAX on each device count."""
+  others = [f for f in frameworks if f != "jax"]
+  runs = []
+  for d in devices:
+    if d == 1:
+      runs.append((frameworks, 1))
+    elif "jax" in frameworks:
+      runs.append((["jax"], d))
+  if others and 1 not in devices:
+    runs.insert(0, (others, 1))
+  return runs
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  log = lambda message: print(message, file=sys.stderr, flush=True)
+  results = []
+  for batch_size in args.batch_size:
+    for frameworks, devices in _settings(args.framework, args.devices):
+      options = runner.Options(
+          algorithm=args.algorithm, model=args.model, batch_size=batch_size, steps=args.steps,
+          repeats=args.repeats, warmup=args.warmup, devices=devices, width=args.width,
+          seed=args.seed)
+      try:
+        rows = runner.run(options, frameworks, profile_top=args.profile, log=log)
+      except (ValueError, RuntimeError) as e:
+        sys.exit(f"dale-bench: {e}")
+      results += rows
+      for row in rows:
+        if args.json:
+          print(json.dumps(row), flush=True)
+        if "top_ops" in row and not args.json:
+          from dale_jax.bench import profile
+
+          print(f"\nJAX step, batch {batch_size}, devices {devices}: most expensive XLA ops")
+          print(profile.format_ops(row["top_ops"]))
+  if not args.json:
+    print()
+    print(runner.format_table(results))
+  return results
+
+
+def run():
+  main()
+
+
+if __name__ == "__main__":
+  run()

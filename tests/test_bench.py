@@ -1,0 +1,228 @@
+"""The benchmark's building blocks: the CPU-friendly MNIST CNN equals the plain Flax one,
+FLOPs are counted through loops, the PyTorch reference computes the JAX step, and
+``dale-bench`` runs and prints one JSON object per framework."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dale_jax import train
+from dale_jax.bench import flops
+from dale_jax.bench import runner
+from dale_jax.models import init_variables
+from dale_jax.models.mnist_cnn import MnistCNN, max_pool_2x2
+
+
+class _PlainMnistCNN(nn.Module):
+  """The textbook formulation: ``nn.Conv`` and ``nn.max_pool`` (reduce_window)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Conv(32, (3, 3), padding="VALID", name="conv1")(x))
+    x = nn.relu(nn.Conv(64, (3, 3), padding="VALID", name="conv2")(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(128, name="fc1")(x))
+    return nn.Dense(10, name="fc2")(x)
+
+
+def _digits_like(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Images with a blank border, like MNIST: max-pool windows there are exact ties."""
+  rng = np.random.default_rng(seed)
+  x = np.zeros((batch, 28, 28, 1), np.float32)
+  x[:, 6:22, 8:20] = rng.random((batch, 16, 12, 1), dtype=np.float32)
+  return x, rng.integers(0, 10, batch).astype(np.int32)
+
+
+def test_mnist_cnn_equals_conv_and_reduce_window_formulation():
+  x, y = _digits_like(4)
+  key = jax.random.PRNGKey(0)
+  plain, fast = _PlainMnistCNN(), MnistCNN()
+  variables = plain.init(key, x)
+  # Same parameter tree and initial values from the same key.
+  jax.tree.map(np.testing.assert_array_equal, variables, fast.init(key, x))
+  np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), atol=2e-6)
+
+  def loss(model, params, x):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+
+  for argnum in (1, 2):  # Parameter and input gradients.
+    want = jax.grad(loss, argnum)(plain, variables["params"], x)
+    got = jax.grad(loss, argnum)(fast, variables["params"], x)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), got, want)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_like_reduce_window():
+  x = jnp.asarray(np.random.default_rng(1).integers(0, 3, (2, 6, 8, 3)), jnp.float32)  # Many ties.
+  g = jnp.asarray(np.random.default_rng(2).random((2, 3, 4, 3)), jnp.float32)
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
+  np.testing.assert_array_equal(jax.vjp(max_pool_2x2, x)[1](g)[0], jax.vjp(reference, x)[1](g)[0])
+
+
+def test_count_flops_multiplies_loop_bodies_by_their_trip_count():
+  w = jnp.ones((8, 8))
+  f = lambda x: jax.lax.fori_loop(0, 5, lambda i, x: x @ w, x)
+  assert flops.count_flops(f, jnp.ones((4, 8))) == 5 * 2 * 4 * 8 * 8
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # Output 1x3x3x5, each a dot over 3x3 window x 2 input features.
+  assert flops.count_flops(conv, jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 5))) == 2 * 45 * 18
+
+
+def test_step_flops_count_every_sampler_step():
+  options = runner.Options(algorithm="Gaussian_DALE_PD", batch_size=8)
+  config = runner.make_config(options)
+  step = train.make_train_step(config, 10)
+  state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), 10)
+  batch = {"image": jnp.zeros((8, 28, 28, 1)), "label": jnp.zeros((8,), jnp.int32)}
+  total = flops.count_flops(step, state, batch)
+  fwd = flops.count_flops(lambda x: MnistCNN().apply({"params": state.params}, x), batch["image"])
+  # 7 sampler steps of forward + input gradient, then two training forwards and their
+  # backward passes: between 7 * 2 + 2 * 2 = 18 and 7 * 2 + 2 * 3 = 20 forwards.
+  assert 18 * fwd < total < 20 * fwd
+
+
+# ----------------------------------------------------------------------------
+# The PyTorch reference against the JAX step.
+
+
+def _noise_free_config(algorithm: str, batch_size: int, model: str = "mnist_cnn"):
+  config = runner.make_config(runner.Options(algorithm=algorithm, model=model,
+                                             batch_size=batch_size))
+  if "noise_scale" in config.sampler:
+    config.sampler.noise_scale = 0.0
+  if config.sampler.get("name") == "trades_kl":
+    # KL(p(x) || p(x')) is flat at x' = x: from advbench's 0.001 jitter the gradient is
+    # so small that a few of its signs depend on float32 summation order.
+    config.sampler.init_std = 0.01
+  return config
+
+
+def _jax_sampler_start(state, config, x):
+  """The random start ``x + init_std N`` that :func:`train.train_step` draws.
+
+  The KL samplers cannot start noise-free (the KL gradient vanishes at ``x`` and
+  its sign would be rounding noise), so the torch side replays this draw. The keys are
+  derived as in ``train_step`` and ``samplers.ascent``.
+  """
+  attack_key = jax.random.split(state.step_key(), 4)[1]
+  init_key = jax.random.split(attack_key)[0]
+  std = config.sampler.get("init_std", 0.001)
+  return np.asarray(x + std * jax.random.normal(init_key, x.shape, x.dtype))
+
+
+def _assert_trees_close(got, want, rtol, atol):
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w),
+                                                       rtol=rtol, atol=atol), got, want)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("algorithm",
+                         ["ERM", "PGD", "TRADES", "Gaussian_DALE_PD", "KL_DALE_PD"])
+def test_torch_reference_step_equals_jax_step(algorithm):
+  torch = pytest.importorskip("torch")
+  from dale_jax.bench import torch_reference as tr
+
+  torch.manual_seed(0)
+  config = _noise_free_config(algorithm, batch_size=8)
+  model = MnistCNN(dropout_rates=(0.0, 0.0))  # Dropout masks cannot be shared.
+  variables = init_variables(model, jax.random.PRNGKey(1), (28, 28, 1))
+  state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), 10)
+  state = state.replace(params=variables["params"])
+  step = jax.jit(functools.partial(train.train_step, model=model,
+                                   algorithm=train.make_algorithm(config)))
+  x, y = _digits_like(8)
+  new_state, _ = step(state, {"image": jnp.asarray(x), "label": jnp.asarray(y)})
+
+  torch_model = tr.load_flax_variables(tr.MnistCNN(dropout_rates=(0.0, 0.0)), variables).train()
+  torch_step = tr.TrainStep(torch_model, config)
+  start = None
+  if config.sampler.get("name") in ("langevin_gaussian", "trades_kl"):
+    start = tr.to_nchw(_jax_sampler_start(state, config, x))
+  torch_step(tr.to_nchw(x), torch.from_numpy(y).long(), start=start)
+
+  got = tr.flax_variables(torch_model)["params"]
+  # One SGD step moves each weight by ~lr * grad; compare the moves, not just the weights.
+  delta_want = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new_state.params,
+                            variables["params"])
+  delta_got = jax.tree.map(lambda a, b: a - np.asarray(b), got, variables["params"])
+  _assert_trees_close(delta_got, delta_want, rtol=1e-3, atol=1e-6)
+  if torch_step.nu is not None:
+    np.testing.assert_allclose(torch_step.nu, float(new_state.dual_state.nu), rtol=1e-6)
+
+
+@pytest.mark.torch
+def test_torch_weights_round_trip_and_give_the_same_logits():
+  torch = pytest.importorskip("torch")
+  from dale_jax.bench import torch_reference as tr
+  from dale_jax.models import get_model
+
+  x, _ = _digits_like(3)
+  model = MnistCNN()
+  variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  torch_model = tr.load_flax_variables(tr.MnistCNN(), variables).eval()
+  _assert_trees_close(tr.flax_variables(torch_model), variables, rtol=0, atol=0)
+  with torch.no_grad():
+    logits = torch_model(tr.to_nchw(x)).numpy()
+  want = jax.nn.log_softmax(model.apply(variables, x))
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+  resnet = get_model("resnet18", 10, width=4)
+  images = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+  variables = init_variables(resnet, jax.random.PRNGKey(0), (32, 32, 3))
+  variables["batch_stats"] = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])
+  torch_resnet = tr.load_flax_variables(tr.make_model("resnet18", 10, width=4), variables).eval()
+  _assert_trees_close(tr.flax_variables(torch_resnet), variables, rtol=0, atol=0)
+  with torch.no_grad():
+    logits = torch_resnet(tr.to_nchw(images)).numpy()
+  np.testing.assert_allclose(logits, resnet.apply(variables, images, train=False),
+                             rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# The command.
+
+
+def test_bench_command_prints_one_json_object_per_framework(capsys):
+  pytest.importorskip("torch")
+  from dale_jax.cli import bench
+
+  bench.main(["--framework=jax,torch", "--batch-size=8", "--steps=1", "--repeats=2",
+              "--warmup=0", "--json"])
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["framework"] for r in rows] == ["jax", "torch"]
+  for r in rows:
+    assert r["images_per_sec"] > 0 and r["step_ms"] > 0 and r["compile_s"] >= 0
+    assert r["images_per_sec_min"] <= r["images_per_sec"] <= r["images_per_sec_max"]
+    assert 0 < r["share_of_peak"] < 1 and r["peak_rss_mib"] > 0
+  assert rows[1]["speedup_vs_torch"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_scales_over_simulated_devices(capsys):
+  from dale_jax.cli import bench
+
+  bench.main(["--framework=jax", "--devices=2", "--batch-size=8", "--steps=1", "--repeats=1",
+              "--warmup=0", "--json", "--profile=3"])
+  (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert row["devices"] == 2 and row["images_per_sec"] > 0
+  assert len(row["top_ops"]) == 3 and all(op["ms_per_step"] >= 0 for op in row["top_ops"])
+
+
+def test_bench_rejects_bad_options_before_starting_workers():
+  with pytest.raises(ValueError, match="algorithm"):
+    runner.run(runner.Options(algorithm="MART"), ["jax"])
+  with pytest.raises(ValueError, match="divisible"):
+    runner.run(runner.Options(batch_size=6, devices=4), ["jax"])
+  with pytest.raises(ValueError, match="framework"):
+    runner.run(runner.Options(), ["tensorflow"])
