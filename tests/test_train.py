@@ -118,8 +118,11 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_same_results(tmp_path):
   a, b = _records(full), _records(killed)
   assert [r["Epoch"] for r in b] == [0, 1] and (killed / "done").exists()
   for ra, rb in zip(a, b):
-    assert ra["Test"] == pytest.approx(rb["Test"], rel=1e-6, abs=1e-6)
-    assert ra["Train"] == pytest.approx(rb["Train"], rel=1e-5, abs=1e-6)
+    # Same predictions; losses agree up to the order of XLA:CPU's threaded reductions.
+    accuracies = [k for k in ra["Test"] if "Accuracy" in k]
+    assert {k: ra["Test"][k] for k in accuracies} == {k: rb["Test"][k] for k in accuracies}
+    assert ra["Test"] == pytest.approx(rb["Test"], rel=1e-4)
+    assert ra["Train"] == pytest.approx(rb["Train"], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------
