@@ -160,7 +160,7 @@ def test_torch_reference_step_equals_jax_step(algorithm):
   delta_got = jax.tree.map(lambda a, b: a - np.asarray(b), got, variables["params"])
   _assert_trees_close(delta_got, delta_want, rtol=1e-3, atol=1e-6)
   if torch_step.nu is not None:
-    np.testing.assert_allclose(torch_step.nu, float(new_state.dual_state.nu), rtol=1e-6)
+    np.testing.assert_allclose(float(torch_step.nu), float(new_state.dual_state.nu), rtol=1e-6)
 
 
 @pytest.mark.torch

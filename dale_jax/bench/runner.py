@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 from dale_jax.bench import ALGORITHMS
 

@@ -365,7 +365,8 @@ class TrainStep:
     self.sampler = make_sampler(config.sampler.to_dict()) if algorithm != "ERM" else None
     self.loss_config = config.loss.to_dict()
     dual = config.dual.to_dict()
-    self.nu = float(dual.get("init_value", 1.0)) if dual else None
+    device = next(model.parameters()).device
+    self.nu = torch.tensor(float(dual.get("init_value", 1.0)), device=device) if dual else None
     self.dual_step = float(dual.get("step_size", 0.0)) if dual else 0.0
     self.margin = float(dual.get("margin", 0.0)) if dual else 0.0
     if dual and dual.get("every", "step") != "step":
@@ -396,5 +397,6 @@ class TrainStep:
     loss.backward()
     self.optimizer.step()
     if self.nu is not None:
-      self.nu = max(0.0, self.nu + self.dual_step * (float(constraint.detach()) - self.margin))
+      # Kept on the device: no host synchronisation inside the step.
+      self.nu = torch.clamp(self.nu + self.dual_step * (constraint.detach() - self.margin), min=0.0)
     return {"Loss": loss.detach()}

@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per framework")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-  p.add_argument("--framework", type=_frameworks, default=list(runner.FRAMEWORKS))
+  p.add_argument("--framework", type=_frameworks, default=list(runner.FRAMEWORKS),
+                 help="jax, torch (eager), torch-compile, a comma-separated list of these, "
+                      "or both (all three; the default)")
   p.add_argument("--devices", type=_int_list, default=[1],
                  help="simulated JAX host devices; several separated by commas")
   p.add_argument("--width", type=int, default=64, help="ResNet width (64 = ResNet-18)")
