@@ -172,18 +172,19 @@ class _JaxWorker:
     if len(devices) < options.devices:
       raise ValueError(f"devices={options.devices} but only {len(devices)} are visible")
     mesh = jax.sharding.Mesh(devices, (parallel.DATA_AXIS,))
-    model = train.create_model(config, 10)
-    if options.model != "mnist_cnn":
-      model = model.clone(width=options.width)
-    algorithm = train.make_algorithm(config)
     variables = initial_variables(options)
     state = train.create_train_state(config, jax.random.PRNGKey(options.seed),
                                      input_shape(options.model), 10)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=state.tx.init(variables["params"]))
     repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, algorithm=algorithm),
-                   in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=0)
+    if _model_kwargs(options) in ({}, {"width": 64}):
+      step = train.make_train_step(config, 10, mesh=mesh)  # The step dale-train runs.
+    else:  # The same step for a narrower ResNet.
+      model = train.create_model(config, 10).clone(**_model_kwargs(options))
+      algorithm = train.make_algorithm(config)
+      step = jax.jit(lambda s, b: train.train_step(s, b, model=model, algorithm=algorithm),
+                     in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=0)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic_batch(options).items()},
                            sharded)
     state = jax.device_put(state, repl)
