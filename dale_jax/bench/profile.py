@@ -6,8 +6,9 @@
 thread. Each instruction is named with its shape and the JAX operation it came
 from (XLA's ``op_name`` metadata, e.g. ``.../transpose(jvp(MnistCNN))/conv2/...``
 for the input gradient of ``conv2``), so the list reads as "which layer, forward
-or backward, costs what". Times are thread-milliseconds per run: on a CPU with
-several threads they add up to more than the wall time.
+or backward, costs what". Times are thread-milliseconds per run as the profiler
+records them; compare shares rather than absolute numbers, which need not add up
+to the wall or CPU time of the step.
 """
 
 from __future__ import annotations
