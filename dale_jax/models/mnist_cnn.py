@@ -2,25 +2,27 @@
 
 The layers are those of advbench's network (and of ``flax.linen.Conv`` /
 ``max_pool``), but two of them are written for XLA:CPU, where this model trains
-most often and where the straightforward version spends four fifths of an
-adversarial training step in two slow gradients:
+most often. With ``nn.Conv`` and ``nn.max_pool`` a Gaussian-DALE step (7 sampler
+steps of forward + input gradient, then the training update) runs 3x slower than
+with this formulation: its profile is led by the input gradient of ``conv2``
+(a generic convolution kernel, a quarter of the step), the forward ``conv2``
+(whose kernel allocates a fresh 40 MiB patch buffer on every call at batch 64),
+the kernel gradients and the max-pool gradient (``select_and_scatter``).
 
 * **Convolutions as im2col matmuls.** ``y = patches(x) @ K.reshape(9 C_in, C_out)``
   with ``patches`` the 3x3 windows stacked on the channel axis (row-major window
   order, matching the ``HWIO`` kernel). The forward pass, the input gradient
   (``g @ K^T`` then a sum of nine shifted slices) and the kernel gradient
-  (``patches^T @ g``) are then plain dense matmuls. XLA:CPU lowers the gradients
-  of ``lax.conv_general_dilated`` to generic convolution kernels several times
-  slower than its matmuls, and its own forward kernel materialises the same
-  patches internally anyway.
+  (``patches^T @ g``) are then dense matmuls, XLA:CPU's fastest kernels, and the
+  patch buffer lives in the step's preallocated temporaries.
 * **2x2 max-pool as a maximum of four strided slices** with a custom gradient.
   XLA's ``reduce_window`` gradient is ``select_and_scatter``, which XLA:CPU runs
-  as a scatter over index tuples (the slowest op of the step). Here the gradient
-  is elementwise: it goes, as in ``select_and_scatter`` and in torch's
-  ``max_pool2d``, to the *first* maximal element of each window in row-major
-  order. (A plain ``jnp.max`` or ``jnp.maximum`` would split it between tied
-  elements, and ties are common: on MNIST's blank background whole windows hold
-  the same value, so the input gradient would differ from torch's there.)
+  as index arithmetic plus a scatter. Here the gradient is elementwise: it goes,
+  as in ``select_and_scatter`` and in torch's ``max_pool2d``, to the *first*
+  maximal element of each window in row-major order. (A plain ``jnp.max`` or
+  ``jnp.maximum`` would split it between tied elements, and ties are common: on
+  MNIST's blank background whole windows hold the same value, so the input
+  gradient would differ from torch's there.)
 
 The parameters are ``flax.linen.Conv``/``Dense``'s (``conv1``, ``conv2``, ``fc1``,
 ``fc2``; ``kernel`` ``HWIO`` and ``bias``, same initialisers, so the same key gives
