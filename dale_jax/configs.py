@@ -223,6 +223,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _require(config.model.name in MODELS, "model.name", f"one of {sorted(MODELS)}", config.model.name)
   _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            "'float32', 'bfloat16' or 'float16'", config.model.dtype)
+  _require(config.model.name != "mnist_cnn" or config.model.dtype == "float32", "model.dtype",
+           "'float32' for mnist_cnn (its im2col layers compute in float32)", config.model.dtype)
   o = config.optimizer
   _require(_is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate",
            "a number > 0", o.learning_rate)
