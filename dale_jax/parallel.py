@@ -45,14 +45,6 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_divisible(batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
-  n = mesh.devices.size
-  if batch_size % n:
-    raise ValueError(
-        f"{field}={batch_size} must be divisible by the number of devices ({n}); "
-        f"use a multiple of {n}")
-
-
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
   """Places a host batch on the mesh, split over ``data``.
 
