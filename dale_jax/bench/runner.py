@@ -25,7 +25,12 @@ XLA's buffer footprint of the step, the device name, the step's matmul/conv
 FLOPs (:mod:`dale_jax.bench.flops`, the same count for every framework since
 they compute the same thing) and the achieved FLOP/s as a share of the device's
 matmul peak, measured here as the best rate of a large float32 matmul in either
-framework.
+framework (2048 square on a CPU, 8192 on a GPU); on a GPU also as a share of the
+bfloat16 matmul peak, measured the same way.
+
+On a GPU both frameworks compute float32 convolutions and matmuls in TF32, XLA's
+default there; the torch workers turn TF32 on for matmuls too (cuDNN convolutions
+already use it by default) and set ``cudnn.benchmark``, as a tuned PyTorch run does.
 """
 
 from __future__ import annotations
@@ -199,6 +204,7 @@ class _JaxWorker:
                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     self.step, self.state, self.batch = compiled, state, batch
     self.device = f"{devices[0].platform}: {devices[0].device_kind}"
+    self.gpu = devices[0].platform == "gpu"
     if devices[0].platform == "cpu":
       self.device = f"cpu: {cpu_name()}"
     self.devices = len(devices)
@@ -212,9 +218,10 @@ class _JaxWorker:
     self.state = state
     return time.perf_counter() - start
 
-  def matmul_gflops(self, n: int = 2048, tries: int = 5) -> float:
+  def matmul_gflops(self, dtype: str = "float32", tries: int = 5) -> float:
     jnp = self.jax.numpy
-    a = jnp.ones((n, n), jnp.float32)
+    n = _peak_size(self.gpu)
+    a = self.jax.random.normal(self.jax.random.PRNGKey(0), (n, n), dtype)
     f = self.jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(tries))
@@ -243,6 +250,13 @@ class _TorchWorker:
 
     self.torch = torch
     self.cuda = torch.cuda.is_available()
+    if self.cuda:
+      # What a tuned PyTorch run sets, and the precision XLA uses by default for
+      # float32 convolutions and matmuls on such a GPU (TF32), so both sides
+      # compute at the same precision.
+      torch.backends.cudnn.benchmark = True
+      torch.backends.cuda.matmul.allow_tf32 = True
+      torch.backends.cudnn.allow_tf32 = True
     dev = torch.device("cuda" if self.cuda else "cpu")
     config = make_config(options)
     model = tr.make_model(options.model, 10, **_model_kwargs(options))
@@ -268,9 +282,10 @@ class _TorchWorker:
     float(meters["Loss"])  # Waits for the device.
     return time.perf_counter() - start
 
-  def matmul_gflops(self, n: int = 2048, tries: int = 5) -> float:
+  def matmul_gflops(self, dtype: str = "float32", tries: int = 5) -> float:
     torch = self.torch
-    a = torch.ones((n, n), device=self.x.device)
+    n = _peak_size(self.cuda)
+    a = torch.randn((n, n), device=self.x.device, dtype=getattr(torch, dtype))
     sync = torch.cuda.synchronize if self.cuda else (lambda: None)
     a @ a
     sync()
@@ -282,6 +297,11 @@ class _TorchWorker:
     if self.cuda:
       out["device_peak_mib"] = round(self.torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def _peak_size(accelerator: bool) -> int:
+  """Side of the square matmul that measures the matmul peak (large enough to saturate)."""
+  return 8192 if accelerator else 2048
 
 
 def _timed(fn) -> float:
@@ -314,7 +334,10 @@ def worker_main(framework: str, options: Options) -> None:
     if cmd["cmd"] == "run":
       _send({"seconds": worker.run(cmd["steps"])})
     elif cmd["cmd"] == "peak":
-      _send({"gflops": worker.matmul_gflops()})
+      reply = {"gflops": worker.matmul_gflops("float32")}
+      if "cpu" not in worker.device.split(":")[0]:
+        reply["bf16_gflops"] = worker.matmul_gflops("bfloat16")
+      _send(reply)
     elif cmd["cmd"] == "profile":
       _send({"ops": worker.profile(cmd["steps"], cmd["top"]) if framework == "jax" else []})
     elif cmd["cmd"] == "finish":
@@ -355,6 +378,9 @@ class _Worker:
 
 def _worker_env(devices: int) -> dict:
   env = dict(os.environ)
+  # On a GPU the frameworks share the card: JAX takes memory as it needs it
+  # instead of 75% of it up front, so the torch workers fit beside it.
+  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if devices > 1:
     flags = env.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
@@ -394,7 +420,9 @@ def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top
         times[f].append(workers[f].ask(cmd="run", steps=options.steps)["seconds"])
       log(f"repeat {r + 1}/{options.repeats}: " + ", ".join(
           f"{f} {options.batch_size * options.steps / times[f][-1]:.0f} img/s" for f in frameworks))
-    peak = max(w.ask(cmd="peak")["gflops"] for w in workers.values())
+    peaks = [w.ask(cmd="peak") for w in workers.values()]
+    peak = max(p["gflops"] for p in peaks)
+    bf16_peak = max((p["bf16_gflops"] for p in peaks if "bf16_gflops" in p), default=None)
     profiles = {}
     if profile_top and "jax" in workers:
       profiles["jax"] = workers["jax"].ask(cmd="profile", steps=3, top=profile_top)["ops"]
@@ -428,6 +456,9 @@ def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top
       result["achieved_gflops"] = round(flops / step_s / 1e9, 1)
       result["matmul_peak_gflops"] = round(peak, 1)
       result["share_of_peak"] = round(flops / step_s / 1e9 / peak, 4)
+      if bf16_peak:
+        result["bf16_matmul_peak_gflops"] = round(bf16_peak, 1)
+        result["share_of_bf16_peak"] = round(flops / step_s / 1e9 / bf16_peak, 4)
     if f in profiles:
       result["top_ops"] = profiles[f]
     results.append(result)
