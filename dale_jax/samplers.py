@@ -269,6 +269,48 @@ def ascent(
   return sample
 
 
+def in_chunks(sampler: Sampler, chunk_size: int, groups: int = 1) -> Sampler:
+  """Runs ``sampler`` on chunks of ``chunk_size`` examples, one chunk after another.
+
+  Every sampler here ascends a sum of per-example objectives with the model in
+  eval mode, so example ``i``'s perturbation depends on example ``i`` alone and
+  chunking leaves the perturbations' law unchanged (chunk ``c`` draws with
+  ``split(key)[c]``; with noise off the result is the whole-batch one). What
+  changes is the working set: on a CPU a chunk's activations stay in cache
+  through all the sampler's steps. On a GPU or TPU a whole batch is faster.
+
+  ``groups`` > 1 keeps a batch that is split over ``groups`` devices split:
+  chunk ``c`` takes ``chunk_size / groups`` examples from each device's rows.
+  A batch whose size ``chunk_size`` does not divide (or no larger than it) is
+  sampled whole.
+  """
+  _check_count("chunk_size", chunk_size, 1)
+  _check_count("groups", groups, 1)
+  if chunk_size % groups:
+    raise ValueError(f"chunk_size={chunk_size} must be divisible by groups={groups}")
+
+  def sample(key, logits_fn, x, y):
+    n = x.shape[0]
+    if n <= chunk_size or n % chunk_size:
+      return sampler(key, logits_fn, x, y)
+    chunks = n // chunk_size
+
+    def split(a):  # (n, ...) -> (chunks, chunk_size, ...), rows of a group stay together.
+      a = a.reshape((groups, chunks, chunk_size // groups) + a.shape[1:])
+      return jnp.swapaxes(a, 0, 1).reshape((chunks, chunk_size) + a.shape[3:])
+
+    def merge(a):
+      a = a.reshape((chunks, groups, chunk_size // groups) + a.shape[2:])
+      return jnp.swapaxes(a, 0, 1).reshape((n,) + a.shape[3:])
+
+    keys = jax.random.split(key, chunks)
+    out = jax.lax.map(lambda args: sampler(args[0], logits_fn, args[1], args[2]),
+                      (keys, split(x), split(y)))
+    return jax.lax.stop_gradient(merge(out))
+
+  return sample
+
+
 def with_restarts(
     sampler: Sampler, restarts: int, score: Callable[[Array, Array], Array] = potentials.cross_entropy
 ) -> Sampler:

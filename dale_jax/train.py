@@ -31,6 +31,7 @@ from dale_jax import data as data_lib
 from dale_jax import evaluation
 from dale_jax import parallel
 from dale_jax import report
+from dale_jax import samplers as samplers_lib
 from dale_jax.models import get_model, init_variables
 from dale_jax.train_state import TrainState
 
@@ -159,9 +160,14 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int = 10,
                     steps_per_epoch: int = 1, mesh=None) -> Callable:
   """``step(state, batch) -> (state, meters)``, jitted over the ``data`` mesh, state donated."""
   mesh = mesh or parallel.make_mesh()
+  algorithm = make_algorithm(config, steps_per_epoch)
+  chunk = config.get("sampler_chunk_size", 0)
+  if chunk and algorithm.sampler is not None:
+    algorithm = algorithm._replace(sampler=samplers_lib.in_chunks(
+        algorithm.sampler, chunk * mesh.size, groups=mesh.size))
   step = functools.partial(
-      train_step, model=create_model(config, num_classes),
-      algorithm=make_algorithm(config, steps_per_epoch), augment=bool(config.data.augment))
+      train_step, model=create_model(config, num_classes), algorithm=algorithm,
+      augment=bool(config.data.augment))
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(step, in_shardings=(repl, sharded), out_shardings=(repl, repl),
                  donate_argnums=0)

@@ -635,3 +635,48 @@ def test_make_sampler_rejects_unknown_names_and_fields():
 
 def test_every_registered_sampler_is_covered():
   assert set(samplers.SAMPLERS) == {_kwargs(n, "linf")[0].__name__ for n in VARIANTS}
+
+
+# ----------------------------------------------------------------------------
+# Chunked sampling.
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_in_chunks_matches_the_whole_batch_without_noise(groups, tiny):
+  pgd = samplers.pgd(eps=0.3, step_size=0.1, steps=3)
+  key = jax.random.key(5)
+  whole = _call(pgd, key, tiny.logits_fn, tiny.x, tiny.y)
+  chunked = _call(samplers.in_chunks(pgd, 2, groups=groups), key, tiny.logits_fn, tiny.x, tiny.y)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-6)
+
+
+def test_in_chunks_takes_each_devices_rows_into_every_chunk():
+  # A "sampler" that writes the smallest label of the chunk it was given.
+  first_label = lambda key, logits_fn, x, y: jnp.zeros_like(x) + jnp.min(y).astype(x.dtype)
+  x, y = jnp.zeros((8, 1)), jnp.arange(8)
+  run = lambda groups: np.asarray(samplers.in_chunks(first_label, 4, groups=groups)(
+      jax.random.key(0), None, x, y))[:, 0]
+  # One group: chunks are rows 0-3 and 4-7. Two groups (devices holding rows 0-3 and
+  # 4-7): each chunk takes two rows from each device, {0, 1, 4, 5} and {2, 3, 6, 7}.
+  np.testing.assert_array_equal(run(1), [0, 0, 0, 0, 4, 4, 4, 4])
+  np.testing.assert_array_equal(run(2), [0, 0, 2, 2, 0, 0, 2, 2])
+  # A batch the chunk does not divide is sampled whole.
+  np.testing.assert_array_equal(
+      np.asarray(samplers.in_chunks(first_label, 3)(jax.random.key(0), None, x, y))[:, 0],
+      np.zeros(8))
+
+
+def test_in_chunks_draws_independent_noise_per_chunk(tiny):
+  noisy = samplers.langevin_gaussian(eps=0.3, step_size=1e-6, steps=1, noise_scale=0.05,
+                                     init_std=0.0)
+  x = jnp.full((4, 6, 6, 1), 0.5)
+  out = np.asarray(_call(samplers.in_chunks(noisy, 2), jax.random.key(1), tiny.logits_fn, x,
+                         tiny.y))
+  assert not np.allclose(out[:2], out[2:], atol=1e-5)  # chunks do not reuse a key
+  assert np.all(np.abs(out - 0.5) <= 0.3 + 1e-6)
+
+
+@pytest.mark.parametrize("chunk_size,groups", [(0, 1), (4, 0), (3, 2)])
+def test_in_chunks_rejects_bad_sizes(chunk_size, groups):
+  with pytest.raises(ValueError, match="chunk_size|groups"):
+    samplers.in_chunks(samplers.fgsm(eps=0.3), chunk_size, groups=groups)

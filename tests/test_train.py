@@ -155,6 +155,7 @@ def _config(**overrides):
     ("eval.splits", ("Train",)),
     ("eval.evaluators", ("Clean", "AutoAttackk")),
     ("schedule.scales", (0.1, 0.2)),
+    ("sampler_chunk_size", -1),
 ])
 def test_invalid_values_name_the_field(field, value):
   with pytest.raises(ValueError, match=field.split(".")[-1]):
@@ -224,3 +225,19 @@ def test_learning_rate_schedule_uses_advbench_absolute_factors():
   assert float(sched(250)) == pytest.approx(0.001)
   assert float(sched(350)) == pytest.approx(0.0001)
   assert float(sched(400)) == pytest.approx(0.00001)
+
+
+def test_sampler_chunks_leave_a_noise_free_step_unchanged():
+  config = configs.base_config("mnist_digits", "PGD")  # PGD from x: no random draw.
+  config.batch_size = 16
+  rng = np.random.RandomState(0)
+  batch = {"image": rng.uniform(size=(16, 28, 28, 1)).astype(np.float32),
+           "label": rng.randint(0, 10, size=(16,)).astype(np.int32)}
+  params = []
+  for chunk in (0, 4):
+    config.sampler_chunk_size = chunk
+    state = train.create_train_state(config, jax.random.key(0), (28, 28, 1), 10)
+    state, _ = train.make_train_step(config, 10)(state, batch)
+    params.append(jax.tree.leaves(state.params))
+  for a, b in zip(*params):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

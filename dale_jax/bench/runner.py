@@ -68,6 +68,8 @@ class Options:
     warmup: untimed steps after compilation.
     devices: simulated host devices for ``jax`` (1 = the default platform).
     width: ResNet width (64 is ResNet-18); ignored for the MNIST CNN.
+    sampler_chunk: the config's ``sampler_chunk_size`` for ``jax`` (examples per
+      device the sampler perturbs at a time; 0 = the whole batch).
     seed: seed of the weights and the synthetic batch.
   """
 
@@ -79,6 +81,7 @@ class Options:
   warmup: int = 2
   devices: int = 1
   width: int = 64
+  sampler_chunk: int = 0
   seed: int = 0
 
   def validate(self) -> None:
@@ -90,8 +93,10 @@ class Options:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-      raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+    for name in ("warmup", "sampler_chunk"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if self.batch_size % self.devices:
       raise ValueError(f"batch_size={self.batch_size} must be divisible by devices={self.devices}")
 
@@ -112,6 +117,7 @@ def make_config(options: Options):
   config.schedule.boundaries = ()
   config.schedule.scales = ()
   config.data.augment = False  # Both sides time the same step, without augmentation.
+  config.sampler_chunk_size = options.sampler_chunk
   return config
 
 

@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--devices", type=_int_list, default=[1],
                  help="simulated JAX host devices; several separated by commas")
   p.add_argument("--width", type=int, default=64, help="ResNet width (64 = ResNet-18)")
+  p.add_argument("--sampler-chunk", type=int, default=0, metavar="N",
+                 help="JAX: the sampler perturbs N examples per device at a time "
+                      "(config sampler_chunk_size; 0 = the whole batch)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--profile", type=int, default=0, metavar="N",
                  help="also list the N most expensive XLA ops of the JAX step")
@@ -86,7 +89,7 @@ def main(argv=None) -> list[dict]:
       options = runner.Options(
           algorithm=args.algorithm, model=args.model, batch_size=batch_size, steps=args.steps,
           repeats=args.repeats, warmup=args.warmup, devices=devices, width=args.width,
-          seed=args.seed)
+          sampler_chunk=args.sampler_chunk, seed=args.seed)
       try:
         rows = runner.run(options, frameworks, profile_top=args.profile, log=log)
       except (ValueError, RuntimeError) as e:
