@@ -70,10 +70,21 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   )
 
 
-def make_algorithm(config: ml_collections.ConfigDict, steps_per_epoch: int = 1):
-  return algorithms_lib.make_algorithm(
+def make_algorithm(config: ml_collections.ConfigDict, steps_per_epoch: int = 1,
+                   num_devices: int = 1):
+  """The config's algorithm; its sampler in chunks if ``sampler_chunk_size`` is set.
+
+  ``num_devices`` is how many devices the batch is split over (the chunk size is
+  per device).
+  """
+  algorithm = algorithms_lib.make_algorithm(
       config.algorithm, sampler=config.sampler.to_dict(), loss=config.loss.to_dict(),
       dual=config.dual.to_dict(), draws=config.draws, steps_per_epoch=steps_per_epoch)
+  chunk = config.get("sampler_chunk_size", 0)
+  if chunk and algorithm.sampler is not None:
+    algorithm = algorithm._replace(sampler=samplers_lib.in_chunks(
+        algorithm.sampler, chunk * num_devices, groups=num_devices))
+  return algorithm
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: Array, input_shape, num_classes: int,
@@ -160,13 +171,9 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int = 10,
                     steps_per_epoch: int = 1, mesh=None) -> Callable:
   """``step(state, batch) -> (state, meters)``, jitted over the ``data`` mesh, state donated."""
   mesh = mesh or parallel.make_mesh()
-  algorithm = make_algorithm(config, steps_per_epoch)
-  chunk = config.get("sampler_chunk_size", 0)
-  if chunk and algorithm.sampler is not None:
-    algorithm = algorithm._replace(sampler=samplers_lib.in_chunks(
-        algorithm.sampler, chunk * mesh.size, groups=mesh.size))
   step = functools.partial(
-      train_step, model=create_model(config, num_classes), algorithm=algorithm,
+      train_step, model=create_model(config, num_classes),
+      algorithm=make_algorithm(config, steps_per_epoch, mesh.size),
       augment=bool(config.data.augment))
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(step, in_shardings=(repl, sharded), out_shardings=(repl, repl),

@@ -193,7 +193,7 @@ class _JaxWorker:
       step = train.make_train_step(config, 10, mesh=mesh)  # The step dale-train runs.
     else:  # The same step for a narrower ResNet.
       model = train.create_model(config, 10).clone(**_model_kwargs(options))
-      algorithm = train.make_algorithm(config)
+      algorithm = train.make_algorithm(config, num_devices=len(devices))
       step = jax.jit(lambda s, b: train.train_step(s, b, model=model, algorithm=algorithm),
                      in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=0)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic_batch(options).items()},
@@ -210,7 +210,7 @@ class _JaxWorker:
                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     self.step, self.state, self.batch = compiled, state, batch
     self.device = f"{devices[0].platform}: {devices[0].device_kind}"
-    self.gpu = devices[0].platform == "gpu"
+    self.accelerator = devices[0].platform != "cpu"
     if devices[0].platform == "cpu":
       self.device = f"cpu: {cpu_name()}"
     self.devices = len(devices)
@@ -225,8 +225,7 @@ class _JaxWorker:
     return time.perf_counter() - start
 
   def matmul_gflops(self, dtype: str = "float32", tries: int = 5) -> float:
-    jnp = self.jax.numpy
-    n = _peak_size(self.gpu)
+    n = _peak_size(self.accelerator)
     a = self.jax.random.normal(self.jax.random.PRNGKey(0), (n, n), dtype)
     f = self.jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -255,7 +254,7 @@ class _TorchWorker:
     from dale_jax.bench import torch_reference as tr
 
     self.torch = torch
-    self.cuda = torch.cuda.is_available()
+    self.cuda = self.accelerator = torch.cuda.is_available()
     if self.cuda:
       # What a tuned PyTorch run sets, and the precision XLA uses by default for
       # float32 convolutions and matmuls on such a GPU (TF32), so both sides
@@ -341,7 +340,7 @@ def worker_main(framework: str, options: Options) -> None:
       _send({"seconds": worker.run(cmd["steps"])})
     elif cmd["cmd"] == "peak":
       reply = {"gflops": worker.matmul_gflops("float32")}
-      if "cpu" not in worker.device.split(":")[0]:
+      if worker.accelerator:
         reply["bf16_gflops"] = worker.matmul_gflops("bfloat16")
       _send(reply)
     elif cmd["cmd"] == "profile":
