@@ -16,6 +16,7 @@ import pytest
 
 from dale_jax import train
 from dale_jax.bench import flops
+from dale_jax.bench import profile
 from dale_jax.bench import runner
 from dale_jax.models import init_variables
 from dale_jax.models.mnist_cnn import MnistCNN, max_pool_2x2
@@ -195,6 +196,61 @@ def test_torch_weights_round_trip_and_give_the_same_logits():
 
 # ----------------------------------------------------------------------------
 # The command.
+
+
+_HLO = """\
+  %custom-call.3 = (f32[8,32,32,64]{3,2,1,0}, u8[0]{0}) custom-call(f32[8,32,32,64]{3,2,1,0} %p, f32[3,3,64,64]{3,2,1,0} %k), custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/conv1/conv_general_dilated"}
+  %fusion.1 = f32[8,32,32,64]{3,2,1,0} fusion(f32[8,32,32,64]{3,2,1,0} %a), kind=kLoop, calls=%fused, metadata={op_name="jit(step)/relu/max"}
+  ROOT %while.2 = (s32[], (f32[2]{0}, f32[3]{0})) while((s32[], (f32[2]{0}, f32[3]{0})) %t), condition=%c, body=%b
+"""
+
+
+class _Event:
+  def __init__(self, name, ns, hlo_op=None):
+    self.name, self.duration_ns = name, ns
+    self.stats = [("hlo_module", "jit_step")] + ([("hlo_op", hlo_op)] if hlo_op else [])
+
+
+class _Line:
+  def __init__(self, name, events):
+    self.name, self.events = name, events
+
+
+class _Plane:
+  def __init__(self, name, lines):
+    self.name, self.lines = name, lines
+
+
+class _Trace:
+  def __init__(self, planes):
+    self.planes = planes
+
+
+def test_profile_parses_tuple_shaped_instructions():
+  found = profile.hlo_instructions(_HLO)
+  assert found["custom-call.3"] == {
+      "opcode": "custom-call", "shape": "(f32[8,32,32,64]{3,2,1,0}, u8[0]{0})",
+      "source": "jit(step)/conv1/conv_general_dilated"}
+  assert found["fusion.1"]["opcode"] == "fusion" and found["while.2"]["opcode"] == "while"
+
+
+def test_profile_counts_device_kernels_for_their_hlo_op_once():
+  instructions = profile.hlo_instructions(_HLO)
+  host = _Plane("/host:CPU", [_Line("thunks", [_Event("custom-call.3", 900),
+                                               _Event("fusion.1", 900)])])
+  gpu = _Plane("/device:GPU:0", [
+      _Line("Stream #14", [_Event("sm90_xmma_fprop_implicit_gemm", 50, hlo_op="custom-call.3"),
+                           _Event("sm90_xmma_fprop_implicit_gemm", 30, hlo_op="custom-call.3"),
+                           _Event("fusion.1", 7),
+                           _Event("while.2", 1000)]),
+      _Line("XLA Ops", [_Event("custom-call.3", 80)])])
+  # A GPU trace: the kernels' device time, attributed by hlo_op; host launches,
+  # loops and derived lines not counted.
+  assert profile.op_times(_Trace([host, gpu]), instructions) == {"custom-call.3": 80,
+                                                                 "fusion.1": 7}
+  # A CPU trace has no device plane: the host threads' events count.
+  assert profile.op_times(_Trace([host]), instructions) == {"custom-call.3": 900,
+                                                            "fusion.1": 900}
 
 
 def test_bench_command_prints_one_json_object_per_framework(capsys):

@@ -21,10 +21,49 @@ from typing import Callable
 
 import jax
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(")
+# ``name = shape opcode(``; a tuple shape ``(f32[..], u8[0]{0})`` holds spaces
+# (cuDNN convolutions are such custom-calls).
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\((?:[^()]|\([^()]*\))*\)|\S+)\s+([\w\-]+)\(")
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
 # Events that contain other events (loops, calls, executor bookkeeping).
 _CONTAINERS = ("while", "call", "conditional", "ThunkExecutor")
+# Lines a trace converter derives from others ("XLA Ops", "XLA Modules", ...).
+_DERIVED_LINES = ("XLA ", "Steps")
+
+
+def _hlo_op(event) -> str:
+  """The HLO instruction an event ran for: its ``hlo_op`` statistic, else its name."""
+  for name, value in event.stats:
+    if name == "hlo_op":
+      return str(value)
+  return event.name
+
+
+def _planes(data) -> list:
+  """The device planes of a trace if it has any (accelerators), else all of them."""
+  devices = [p for p in data.planes if p.name.startswith("/device:")
+             and any(True for line in p.lines for _ in line.events)]
+  return devices or list(data.planes)
+
+
+def op_times(data, instructions: dict[str, dict]) -> collections.Counter:
+  """Nanoseconds per HLO instruction in a trace (``jax.profiler.ProfileData``).
+
+  Events are attributed by :func:`_hlo_op`; only device planes are read when
+  there are any; containers (loops, calls) and derived lines are skipped, so
+  no time is counted twice.
+  """
+  total = collections.Counter()
+  for plane in _planes(data):
+    for line in plane.lines:
+      if line.name.startswith(_DERIVED_LINES):
+        continue
+      for event in line.events:
+        op = _hlo_op(event)
+        if op in instructions and not op.startswith(_CONTAINERS):
+          total[op] += event.duration_ns
+  return total
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict]:
@@ -59,12 +98,7 @@ def top_ops(run: Callable[[], None], hlo_text: str, *, steps: int = 3, top: int 
         run()
     paths = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
     data = jax.profiler.ProfileData.from_file(paths[0])
-    total = collections.Counter()
-    for plane in data.planes:
-      for line in plane.lines:
-        for event in line.events:
-          if event.name in instructions and not event.name.startswith(_CONTAINERS):
-            total[event.name] += event.duration_ns
+    total = op_times(data, instructions)
   all_ns = sum(total.values()) or 1
   return [{"op": name, **instructions[name], "ms_per_step": round(ns / steps / 1e6, 3),
            "share": round(ns / all_ns, 4)} for name, ns in total.most_common(top)]
