@@ -254,15 +254,15 @@ class _TorchWorker:
     from dale_jax.bench import torch_reference as tr
 
     self.torch = torch
-    self.cuda = self.accelerator = torch.cuda.is_available()
-    if self.cuda:
+    self.accelerator = torch.cuda.is_available()  # CUDA here.
+    if self.accelerator:
       # What a tuned PyTorch run sets, and the precision XLA uses by default for
       # float32 convolutions and matmuls on such a GPU (TF32), so both sides
       # compute at the same precision.
       torch.backends.cudnn.benchmark = True
       torch.backends.cuda.matmul.allow_tf32 = True
       torch.backends.cudnn.allow_tf32 = True
-    dev = torch.device("cuda" if self.cuda else "cpu")
+    dev = torch.device("cuda" if self.accelerator else "cpu")
     config = make_config(options)
     model = tr.make_model(options.model, 10, **_model_kwargs(options))
     tr.load_flax_variables(model, initial_variables(options))
@@ -277,7 +277,8 @@ class _TorchWorker:
       first = self.run(1)
       steady = min(self.run(1) for _ in range(2))
       self.compile_s = max(0.0, first - steady)
-    self.device = f"cuda: {torch.cuda.get_device_name()}" if self.cuda else f"cpu: {cpu_name()}"
+    self.device = (f"cuda: {torch.cuda.get_device_name()}" if self.accelerator
+                   else f"cpu: {cpu_name()}")
     self.devices = 1
 
   def run(self, steps: int) -> float:
@@ -289,9 +290,9 @@ class _TorchWorker:
 
   def matmul_gflops(self, dtype: str = "float32", tries: int = 5) -> float:
     torch = self.torch
-    n = _peak_size(self.cuda)
+    n = _peak_size(self.accelerator)
     a = torch.randn((n, n), device=self.x.device, dtype=getattr(torch, dtype))
-    sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+    sync = torch.cuda.synchronize if self.accelerator else (lambda: None)
     a @ a
     sync()
     best = min(_timed(lambda: (a @ a, sync())) for _ in range(tries))
@@ -299,7 +300,7 @@ class _TorchWorker:
 
   def memory(self) -> dict:
     out = {"peak_rss_mib": round(_peak_rss_mib(), 1)}
-    if self.cuda:
+    if self.accelerator:
       out["device_peak_mib"] = round(self.torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
