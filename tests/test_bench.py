@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from dale_jax import host_memory
 from dale_jax import train
 from dale_jax.bench import flops
 from dale_jax.bench import profile
@@ -265,6 +267,9 @@ def test_bench_command_prints_one_json_object_per_framework(capsys):
     assert r["images_per_sec"] > 0 and r["step_ms"] > 0 and r["compile_s"] >= 0
     assert r["images_per_sec_min"] <= r["images_per_sec"] <= r["images_per_sec_max"]
     assert 0 < r["share_of_peak"] < 1 and r["peak_rss_mib"] > 0
+    # Both workers run with the malloc setting of the command-line tools.
+    kept = host_memory._glibc() is not None and os.environ.get(host_memory.ENV_VAR) != "system"
+    assert r["malloc"] == ("keep" if kept else "system")
   assert rows[1]["speedup_vs_torch"] == 1.0
 
 

@@ -31,6 +31,11 @@ bfloat16 matmul peak, measured the same way.
 On a GPU both frameworks compute float32 convolutions and matmuls in TF32, XLA's
 default there; the torch workers turn TF32 on for matmuls too (cuDNN convolutions
 already use it by default) and set ``cudnn.benchmark``, as a tuned PyTorch run does.
+
+Both workers set glibc's malloc to keep freed blocks
+(:func:`dale_jax.host_memory.keep_freed_memory`, as the command-line tools do);
+each result says so in ``malloc`` (``keep``, or ``system`` with
+``DALE_JAX_MALLOC=system``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import sys
 import time
 from typing import Iterable
 
+from dale_jax import host_memory
 from dale_jax.bench import ALGORITHMS
 
 FRAMEWORKS = ("jax", "torch", "torch-compile")
@@ -322,8 +328,13 @@ def _send(obj: dict) -> None:
 
 
 def worker_main(framework: str, options: Options) -> None:
-  """Runs one framework and answers the parent's commands on stdin (one JSON per line)."""
+  """Runs one framework and answers the parent's commands on stdin (one JSON per line).
+
+  Both frameworks run with :func:`dale_jax.host_memory.keep_freed_memory`, as the
+  command-line tools do (``DALE_JAX_MALLOC=system`` turns it off for both).
+  """
   try:
+    malloc = "keep" if host_memory.keep_freed_memory() else "system"
     if framework == "jax":
       worker = _JaxWorker(options)
     else:
@@ -331,7 +342,7 @@ def worker_main(framework: str, options: Options) -> None:
     if options.warmup:
       worker.run(options.warmup)
     _send({"ready": True, "compile_s": worker.compile_s, "device": worker.device,
-           "devices": worker.devices, "flops": worker.flops})
+           "devices": worker.devices, "flops": worker.flops, "malloc": malloc})
   except Exception as e:  # Reported to the parent, which names the framework.
     _send({"error": f"{type(e).__name__}: {e}"})
     return
@@ -454,6 +465,7 @@ def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top
         "compile_s": round(ready[f]["compile_s"], 2),
         **memory[f],
         "device": ready[f]["device"],
+        "malloc": ready[f]["malloc"],
         "repeats": options.repeats,
         "steps": options.steps,
     }

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from dale_jax import attacks
+from dale_jax import host_memory
 from dale_jax import threat
 
 OUTPUT = "robustness.json"
@@ -94,6 +95,7 @@ def main(argv):
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise app.UsageError(f"--workdir: {workdir} holds no config.json of a dale-train run")
 
+  host_memory.keep_freed_memory()
   from dale_jax import train  # pylint: disable=import-outside-toplevel
   config, logits_fn, dataset = train.load_trained(workdir)
   x, y = getattr(dataset, _SPLIT.value)

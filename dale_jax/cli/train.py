@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dale_jax import host_memory
 from dale_jax import report
 from dale_jax import train
 
@@ -34,6 +35,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  host_memory.keep_freed_memory()
   record = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(report.results_table(record))
 
