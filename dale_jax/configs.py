@@ -128,9 +128,10 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
            scales=tuple(_SCHEDULE[dataset]["scales"])))
   c.sampler = ml_collections.ConfigDict(sampler_config(algorithm, dataset))
   c.draws = 20 if algorithm in ("ERM_DataAug", "CVaR_SGD", "CVaR_SGD_Autograd", "CVaR_SGD_PD") else 1
-  # Examples per device that the sampler perturbs at a time (0: the whole batch).
-  # 16 is faster on a CPU (the chunk stays in cache); a GPU or TPU wants 0.
-  c.sampler_chunk_size = 0
+  # Examples per device that the sampler perturbs at a time; 0: the whole batch;
+  # None: train.CPU_SAMPLER_CHUNK on CPUs (the chunk stays in cache), the whole
+  # batch on a GPU or TPU (see train.sampler_chunk_size).
+  c.sampler_chunk_size = ml_collections.config_dict.placeholder(int)
   c.loss = ml_collections.ConfigDict(loss_config(algorithm, dataset))
   c.dual = ml_collections.ConfigDict(dual_config(algorithm))
   c.data = ml_collections.ConfigDict(dict(
@@ -223,9 +224,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _require(_is_int(config[field]) and config[field] >= 1, field, "an integer >= 1", config[field])
   _require(config.batch_size % num_devices == 0, "batch_size",
            f"divisible by the {num_devices} devices in use", config.batch_size)
-  chunk = config.get("sampler_chunk_size", 0)
-  _require(_is_int(chunk) and chunk >= 0, "sampler_chunk_size",
-           "an integer >= 0 (0: the whole batch)", chunk)
+  chunk = config.get("sampler_chunk_size")
+  _require(chunk is None or (_is_int(chunk) and chunk >= 0), "sampler_chunk_size",
+           "None (chosen per platform) or an integer >= 0 (0: the whole batch)", chunk)
   _require(config.model.name in MODELS, "model.name", f"one of {sorted(MODELS)}", config.model.name)
   _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            "'float32', 'bfloat16' or 'float16'", config.model.dtype)

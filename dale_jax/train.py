@@ -70,17 +70,39 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   )
 
 
+# Examples per CPU device that the sampler perturbs at a time by default. On a
+# 2-core Xeon (MNIST CNN, Gaussian_DALE_PD), speed relative to PyTorch eager in
+# the same runs for chunks of 16 / 32 / 64 / the whole batch: 0.91 / 1.00 / 0.93 /
+# 0.94 at batch 64, 0.95 / 1.00 / 0.86 / 0.80 at batch 256.
+CPU_SAMPLER_CHUNK = 32
+
+
+def sampler_chunk_size(config: ml_collections.ConfigDict, platform: str | None = None) -> int:
+  """Examples per device that the sampler perturbs at a time (0: the whole batch).
+
+  The config's ``sampler_chunk_size``; where it is ``None`` (the default),
+  :data:`CPU_SAMPLER_CHUNK` when ``platform`` (default: JAX's default backend) is
+  ``cpu``, where a chunk's activations then stay in cache through the sampler's
+  steps, and the whole batch on a GPU or TPU. Chunking leaves the perturbations'
+  law unchanged (see :func:`dale_jax.samplers.in_chunks`).
+  """
+  chunk = config.get("sampler_chunk_size")
+  if chunk is not None:
+    return chunk
+  return CPU_SAMPLER_CHUNK if (platform or jax.default_backend()) == "cpu" else 0
+
+
 def make_algorithm(config: ml_collections.ConfigDict, steps_per_epoch: int = 1,
-                   num_devices: int = 1):
-  """The config's algorithm; its sampler in chunks if ``sampler_chunk_size`` is set.
+                   num_devices: int = 1, platform: str | None = None):
+  """The config's algorithm, its sampler in chunks of :func:`sampler_chunk_size`.
 
   ``num_devices`` is how many devices the batch is split over (the chunk size is
-  per device).
+  per device), ``platform`` their kind (default: JAX's default backend).
   """
   algorithm = algorithms_lib.make_algorithm(
       config.algorithm, sampler=config.sampler.to_dict(), loss=config.loss.to_dict(),
       dual=config.dual.to_dict(), draws=config.draws, steps_per_epoch=steps_per_epoch)
-  chunk = config.get("sampler_chunk_size", 0)
+  chunk = sampler_chunk_size(config, platform)
   if chunk and algorithm.sampler is not None:
     algorithm = algorithm._replace(sampler=samplers_lib.in_chunks(
         algorithm.sampler, chunk * num_devices, groups=num_devices))
@@ -173,7 +195,8 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int = 10,
   mesh = mesh or parallel.make_mesh()
   step = functools.partial(
       train_step, model=create_model(config, num_classes),
-      algorithm=make_algorithm(config, steps_per_epoch, mesh.size),
+      algorithm=make_algorithm(config, steps_per_epoch, mesh.size,
+                               mesh.devices.flat[0].platform),
       augment=bool(config.data.augment))
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(step, in_shardings=(repl, sharded), out_shardings=(repl, repl),

@@ -227,6 +227,22 @@ def test_learning_rate_schedule_uses_advbench_absolute_factors():
   assert float(sched(400)) == pytest.approx(0.00001)
 
 
+def test_sampler_chunk_size_is_chosen_per_platform_unless_set():
+  config = configs.base_config("mnist", "Gaussian_DALE_PD")
+  assert config.sampler_chunk_size is None
+  configs.validate(config)
+  assert train.sampler_chunk_size(config, "cpu") == train.CPU_SAMPLER_CHUNK
+  assert train.sampler_chunk_size(config, "gpu") == 0
+  assert train.sampler_chunk_size(config, "tpu") == 0
+  assert train.sampler_chunk_size(config) == train.sampler_chunk_size(config,
+                                                                      jax.default_backend())
+  for chunk in (0, 8):
+    config.sampler_chunk_size = chunk
+    assert train.sampler_chunk_size(config, "cpu") == train.sampler_chunk_size(config, "gpu") == chunk
+  with pytest.raises(ValueError, match="sampler_chunk_size.*None"):
+    configs.validate(_config(sampler_chunk_size=-1))
+
+
 def test_sampler_chunks_leave_a_noise_free_step_unchanged():
   config = configs.base_config("mnist_digits", "PGD")  # PGD from x: no random draw.
   config.batch_size = 16

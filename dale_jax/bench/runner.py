@@ -75,7 +75,8 @@ class Options:
     devices: simulated host devices for ``jax`` (1 = the default platform).
     width: ResNet width (64 is ResNet-18); ignored for the MNIST CNN.
     sampler_chunk: the config's ``sampler_chunk_size`` for ``jax`` (examples per
-      device the sampler perturbs at a time; 0 = the whole batch).
+      device the sampler perturbs at a time; 0 = the whole batch; ``None`` = the
+      config's default for the platform, see :func:`dale_jax.train.sampler_chunk_size`).
     seed: seed of the weights and the synthetic batch.
   """
 
@@ -87,7 +88,7 @@ class Options:
   warmup: int = 2
   devices: int = 1
   width: int = 64
-  sampler_chunk: int = 0
+  sampler_chunk: int | None = None
   seed: int = 0
 
   def validate(self) -> None:
@@ -101,6 +102,8 @@ class Options:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     for name in ("warmup", "sampler_chunk"):
       value = getattr(self, name)
+      if name == "sampler_chunk" and value is None:
+        continue
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if self.batch_size % self.devices:
@@ -199,7 +202,8 @@ class _JaxWorker:
       step = train.make_train_step(config, 10, mesh=mesh)  # The step dale-train runs.
     else:  # The same step for a narrower ResNet.
       model = train.create_model(config, 10).clone(**_model_kwargs(options))
-      algorithm = train.make_algorithm(config, num_devices=len(devices))
+      algorithm = train.make_algorithm(config, num_devices=len(devices),
+                                       platform=devices[0].platform)
       step = jax.jit(lambda s, b: train.train_step(s, b, model=model, algorithm=algorithm),
                      in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=0)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic_batch(options).items()},
@@ -220,6 +224,7 @@ class _JaxWorker:
     if devices[0].platform == "cpu":
       self.device = f"cpu: {cpu_name()}"
     self.devices = len(devices)
+    self.sampler_chunk = train.sampler_chunk_size(config, devices[0].platform)
 
   def run(self, steps: int) -> float:
     start = time.perf_counter()
@@ -286,6 +291,7 @@ class _TorchWorker:
     self.device = (f"cuda: {torch.cuda.get_device_name()}" if self.accelerator
                    else f"cpu: {cpu_name()}")
     self.devices = 1
+    self.sampler_chunk = 0
 
   def run(self, steps: int) -> float:
     start = time.perf_counter()
@@ -342,7 +348,8 @@ def worker_main(framework: str, options: Options) -> None:
     if options.warmup:
       worker.run(options.warmup)
     _send({"ready": True, "compile_s": worker.compile_s, "device": worker.device,
-           "devices": worker.devices, "flops": worker.flops, "malloc": malloc})
+           "devices": worker.devices, "flops": worker.flops, "malloc": malloc,
+           "sampler_chunk": worker.sampler_chunk})
   except Exception as e:  # Reported to the parent, which names the framework.
     _send({"error": f"{type(e).__name__}: {e}"})
     return
@@ -466,6 +473,7 @@ def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top
         **memory[f],
         "device": ready[f]["device"],
         "malloc": ready[f]["malloc"],
+        "sampler_chunk": ready[f]["sampler_chunk"],
         "repeats": options.repeats,
         "steps": options.steps,
     }

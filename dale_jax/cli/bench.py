@@ -56,9 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--devices", type=_int_list, default=[1],
                  help="simulated JAX host devices; several separated by commas")
   p.add_argument("--width", type=int, default=64, help="ResNet width (64 = ResNet-18)")
-  p.add_argument("--sampler-chunk", type=int, default=0, metavar="N",
+  p.add_argument("--sampler-chunk", type=int, default=None, metavar="N",
                  help="JAX: the sampler perturbs N examples per device at a time "
-                      "(config sampler_chunk_size; 0 = the whole batch)")
+                      "(config sampler_chunk_size; 0 = the whole batch; default: the "
+                      "config's choice for the platform, 32 on a CPU, 0 on a GPU)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--profile", type=int, default=0, metavar="N",
                  help="also list the N most expensive XLA ops of the JAX step")
