@@ -48,9 +48,10 @@ def _patches(x: jax.Array, size: int) -> jax.Array:
   XLA:CPU fuses a concatenate with its operands only along a non-minor axis and
   with at most 8 operands; one concatenate of the nine windows on the channel
   axis is run instead as nine slice kernels, each writing its window to a buffer
-  of its own, then a copy of all of them (twice the memory traffic, and at batch
-  64 about 8% of a Gaussian-DALE step). Stacked this way the patches are a single
-  loop fusion that also computes the producer (bias + ReLU) in place.
+  of its own, then a copy of all of them. Stacked this way the patches are a
+  single loop fusion that also computes the producer (bias + ReLU) in place: the
+  Gaussian-DALE step at batch 64 went from 0.78x to 0.88x of PyTorch eager's
+  speed (same runs, 2-core Xeon).
   """
   b, h, w, c = x.shape
   ho, wo = h - size + 1, w - size + 1
