@@ -76,6 +76,37 @@ def test_freed_blocks_come_back_without_page_faults():
   assert kept["jax"] < 0.05 * system["jax"]
 
 
+_BIG_SCRIPT = r"""
+import ctypes, json, resource
+from dale_jax import host_memory
+assert host_memory.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 2304 * 2**20  # Freed, the heap's top is larger than any positive int threshold.
+faults = []
+for _ in range(2):
+  p = libc.malloc(size)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  ctypes.memset(p, 1, size)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  libc.free(p)
+print(json.dumps(faults))
+"""
+
+
+def test_heap_top_over_two_gib_is_kept():
+  # A batch-256 MNIST step leaves 2.1 GiB free at the heap's top; trimming it made
+  # the next steps fault it all in again.
+  out = subprocess.run([sys.executable, "-c", _BIG_SCRIPT], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  first, second = json.loads(out.stdout.strip().splitlines()[-1])
+  pages = 2304 * 2**20 // 4096
+  assert first > 0.9 * pages
+  assert second < 0.01 * pages
+
+
 def test_environment_leaves_malloc_alone_or_names_what_it_accepts():
   assert not _run("keep", DALE_JAX_MALLOC="system")["kept"]
   out = subprocess.run([sys.executable, "-c", _SCRIPT, "keep"], capture_output=True, text=True,
