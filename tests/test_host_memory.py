@@ -87,6 +87,7 @@ size = 2304 * 2**20  # Freed, the heap's top is larger than any positive int thr
 faults = []
 for _ in range(2):
   p = libc.malloc(size)
+  assert p, "malloc of 2.25 GiB failed"
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   ctypes.memset(p, 1, size)
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
