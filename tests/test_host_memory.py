@@ -19,14 +19,17 @@ from dale_jax import host_memory
 pytestmark = pytest.mark.skipif(host_memory._glibc() is None,
                                 reason="malloc settings are glibc's (mallopt)")
 
-_SCRIPT = r"""
+# malloc and free from the C library, for the scripts below.
+_LIBC = r"""
 import ctypes, json, resource, sys, threading
 from dale_jax import host_memory
-kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
-
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+"""
+
+_SCRIPT = _LIBC + r"""
+kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = lambda: resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
 size = 96 * 2**20
 
@@ -56,11 +59,16 @@ print(json.dumps({"kept": kept, "malloc": malloc_faults, "jax": jax_faults}))
 _PAGES = 96 * 2**20 // 4096
 
 
-def _run(mode: str, **env) -> dict:
-  out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True,
+def _python(script: str, *args: str, **env):
+  """Runs ``script`` in a fresh interpreter; the JSON on its last line of output."""
+  out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run(mode: str, **env) -> dict:
+  return _python(_SCRIPT, mode, **env)
 
 
 def test_freed_blocks_come_back_without_page_faults():
@@ -76,13 +84,8 @@ def test_freed_blocks_come_back_without_page_faults():
   assert kept["jax"] < 0.05 * system["jax"]
 
 
-_BIG_SCRIPT = r"""
-import ctypes, json, resource
-from dale_jax import host_memory
+_BIG_SCRIPT = _LIBC + r"""
 assert host_memory.keep_freed_memory()
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
 size = 2304 * 2**20  # Freed, the heap's top is larger than any positive int threshold.
 faults = []
 for _ in range(2):
@@ -99,10 +102,7 @@ print(json.dumps(faults))
 def test_heap_top_over_two_gib_is_kept():
   # A batch-256 MNIST step leaves 2.1 GiB free at the heap's top; trimming it made
   # the next steps fault it all in again.
-  out = subprocess.run([sys.executable, "-c", _BIG_SCRIPT], capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  first, second = json.loads(out.stdout.strip().splitlines()[-1])
+  first, second = _python(_BIG_SCRIPT)
   pages = 2304 * 2**20 // 4096
   assert first > 0.9 * pages
   assert second < 0.01 * pages
