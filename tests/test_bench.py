@@ -291,3 +291,9 @@ def test_bench_rejects_bad_options_before_starting_workers():
     runner.run(runner.Options(batch_size=6, devices=4), ["jax"])
   with pytest.raises(ValueError, match="framework"):
     runner.run(runner.Options(), ["tensorflow"])
+  with pytest.raises(ValueError, match=r"sampler_chunk must be None .* got -1"):
+    runner.run(runner.Options(sampler_chunk=-1), ["jax"])
+  with pytest.raises(ValueError, match="warmup must be an integer >= 0, got True"):
+    runner.run(runner.Options(warmup=True), ["jax"])
+  for chunk in (None, 0, 16):  # The accepted values.
+    runner.Options(sampler_chunk=chunk).validate()

@@ -100,12 +100,12 @@ class Options:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    for name in ("warmup", "sampler_chunk"):
-      value = getattr(self, name)
-      if name == "sampler_chunk" and value is None:
-        continue
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+      raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+    chunk = self.sampler_chunk
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+      raise ValueError("sampler_chunk must be None (the platform's default), 0 (the whole "
+                       f"batch) or a positive integer, got {chunk!r}")
     if self.batch_size % self.devices:
       raise ValueError(f"batch_size={self.batch_size} must be divisible by devices={self.devices}")
 
