@@ -59,6 +59,10 @@ MODELS = ("mnist_cnn", "resnet18")
 _PROTOCOL = "@@dale-bench "
 
 
+def _is_int_at_least(value, minimum: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """One benchmark setting (one batch size, one device count).
@@ -98,12 +102,12 @@ class Options:
       raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
     for name in ("batch_size", "steps", "repeats", "devices", "width"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      if not _is_int_at_least(value, 1):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+    if not _is_int_at_least(self.warmup, 0):
       raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
     chunk = self.sampler_chunk
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+    if chunk is not None and not _is_int_at_least(chunk, 0):
       raise ValueError("sampler_chunk must be None (the platform's default), 0 (the whole "
                        f"batch) or a positive integer, got {chunk!r}")
     if self.batch_size % self.devices:
