@@ -25,8 +25,6 @@ leaves the estimator unchanged:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -36,6 +34,7 @@ from dale_jax import dual as dual_lib
 from dale_jax import losses
 from dale_jax import potentials
 from dale_jax import samplers
+from dale_jax import validation
 
 Array = jax.Array
 LossFn = Callable[[Array | None, Array | None, Array, Array | None], tuple]
@@ -80,8 +79,8 @@ def _adversarial_ce():
 
 
 def _trades(beta: float, ce_on: str = "clean"):
-  if ce_on not in ("clean", "adv"):
-    raise ValueError(f"loss.ce_on must be 'clean' or 'adv', got {ce_on!r}")
+  validation.nonnegative("loss.beta", beta)
+  validation.one_of("loss.ce_on", ce_on, ("clean", "adv"))
 
   def loss(clean, adv, y, nu):
     adv = _single(adv)
@@ -94,6 +93,7 @@ def _trades(beta: float, ce_on: str = "clean"):
 
 
 def _logit_pairing(ce_on: str, weight: float = 1.0):
+  validation.nonnegative("loss.weight", weight)
   def loss(clean, adv, y, nu):
     adv = _single(adv)
     ce = losses.cross_entropy(adv if ce_on == "adv" else clean, y)
@@ -106,6 +106,7 @@ def _logit_pairing(ce_on: str, weight: float = 1.0):
 
 
 def _mart(beta: float):
+  validation.nonnegative("loss.beta", beta)
   def loss(clean, adv, y, nu):
     total = losses.mart(clean, _single(adv), y, beta)
     return total, {"Loss": total}, None
@@ -113,18 +114,9 @@ def _mart(beta: float):
   return loss
 
 
-def _require(ok: bool, field: str, accepted: str, value: Any) -> None:
-  if not ok:
-    raise ValueError(f"loss.{field} must be {accepted}, got {value!r}")
-
-
-def _is_real(value: Any) -> bool:
-  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
 def _term(t: float):
-  _require(_is_real(t) and t != 0, "t", "a finite nonzero number", t)  # 1/t
+  validation.require(validation.is_real(t) and t != 0, "loss.t", "a finite nonzero number",
+                     t)  # the tilt divides by t
 
   def loss(clean, adv, y, nu):
     total = losses.tilted(potentials.cross_entropy(clean, y), t)
@@ -134,11 +126,9 @@ def _term(t: float):
 
 
 def _cvar(beta: float, t_step_size: float, n_steps: int, method: str, primal_dual: bool = False):
-  _require(_is_real(beta) and 0 < beta <= 1, "beta", "in (0, 1]", beta)  # divides the tail
-  _require(_is_real(t_step_size) and t_step_size >= 0, "t_step_size", "a number >= 0",
-           t_step_size)
-  _require(isinstance(n_steps, numbers.Integral) and not isinstance(n_steps, bool)
-           and n_steps >= 0, "n_steps", "an integer >= 0", n_steps)
+  validation.real("loss.beta", beta, minimum=0, maximum=1, open_min=True)  # divides the tail
+  validation.nonnegative("loss.t_step_size", t_step_size)
+  validation.integer("loss.n_steps", n_steps, minimum=0)
 
   def loss(clean, adv, y, nu):
     per_draw = jax.vmap(potentials.cross_entropy, (0, None))(adv, y)
@@ -157,8 +147,9 @@ def _cvar(beta: float, t_step_size: float, n_steps: int, method: str, primal_dua
 
 def _dale(nu_fixed: float | None = None, objective: str = "robust", robust: str = "ce"):
   """``objective + nu * constraint`` with clean and robust terms in either role."""
-  if objective not in ("robust", "clean"):
-    raise ValueError(f"loss.objective must be 'robust' or 'clean', got {objective!r}")
+  validation.one_of("loss.objective", objective, ("robust", "clean"))
+  if nu_fixed is not None:
+    validation.nonnegative("loss.nu_fixed", nu_fixed)
 
   def loss(clean, adv, y, nu):
     adv = _single(adv)
@@ -215,8 +206,7 @@ ALGORITHMS: Mapping[str, _Spec] = {
 
 
 def check_name(name: str) -> None:
-  if name not in ALGORITHMS:
-    raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {name!r}")
+  validation.one_of("algorithm", name, sorted(ALGORITHMS))
 
 
 def make_algorithm(
@@ -249,14 +239,11 @@ def make_algorithm(
   dual_tx = None
   if spec.uses_dual:
     dual = dict(dual or {})
-    every = dual.pop("every", "step")
-    if every not in ("step", "epoch"):
-      raise ValueError(f"dual.every must be 'step' or 'epoch', got {every!r}")
+    every = validation.one_of("dual.every", dual.pop("every", "step"), ("step", "epoch"))
     try:
       dual_tx = dual_lib.dual_ascent(every=1 if every == "step" else steps_per_epoch, **dual)
     except TypeError as e:
       raise ValueError(f"dual section does not fit algorithm {name!r}: {e}") from None
-  if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-    raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+  validation.integer("draws", draws, minimum=1)
   return Algorithm(name, sample, draws if spec.uses_sampler else 0, spec.needs_clean,
                    loss_fn, dual_tx)

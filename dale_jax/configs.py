@@ -8,7 +8,6 @@ written; :func:`apply_random_hparams` is advbench's seeded random search.
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any
 
 import ml_collections
@@ -17,6 +16,7 @@ import numpy as np
 from dale_jax import algorithms
 from dale_jax import samplers
 from dale_jax import threat
+from dale_jax import validation
 from dale_jax.models import MODELS
 
 DATASETS = ("mnist", "cifar10", "svhn", "mnist_digits")
@@ -195,94 +195,120 @@ def apply_random_hparams(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------
 # Validation.
 
-
-def _require(ok: bool, field: str, accepted: str, value: Any) -> None:
-  if not ok:
-    raise ValueError(f"config.{field} must be {accepted}, got {value!r}")
+_DTYPES = ("float32", "bfloat16", "float16")
+_SPLITS = ("Validation", "Test")
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
+def _names(field: str, values: Any, accepted: Any) -> None:
+  """A tuple of distinct names, each one of ``accepted``."""
+  v = validation
+  v.require(isinstance(values, (tuple, list)) and len(set(map(str, values))) == len(values),
+            field, f"a tuple of distinct names from {sorted(accepted)}", values)
+  for name in values:
+    v.require(name in accepted, field, f"names from {sorted(accepted)}", name)
 
 
-def _is_num(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> None:
+  """Raises :class:`dale_jax.validation.InvalidArgument` naming the first invalid field.
 
-
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ``ValueError`` naming the first invalid field and what it accepts.
-
-  Checks names, types and ranges of every section, that the sampler section
-  builds, and that the global batch splits evenly over ``num_devices``.
+  Every field of every section is checked for its type and range (the message
+  gives the full path, e.g. ``config.eval.pgd_step_size``, and what it accepts),
+  the sampler, loss, dual and evaluator sections are built once to catch what
+  only their factories know, and the global batch must split evenly over
+  ``num_devices`` (``None`` skips that check, for use before the devices are
+  known). Nothing is compiled.
   """
-  _require(config.algorithm in algorithms.ALGORITHMS, "algorithm",
-           f"one of {sorted(algorithms.ALGORITHMS)}", config.algorithm)
-  _require(config.dataset in DATASETS, "dataset", f"one of {DATASETS}", config.dataset)
-  for field in ("seed", "hparams_seed"):
-    _require(_is_int(config[field]) and config[field] >= 0, field, "an integer >= 0", config[field])
-  for field in ("num_epochs", "batch_size", "log_every_steps", "checkpoint_every_steps", "draws"):
-    _require(_is_int(config[field]) and config[field] >= 1, field, "an integer >= 1", config[field])
-  _require(config.batch_size % num_devices == 0, "batch_size",
-           f"divisible by the {num_devices} devices in use", config.batch_size)
-  chunk = config.get("sampler_chunk_size")
-  _require(chunk is None or (_is_int(chunk) and chunk >= 0), "sampler_chunk_size",
-           "None (chosen per platform) or an integer >= 0 (0: the whole batch)", chunk)
-  _require(config.model.name in MODELS, "model.name", f"one of {sorted(MODELS)}", config.model.name)
-  _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-           "'float32', 'bfloat16' or 'float16'", config.model.dtype)
-  _require(config.model.name != "mnist_cnn" or config.model.dtype == "float32", "model.dtype",
-           "'float32' for mnist_cnn (its im2col layers compute in float32)", config.model.dtype)
-  o = config.optimizer
-  _require(_is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate",
-           "a number > 0", o.learning_rate)
-  _require(_is_num(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", "in [0, 1)", o.momentum)
-  _require(_is_num(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
-           "a number >= 0", o.weight_decay)
-  s = config.schedule
-  _require(len(s.boundaries) == len(s.scales), "schedule.scales",
-           f"as long as schedule.boundaries ({len(s.boundaries)})", s.scales)
-  _require(all(_is_int(b) and b > 0 for b in s.boundaries)
-           and list(s.boundaries) == sorted(s.boundaries), "schedule.boundaries",
-           "increasing positive epoch numbers", s.boundaries)
-  _require(all(_is_num(v) and v > 0 for v in s.scales), "schedule.scales", "numbers > 0", s.scales)
-  spec = algorithms.ALGORITHMS[config.algorithm]
-  if spec.uses_sampler:
-    try:
-      samplers.make_sampler(config.sampler.to_dict())
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"config.sampler: {e}") from None
-  try:
-    algorithms.make_algorithm(config.algorithm, sampler=config.sampler.to_dict(),
-                              loss=config.loss.to_dict(), dual=config.dual.to_dict(),
-                              draws=config.draws)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"config: {e}") from None
-  e = config.eval
-  from dale_jax import evaluation  # Evaluators register themselves there.
+  v = validation
+  with v.prefixed("config"):
+    v.one_of("algorithm", config.algorithm, sorted(algorithms.ALGORITHMS))
+    v.one_of("dataset", config.dataset, DATASETS)
+    for field in ("seed", "hparams_seed"):
+      v.integer(field, config[field], minimum=0)
+    for field in ("num_epochs", "batch_size", "log_every_steps", "checkpoint_every_steps",
+                  "draws"):
+      v.integer(field, config[field], minimum=1)
+    if num_devices is not None:
+      v.require(config.batch_size % num_devices == 0, "batch_size",
+                f"divisible by the {num_devices} devices in use", config.batch_size)
+    chunk = config.get("sampler_chunk_size")
+    v.require(chunk is None or (v.is_integer(chunk) and chunk >= 0), "sampler_chunk_size",
+              "None (chosen per platform) or an integer >= 0 (0: the whole batch)", chunk)
 
-  for name in e.evaluators:
-    _require(name in evaluation.EVALUATORS, "eval.evaluators",
-             f"names from {sorted(evaluation.EVALUATORS)}", name)
-  for split in e.splits:
-    _require(split in ("Validation", "Test"), "eval.splits", "'Validation' and/or 'Test'", split)
-  try:
+    m = config.model
+    v.one_of("model.name", m.name, sorted(MODELS))
+    v.one_of("model.dtype", m.dtype, _DTYPES)
+    v.require(m.name != "mnist_cnn" or m.dtype == "float32", "model.dtype",
+              "'float32' for mnist_cnn (its im2col layers compute in float32)", m.dtype)
+
+    o = config.optimizer
+    v.positive("optimizer.learning_rate", o.learning_rate)
+    v.real("optimizer.momentum", o.momentum, minimum=0, maximum=1, open_max=True)
+    v.nonnegative("optimizer.weight_decay", o.weight_decay)
+    v.boolean("optimizer.nesterov", o.nesterov)
+
+    s = config.schedule
+    v.require(isinstance(s.boundaries, (tuple, list))
+              and all(v.is_integer(b) and b > 0 for b in s.boundaries)
+              and list(s.boundaries) == sorted(set(s.boundaries)), "schedule.boundaries",
+              "a tuple of increasing epoch numbers > 0", s.boundaries)
+    v.require(isinstance(s.scales, (tuple, list)) and len(s.scales) == len(s.boundaries),
+              "schedule.scales", f"a tuple as long as schedule.boundaries ({len(s.boundaries)})",
+              s.scales)
+    v.require(all(v.is_real(x) and x > 0 for x in s.scales), "schedule.scales",
+              "finite numbers > 0", s.scales)
+
+    spec = algorithms.ALGORITHMS[config.algorithm]
+    if spec.uses_sampler:
+      samplers.make_sampler(config.sampler.to_dict())
+    try:
+      algorithms.make_algorithm(config.algorithm, sampler=config.sampler.to_dict(),
+                                loss=config.loss.to_dict(), dual=config.dual.to_dict(),
+                                draws=config.draws)
+    except v.InvalidArgument:
+      raise
+    except (ValueError, TypeError) as e:
+      raise v.InvalidArgument("config", rest=f"does not fit {config.algorithm}: {e}") from None
+
+    d = config.data
+    v.string("data.data_dir", d.data_dir, allow_none=True)
+    if d.validation_size is not None:
+      v.integer("data.validation_size", d.validation_size, minimum=0)
+    v.boolean("data.augment", d.augment)
+    v.integer("data.max_train_examples", d.max_train_examples, minimum=0)
+
+    _validate_eval(config.eval)
+
+    p = config.parallel
+    v.string("parallel.coordinator_address", p.coordinator_address)
+    v.integer("parallel.num_processes", p.num_processes, minimum=1)
+    v.integer("parallel.process_id", p.process_id, minimum=0, maximum=p.num_processes - 1)
+    v.require(p.num_processes == 1 or p.coordinator_address.rpartition(":")[2].isdigit(),
+              "parallel.coordinator_address", "'host:port' when parallel.num_processes > 1",
+              p.coordinator_address)
+
+
+def _validate_eval(e: ml_collections.ConfigDict) -> None:
+  """The ``eval`` section (field names without the ``config.`` prefix)."""
+  from dale_jax import evaluation  # pylint: disable=import-outside-toplevel
+
+  v = validation
+  _names("eval.evaluators", e.evaluators, evaluation.EVALUATORS)
+  _names("eval.splits", e.splits, _SPLITS)
+  with v.prefixed("eval"):
     threat.check_threat(e.norm, e.eps)
-  except ValueError as err:
-    raise ValueError(f"config.eval: {err}") from None
-  for field in ("batch_size", "every_epochs", "pgd_steps", "cvar_draws", "augmented_draws"):
-    _require(_is_int(e[field]) and e[field] >= 1, f"eval.{field}", "an integer >= 1", e[field])
-  _require(_is_int(e.max_examples) and e.max_examples >= 0, "eval.max_examples",
-           "an integer >= 0 (0 = all)", e.max_examples)
-  _require(all(_is_num(b) and 0 < b < 1 for b in e.augmented_betas), "eval.augmented_betas",
-           "numbers in (0, 1)", e.augmented_betas)
-  _require(_is_num(e.cvar_beta) and 0 < e.cvar_beta <= 1, "eval.cvar_beta", "in (0, 1]", e.cvar_beta)
-  d = config.data
-  _require(_is_int(d.max_train_examples) and d.max_train_examples >= 0, "data.max_train_examples",
-           "an integer >= 0 (0 = all)", d.max_train_examples)
-  p = config.parallel
-  _require(_is_int(p.num_processes) and p.num_processes >= 1, "parallel.num_processes",
-           "an integer >= 1", p.num_processes)
-  _require(_is_int(p.process_id) and 0 <= p.process_id < p.num_processes, "parallel.process_id",
-           f"in [0, {p.num_processes})", p.process_id)
-  _require(p.num_processes == 1 or bool(p.coordinator_address), "parallel.coordinator_address",
-           "'host:port' when parallel.num_processes > 1", p.coordinator_address)
+  for field in ("batch_size", "every_epochs", "pgd_steps", "cvar_draws", "augmented_draws",
+                "apgd_steps", "square_queries"):
+    v.integer(f"eval.{field}", e[field], minimum=1)
+  v.integer("eval.cvar_steps", e.cvar_steps, minimum=0)
+  v.integer("eval.max_examples", e.max_examples, minimum=0)
+  v.positive("eval.pgd_step_size", e.pgd_step_size)
+  v.nonnegative("eval.cvar_t_step_size", e.cvar_t_step_size)
+  v.real("eval.cvar_beta", e.cvar_beta, minimum=0, maximum=1, open_min=True)
+  v.require(isinstance(e.augmented_betas, (tuple, list)) and len(e.augmented_betas) > 0
+            and all(v.is_real(b) and 0 < b < 1 for b in e.augmented_betas),
+            "eval.augmented_betas", "a non-empty tuple of numbers in (0, 1)", e.augmented_betas)
+  # The evaluators' own factories catch whatever the checks above do not know of.
+  settings = e.to_dict()
+  with v.prefixed("eval"):
+    for name in e.evaluators:
+      evaluation.make_evaluator(name, settings)

@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dale_jax import validation
+
 Split = tuple[np.ndarray, np.ndarray]
 
 
@@ -128,31 +130,33 @@ def load(name: str, *, data_dir: str | None = None,
     DatasetNotPreparedError: the tfds dataset is not prepared in ``data_dir``; the
       message gives the command that prepares it.
   """
-  if name not in _SPECS:
-    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+  _check_name(name)
   spec = _SPECS[name]
   if validation_size is None:
     validation_size = spec.validation_size
-  if isinstance(validation_size, bool) or not isinstance(validation_size, (int, np.integer)) \
-      or validation_size < 0:
-    raise ValueError(f"validation_size must be an integer >= 0, got {validation_size!r}")
+  validation.integer("validation_size", validation_size, minimum=0)
 
   if spec.tfds_name is None:
     train, test = _mnist_digits()
   else:
     train = _read_tfds(name, spec, "train", data_dir)
     test = _read_tfds(name, spec, "test", data_dir)
-  train, validation = _hold_out(train, int(validation_size), name)
-  return Dataset(train=train, validation=validation, test=test,
+  train, held_out = _hold_out(train, int(validation_size), name)
+  return Dataset(train=train, validation=held_out, test=test,
                  num_classes=spec.num_classes, input_shape=spec.input_shape, name=name)
 
 
 def prepare_command(name: str, data_dir: str | None = None) -> str:
   """The shell command that prepares dataset ``name`` in ``data_dir`` ("" if built in)."""
-  if name not in _SPECS:
-    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+  _check_name(name)
   tfds_name = _SPECS[name].tfds_name
   return "" if tfds_name is None else _tfds_prepare_command(tfds_name, data_dir)
+
+
+def _check_name(name: str) -> None:
+  if name not in _SPECS:
+    raise validation.InvalidArgument(
+        "dataset", rest=f"must be one of {', '.join(DATASETS)}, got {name!r}")
 
 
 def _tfds_prepare_command(tfds_name: str, data_dir: str | None) -> str:
@@ -273,8 +277,7 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   ``[seed, epoch]``), so a resumed run replays the order of the run it continues.
   """
   for field, value in (("seed", seed), ("epoch", epoch), ("n", n)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-      raise ValueError(f"{field} must be an integer >= 0, got {value!r}")
+    validation.integer(field, value, minimum=0)
   return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
 
 
@@ -305,9 +308,7 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: 
   if drop_remainder and total == 0:
     raise ValueError(f"batch_size {batch_size} is larger than the {n} examples, so "
                      "drop_remainder=True leaves no batch")
-  if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) \
-      or not 0 <= start_step <= total:
-    raise ValueError(f"start_step must be an integer in [0, {total}], got {start_step!r}")
+  validation.integer("start_step", start_step, minimum=0, maximum=total)
   perm = epoch_permutation(seed, epoch, n)
   for k in range(int(start_step), total):
     idx = perm[k * batch_size:(k + 1) * batch_size]
@@ -335,9 +336,7 @@ def eval_batches(x: np.ndarray, y: np.ndarray,
 
 
 def _check_batch_size(batch_size: int) -> None:
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-      or batch_size < 1:
-    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+  validation.integer("batch_size", batch_size, minimum=1)
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray) -> int:
@@ -378,8 +377,7 @@ def augment(key: jax.Array, x: jax.Array, *, pad: int = 4, flip: bool = True,
 def _draw_augmentation(key: jax.Array, batch: int, *, pad: int,
                        flip: bool) -> tuple[jax.Array, jax.Array]:
   """Per-image crop offsets ``(batch, 2)`` in ``[0, 2 pad]`` and flip decisions ``(batch,)``."""
-  if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
-    raise ValueError(f"pad must be an integer >= 0, got {pad!r}")
+  validation.integer("pad", pad, minimum=0)
   crop_key, flip_key = jax.random.split(key)
   offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * pad + 1)
   if flip:

@@ -15,12 +15,12 @@ matching pytree, so several constraints need no new code.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from dale_jax import validation
 
 PyTree = Any
 
@@ -56,12 +56,12 @@ def dual_ascent(
     A :class:`DualTransformation`; ``init`` takes a pytree shaped like the
     constraints (default a scalar).
   """
-  for name, value in (("step_size", step_size), ("init_value", init_value)):
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value) and value >= 0):
-      raise ValueError(f"dual.{name} must be a finite number >= 0, got {value!r}")
-  if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-    raise ValueError(f"dual.every must be an integer >= 1, got {every!r}")
+  validation.nonnegative("dual.step_size", step_size)
+  validation.nonnegative("dual.init_value", init_value)
+  validation.integer("dual.every", every, minimum=1)
+  # A loss is >= 0: a negative margin is a constraint no model can meet.
+  for leaf in jax.tree.leaves(margin):
+    validation.nonnegative("dual.margin", leaf)
 
   def init(constraints_like: PyTree = 0.0) -> DualState:
     zeros = jax.tree.map(lambda c: jnp.zeros(jnp.shape(c), jnp.float32), constraints_like)

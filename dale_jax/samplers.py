@@ -38,6 +38,7 @@ import numpy as np
 
 from dale_jax import potentials
 from dale_jax import threat
+from dale_jax import validation
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -52,24 +53,12 @@ Update = Callable[[Array, Array, Array], Array]
 # Validation.
 
 
-# numbers.Real / numbers.Integral so that NumPy scalars (np.float32, np.int64) pass.
-def _is_real(value: Any) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_positive(name: str, value: Any) -> None:
-  if not (_is_real(value) and math.isfinite(value) and value > 0):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-  if not (_is_real(value) and math.isfinite(value) and value >= 0):
-    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+_check_positive = validation.positive
+_check_nonnegative = validation.nonnegative
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  validation.integer(name, value, minimum=minimum)
 
 
 def check_inputs(logits_fn: LogitsFn, x: Array, y: Array) -> None:
@@ -536,10 +525,12 @@ def make_sampler(config: Mapping[str, Any]) -> Sampler:
   config = dict(config)
   name = config.pop("name", None)
   if name not in SAMPLERS:
-    raise ValueError(f"sampler.name must be one of {sorted(SAMPLERS)}, got {name!r}")
+    raise validation.InvalidArgument("sampler.name", f"one of {sorted(SAMPLERS)}", name)
   factory = SAMPLERS[name]
   accepted = [p for p in inspect.signature(factory).parameters if p != "init"]
   unknown = sorted(set(config) - set(accepted))
   if unknown:
-    raise ValueError(f"sampler.{unknown[0]} is not a field of sampler {name!r}; accepted: {accepted}")
-  return factory(**config)
+    raise validation.InvalidArgument(
+        f"sampler.{unknown[0]}", rest=f"is not a field of sampler {name!r}; accepted: {accepted}")
+  with validation.prefixed("sampler"):
+    return factory(**config)

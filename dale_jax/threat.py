@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dale_jax import validation
+
 NORMS = ("linf", "l2")
 
 _TINY = 1e-12
@@ -24,16 +26,9 @@ _TINY = 1e-12
 
 def check_threat(norm: str, eps: float) -> None:
   """Raises ``ValueError`` naming the field when ``(norm, eps)`` is not a threat model."""
-  if norm not in NORMS:
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-  if isinstance(eps, jax.core.Tracer):
-    return
-  try:
-    ok = math.isfinite(eps) and eps >= 0
-  except TypeError:  # not a number, e.g. a string from a hand-written config
-    ok = False
-  if not ok:
-    raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+  validation.one_of("norm", norm, NORMS)
+  if not isinstance(eps, jax.core.Tracer):
+    validation.nonnegative("eps", eps)
 
 
 def _per_example_norm(v: jax.Array, norm: str, keepdims: bool = True) -> jax.Array:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from dale_jax import threat
+from dale_jax import validation
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -77,8 +78,7 @@ def check_inputs(x, y, norm: str, eps) -> None:
 
 
 def check_positive_int(name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  validation.integer(name, value, minimum=1)
 
 
 def default_active(x: jax.Array, active) -> jax.Array:

@@ -52,15 +52,12 @@ import time
 from typing import Iterable
 
 from dale_jax import host_memory
+from dale_jax import validation
 from dale_jax.bench import ALGORITHMS
 
 FRAMEWORKS = ("jax", "torch", "torch-compile")
 MODELS = ("mnist_cnn", "resnet18")
 _PROTOCOL = "@@dale-bench "
-
-
-def _is_int_at_least(value, minimum: int) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +93,13 @@ class Options:
   seed: int = 0
 
   def validate(self) -> None:
-    if self.algorithm not in ALGORITHMS:
-      raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-    if self.model not in MODELS:
-      raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+    validation.one_of("algorithm", self.algorithm, ALGORITHMS)
+    validation.one_of("model", self.model, MODELS)
     for name in ("batch_size", "steps", "repeats", "devices", "width"):
-      value = getattr(self, name)
-      if not _is_int_at_least(value, 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not _is_int_at_least(self.warmup, 0):
-      raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+      validation.integer(name, getattr(self, name), minimum=1)
+    validation.integer("warmup", self.warmup, minimum=0)
     chunk = self.sampler_chunk
-    if chunk is not None and not _is_int_at_least(chunk, 0):
+    if chunk is not None and not (validation.is_integer(chunk) and chunk >= 0):
       raise ValueError("sampler_chunk must be None (the platform's default), 0 (the whole "
                        f"batch) or a positive integer, got {chunk!r}")
     if self.batch_size % self.devices:

@@ -1,0 +1,126 @@
+"""Argument checks shared by every module: one rule for what a number is.
+
+Every factory and config check in dale_jax goes through these helpers, so the same
+value is accepted or refused the same way everywhere: integers are any
+``numbers.Integral`` (``int``, ``np.int64``) but not ``bool``; reals are any finite
+``numbers.Real`` (``float``, ``np.float32``, an integer) but not ``bool``.
+
+A refusal is an :class:`InvalidArgument`, a ``ValueError`` that keeps the field's
+name apart from the message, so that a caller can say where the field lives:
+``with prefixed("config.sampler"): make_sampler(...)`` turns
+``step_size must be a finite number > 0, got -1`` into
+``config.sampler.step_size must be ...``. No JAX import: the CLIs use this module
+before JAX starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Any, Collection, Iterator
+
+
+class InvalidArgument(ValueError):
+  """``field`` must be ``accepted``, got ``value`` (or ``field`` + ``rest`` when given)."""
+
+  def __init__(self, field: str, accepted: str = "", value: Any = None, *,
+               rest: str | None = None):
+    self.field, self.accepted, self.value = field, accepted, value
+    self.rest = rest if rest is not None else f"must be {accepted}, got {value!r}"
+    super().__init__(f"{field} {self.rest}")
+
+
+def is_integer(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+  """A finite real number that is not a bool (a 0-d integer or float array counts)."""
+  if not isinstance(value, numbers.Real):
+    dtype = getattr(value, "dtype", None)
+    if getattr(value, "shape", None) != () or getattr(dtype, "kind", None) not in ("i", "u", "f"):
+      return False
+  return not isinstance(value, bool) and math.isfinite(value)
+
+
+def require(ok: bool, field: str, accepted: str, value: Any) -> None:
+  """Raises :class:`InvalidArgument` unless ``ok``."""
+  if not ok:
+    raise InvalidArgument(field, accepted, value)
+
+
+def _bounds(minimum, maximum, open_min: bool, open_max: bool) -> tuple[str, Any]:
+  parts = []
+  if minimum is not None:
+    parts.append(("> " if open_min else ">= ") + f"{minimum:g}")
+  if maximum is not None:
+    parts.append(("< " if open_max else "<= ") + f"{maximum:g}")
+  return " and ".join(parts)
+
+
+def _in_range(value, minimum, maximum, open_min, open_max) -> bool:
+  if minimum is not None and (value <= minimum if open_min else value < minimum):
+    return False
+  if maximum is not None and (value >= maximum if open_max else value > maximum):
+    return False
+  return True
+
+
+def integer(field: str, value: Any, *, minimum: int | None = None,
+            maximum: int | None = None) -> int:
+  """``value`` as an ``int`` if it is an integer in ``[minimum, maximum]``."""
+  bounds = _bounds(minimum, maximum, False, False)
+  ok = is_integer(value) and _in_range(value, minimum, maximum, False, False)
+  require(ok, field, "an integer" + (f" {bounds}" if bounds else ""), value)
+  return int(value)
+
+
+def real(field: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
+         open_min: bool = False, open_max: bool = False) -> float:
+  """``value`` as a ``float`` if it is a finite real in the given (half-)open range."""
+  bounds = _bounds(minimum, maximum, open_min, open_max)
+  ok = is_real(value) and _in_range(value, minimum, maximum, open_min, open_max)
+  require(ok, field, "a finite number" + (f" {bounds}" if bounds else ""), value)
+  return float(value)
+
+
+def positive(field: str, value: Any) -> float:
+  return real(field, value, minimum=0, open_min=True)
+
+
+def nonnegative(field: str, value: Any) -> float:
+  return real(field, value, minimum=0)
+
+
+def one_of(field: str, value: Any, choices: Collection[Any]) -> Any:
+  """``value`` if it is one of ``choices`` (listed in the error)."""
+  try:
+    ok = value in choices
+  except TypeError:  # an unhashable value against a set
+    ok = False
+  listed = list(choices) if isinstance(choices, (list, tuple)) else sorted(choices)
+  require(ok and not isinstance(value, bool), field, f"one of {listed!r}", value)
+  return value
+
+
+def boolean(field: str, value: Any) -> bool:
+  require(isinstance(value, bool), field, "True or False", value)
+  return value
+
+
+def string(field: str, value: Any, *, allow_none: bool = False) -> str | None:
+  ok = isinstance(value, str) or (allow_none and value is None)
+  require(ok, field, "a string" + (" or None" if allow_none else ""), value)
+  return value
+
+
+@contextlib.contextmanager
+def prefixed(prefix: str) -> Iterator[None]:
+  """Re-raises an :class:`InvalidArgument` from the block with ``prefix.`` before its field."""
+  try:
+    yield
+  except InvalidArgument as e:
+    inside = e.field == prefix or e.field.startswith(prefix + ".")
+    field = e.field if inside else f"{prefix}.{e.field}"
+    raise InvalidArgument(field, e.accepted, e.value, rest=e.rest) from None
