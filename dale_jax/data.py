@@ -315,23 +315,29 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: 
     yield x[idx], y[idx]
 
 
-def eval_batches(x: np.ndarray, y: np.ndarray,
-                 batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Yields ``(x_b, y_b, mask)`` over all examples in order, every batch of ``batch_size``.
+def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *,
+                 pad_to: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Yields ``(x_b, y_b, mask)`` over all examples in order, ``batch_size`` real rows each.
 
-  The last batch is padded with zero images and label 0 up to ``batch_size``; ``mask``
-  (bool, ``(batch_size,)``) is True on real examples. Sums weighted by ``mask`` count
-  each example exactly once while every batch keeps one static shape for ``jit``.
+  Every batch is padded with zero images and label 0 up to ``pad_to`` rows (default
+  ``batch_size``; the last batch may hold fewer real rows); ``mask`` (bool,
+  ``(pad_to,)``) is True on real examples. Sums weighted by ``mask`` count each example
+  exactly once while every batch keeps one static shape for ``jit``. Which examples
+  share a batch depends on ``batch_size`` only, so padding a batch further (to a
+  multiple of the device count) leaves every real row where it was.
   """
   n = _check_pair(x, y)
   _check_batch_size(batch_size)
+  pad_to = batch_size if pad_to is None else validation.integer(
+      "pad_to", pad_to, minimum=batch_size)
   for start in range(0, n, batch_size):
     xb, yb = x[start:start + batch_size], y[start:start + batch_size]
     real = len(xb)
-    mask = np.arange(batch_size) < real
-    if real < batch_size:
-      xb = np.concatenate([xb, np.zeros((batch_size - real,) + xb.shape[1:], xb.dtype)])
-      yb = np.concatenate([yb, np.zeros((batch_size - real,) + yb.shape[1:], yb.dtype)])
+    mask = np.arange(pad_to) < real
+    if real < pad_to:
+      xb = np.concatenate([xb, np.zeros((pad_to - real,) + xb.shape[1:], xb.dtype)])
+      yb = np.concatenate([yb, np.zeros((pad_to - real,) + yb.shape[1:], yb.dtype)])
     yield xb, yb, mask
 
 

@@ -64,3 +64,25 @@ def process_rows(global_batch_size: int) -> slice:
   per = global_batch_size // jax.process_count()
   start = jax.process_index() * per
   return slice(start, start + per)
+
+
+def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """``batch_size`` rounded up to a multiple of the mesh's device count."""
+  return -(-batch_size // mesh.size) * mesh.size
+
+
+def one_step_at_a_time(mesh: Mesh) -> bool:
+  """Whether a loop over this mesh must wait for each step before dispatching the next.
+
+  True for several CPU devices in one process (``--xla_force_host_platform_device_count``).
+  XLA:CPU launches each device's share of a program from a pool of as many launcher
+  threads as devices, and a device admits a bounded number of programs in flight.
+  With two steps dispatched, a launcher can take step k+1 for one device before step
+  k for another; it then waits for that device, while the devices that started step
+  k wait in its all-reduce for the device that was never launched, until XLA's 40 s
+  rendezvous timeout aborts the process. Waiting for step k before dispatching k+1
+  leaves only one step's launches in the pool. On GPUs and TPUs, and with one CPU
+  device per process, steps stay asynchronous.
+  """
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  return len(local) > 1 and local[0].platform == "cpu"

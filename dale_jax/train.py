@@ -226,10 +226,20 @@ def make_eval_step(config: ml_collections.ConfigDict, num_classes: int, mesh=Non
 
 def evaluate_split(eval_fn, variables, x: np.ndarray, y: np.ndarray, key: Array, *,
                    batch_size: int, mesh) -> dict[str, float]:
-  """Runs ``eval_fn`` over a whole split and returns advbench's result keys."""
+  """Runs ``eval_fn`` over a whole split and returns advbench's result keys.
+
+  Batches hold ``batch_size`` examples, padded with masked rows to a multiple of
+  the device count; with several processes each feeds its own rows of the global
+  batch. Every process passes the whole split and gets the same result.
+  """
+  padded = parallel.padded_batch_size(batch_size, mesh)
+  rows = parallel.process_rows(padded)
+  sync = parallel.one_step_at_a_time(mesh)
   sums: dict[str, Any] = {}
-  for i, (bx, by, mask) in enumerate(data_lib.eval_batches(x, y, batch_size)):
-    batch = parallel.shard_batch({"image": bx, "label": by, "mask": mask}, mesh)
+  for i, (bx, by, mask) in enumerate(data_lib.eval_batches(x, y, batch_size, pad_to=padded)):
+    batch = parallel.shard_batch({"image": bx[rows], "label": by[rows], "mask": mask[rows]}, mesh)
+    if sums and sync:
+      jax.block_until_ready(sums)
     out = eval_fn(variables, batch, jax.random.fold_in(key, i))
     sums = out if not sums else jax.tree.map(jnp.add, sums, out)
   return evaluation.finalize(jax.device_get(sums), len(y))
@@ -362,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_main:
     _write_records(workdir, records)
   rows = parallel.process_rows(config.batch_size)
+  sync = parallel.one_step_at_a_time(mesh)
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   splits = {"Validation": dataset.validation, "Test": dataset.test}
   t_start = time.time() - elapsed
@@ -382,6 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                epoch=epoch, start_step=skip)
     for i, (bx, by) in enumerate(batches, start=skip):
       batch = parallel.shard_batch({"image": bx[rows], "label": by[rows]}, mesh)
+      if sync:
+        jax.block_until_ready(state)
       state, meters = train_fn(state, batch)
       pending.append(meters)
       done = i + 1
