@@ -279,6 +279,30 @@ def _state_tree(state: TrainState) -> dict:
           "opt_state": state.opt_state, "dual_state": state.dual_state, "key": state.key}
 
 
+@jax.jit
+def _non_finite_parts(tree: dict) -> dict:
+  """``{part: True if any entry is NaN or infinite}`` for the float leaves of each part."""
+  def bad(part):
+    leaves = [jnp.any(~jnp.isfinite(x)) for x in jax.tree.leaves(part)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.any(jnp.stack(leaves)) if leaves else jnp.zeros((), bool)
+  return {name: bad(part) for name, part in tree.items()}
+
+
+def check_finite(state: TrainState, where: str) -> None:
+  """Raises ``FloatingPointError`` naming the parts of ``state`` that hold NaN or inf.
+
+  The meters of a step are computed before its update, so an update that overflows
+  (finite loss, infinite new weights or dual variable) shows only here; this runs
+  before every checkpoint and every evaluation, so what is saved is always finite.
+  """
+  tree = _state_tree(state)
+  del tree["step"], tree["key"]
+  bad = sorted(k for k, v in jax.device_get(_non_finite_parts(tree)).items() if v)
+  if bad:
+    raise FloatingPointError(f"non-finite {', '.join(bad)} after {where}")
+
+
 def _save(manager, state: TrainState, meters: dict) -> None:
   manager.save(int(state.step), args=ocp.args.Composite(
       state=ocp.args.StandardSave(_state_tree(state)), meters=ocp.args.JsonSave(meters)))
@@ -382,6 +406,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def checkpoint(sums):
     _save(manager, state, {"sums": sums, "elapsed": time.time() - t_start})
 
+  def stop_if_not_finite(where):
+    try:
+      check_finite(state, where)
+    except FloatingPointError as e:
+      raise FloatingPointError(
+          f"{e}. Stopping; the last good checkpoint in {workdir}/checkpoints is kept.") from None
+
   for epoch in range(first_epoch, config.num_epochs):
     epoch_start = time.time()
     skip = start_step - epoch * steps_per_epoch if epoch == first_epoch else 0
@@ -412,8 +443,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.update(done, (done - skip) * config.batch_size,
                         meter_sums["Loss"] / meter_sums["_count"])
         if done % config.checkpoint_every_steps == 0 and done != steps_per_epoch:
+          stop_if_not_finite(f"step {done} of epoch {epoch}")
           checkpoint(meter_sums)
 
+    stop_if_not_finite(f"epoch {epoch}")
     count = meter_sums.get("_count", 1.0)
     record = {"Epoch": epoch,
               "Train": {k: v / count for k, v in meter_sums.items() if k != "_count"}}

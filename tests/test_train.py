@@ -217,6 +217,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(v) for v in sums["sums"].values())
 
 
+@pytest.mark.slow
+def test_update_that_overflows_with_a_finite_loss_keeps_the_previous_checkpoint(tmp_path):
+  # Epoch 0 trains normally; from epoch 1 the learning rate is 0.01 * 1e300, infinite in
+  # float32: the first step of epoch 1 has a finite loss (computed before its update)
+  # and infinite new weights.
+  c = _config(**{"batch_size": 32, "data.max_train_examples": 64, "checkpoint_every_steps": 1,
+                 "log_every_steps": 1, "sampler.steps": 1, "num_epochs": 2,
+                 "schedule.boundaries": (1,), "schedule.scales": (1e300,),
+                 "eval.max_examples": 20, "eval.evaluators": ("Clean",)})
+  with pytest.raises(FloatingPointError, match="non-finite .*params.* after step 1 of epoch 1"):
+    train.train_and_evaluate(c, str(tmp_path))
+  manager = train._checkpoint_manager(str(tmp_path))
+  assert manager.latest_step() == 2  # the end of epoch 0, not the overflowed step 3
+  state = train.create_train_state(c, jax.random.key(0), (28, 28, 1), 10)
+  restored, saved = train._restore(manager, state)
+  assert int(restored.step) == 2
+  leaves = jax.tree.leaves((restored.params, restored.opt_state, restored.dual_state))
+  assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+  assert all(np.isfinite(v) for v in saved["sums"].values())
+  with open(tmp_path / "results.jsonl") as f:
+    assert [json.loads(line)["Epoch"] for line in f] == [0]
+
+
 def test_learning_rate_schedule_uses_advbench_absolute_factors():
   c = configs.base_config("mnist", "ERM")
   sched = train.learning_rate_schedule(c, steps_per_epoch=10)
