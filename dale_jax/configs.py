@@ -7,8 +7,9 @@ written; :func:`apply_random_hparams` is advbench's seeded random search.
 
 from __future__ import annotations
 
+import ast
 import hashlib
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
@@ -194,6 +195,23 @@ def apply_random_hparams(config: ml_collections.ConfigDict) -> None:
 
 # ----------------------------------------------------------------------------
 # Validation.
+
+
+def unknown_field_message(error: LookupError | AttributeError, argv: Sequence[str]) -> str:
+  """One line from ml_collections' error for an override of a field that does not exist:
+  ``the config has no field 'x' (--config.a.x); did you mean "y" instead of "x"?``."""
+  text = str(error)
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      pass
+  name, _, hint = text.partition("\n")
+  name = name.strip("'\"")
+  flag = next((a.split("=")[0] for a in argv if a.startswith("--") and name in a), None)
+  where = f" ({flag})" if flag else ""
+  return f"the config has no field {name!r}{where}" + (f"; {hint[0].lower()}{hint[1:]}" if hint else "")
+
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _SPLITS = ("Validation", "Test")

@@ -100,7 +100,7 @@ _DIGITS_TEST_PER_CLASS = 100
 _READ_CHUNK = 4096
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(validation.BadInput, FileNotFoundError):
   """The tfds dataset is missing from ``data_dir`` or not stored as ArrayRecord."""
 
 
@@ -236,9 +236,9 @@ def _read_tfds(name: str, spec: _Spec, split: str, data_dir: str | None) -> Spli
     # as ArrayRecord.
     raise DatasetNotPreparedError(
         f"dataset {name!r} (tfds {spec.tfds_name!r}) is not prepared as ArrayRecord in "
-        f"{data_dir or 'the default tfds data_dir'}: {e}\n"
-        f"Prepare it once, with internet:\n  {_tfds_prepare_command(spec.tfds_name, data_dir)}"
-        "\n(add --overwrite to replace a copy prepared in another file format)") from e
+        f"{data_dir or 'the default tfds data_dir'}; prepare it once, with internet: "
+        f"{_tfds_prepare_command(spec.tfds_name, data_dir)} (add --overwrite to replace a "
+        "copy prepared in another file format)") from e
   n = len(source)
   x = np.empty((n,) + spec.input_shape, np.float32)
   y = np.empty((n,), np.int32)

@@ -32,6 +32,7 @@ from dale_jax import evaluation
 from dale_jax import parallel
 from dale_jax import report
 from dale_jax import samplers as samplers_lib
+from dale_jax import validation
 from dale_jax.models import get_model, init_variables
 from dale_jax.train_state import TrainState
 
@@ -342,11 +343,16 @@ class _Progress:
 # The loop.
 
 
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Applies the hyperparameter search seed and validates; never mutates ``config``."""
+def resolve_config(config: ml_collections.ConfigDict,
+                   num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Applies the hyperparameter search seed and validates; never mutates ``config``.
+
+  ``num_devices=None`` checks everything but the batch's split over the devices, so
+  that a bad config is refused before JAX's backend (or the distributed runtime) starts.
+  """
   config = ml_collections.ConfigDict(config.to_dict())
   configs.apply_random_hparams(config)
-  configs.validate(config, num_devices=jax.device_count())
+  configs.validate(config, num_devices=num_devices)
   return config
 
 
@@ -357,9 +363,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   one advbench record to ``workdir/results.jsonl``; the finished run writes
   ``workdir/done``. Returns the last record.
   """
+  config = resolve_config(config)
   parallel.initialize_distributed(config.parallel.coordinator_address,
                                   config.parallel.num_processes, config.parallel.process_id)
-  config = resolve_config(config)
+  configs.validate(config, num_devices=jax.device_count())
   mesh = parallel.make_mesh()
   dataset = data_lib.load(config.dataset, data_dir=config.data.data_dir,
                           validation_size=config.data.validation_size)
@@ -368,8 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_x, train_y = train_x[:config.data.max_train_examples], train_y[:config.data.max_train_examples]
   steps_per_epoch = data_lib.num_batches(len(train_y), config.batch_size)
   if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(train_y)} "
-                     "training examples")
+    raise validation.InvalidArgument(
+        "config.batch_size", f"at most the {len(train_y)} training examples", config.batch_size)
 
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -478,6 +485,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return record
 
 
+class MissingCheckpointError(validation.BadInput, FileNotFoundError):
+  """A workdir without the checkpoint that a command needs."""
+
+
 def load_trained(workdir: str):
   """Restores a run for evaluation: ``(config, logits_fn, dataset)``.
 
@@ -488,9 +499,12 @@ def load_trained(workdir: str):
   dataset = data_lib.load(config.dataset, data_dir=config.data.data_dir,
                           validation_size=config.data.validation_size)
   state = create_train_state(config, jax.random.key(0), dataset.input_shape, dataset.num_classes)
-  manager = _checkpoint_manager(workdir)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  manager = None
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    manager = _checkpoint_manager(workdir)
+  if manager is None or manager.latest_step() is None:
+    raise MissingCheckpointError(f"no checkpoint in {workdir}/checkpoints: is it the workdir "
+                                 "of a dale-train run that saved one?")
   state, _ = _restore(manager, state)
   model = create_model(config, dataset.num_classes)
   variables = state.variables

@@ -21,14 +21,23 @@ import numbers
 from typing import Any, Collection, Iterator
 
 
-class InvalidArgument(ValueError):
+class BadInput(Exception):
+  """An error caused by what the user passed (a config field, a flag, a missing run or
+  dataset), not by the code: the console scripts print it as one line and exit 2."""
+
+
+class InvalidArgument(BadInput, ValueError):
   """``field`` must be ``accepted``, got ``value`` (or ``field`` + ``rest`` when given)."""
 
   def __init__(self, field: str, accepted: str = "", value: Any = None, *,
                rest: str | None = None):
     self.field, self.accepted, self.value = field, accepted, value
-    self.rest = rest if rest is not None else f"must be {accepted}, got {value!r}"
-    super().__init__(f"{field} {self.rest}")
+    if rest is None and not accepted:  # one whole message, as ``type(e)(str(e))`` passes it
+      self.rest, message = "", field
+    else:
+      self.rest = rest if rest is not None else f"must be {accepted}, got {value!r}"
+      message = f"{field} {self.rest}"
+    super().__init__(message)
 
 
 def is_integer(value: Any) -> bool:

@@ -8,6 +8,8 @@ the right way, which needs a model whose gradients mean something.
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Callable, NamedTuple
 
 import jax
@@ -17,6 +19,31 @@ import optax
 import pytest
 
 NUM_CLASSES = 10
+
+# On CI (CI=true) every test must run: a cross-check that skips because an optional
+# package failed to install would let a wrong number pass unseen.
+ON_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(module: str):
+  """``pytest.importorskip(module)``, except that on CI a missing module fails the test."""
+  if not ON_CI:
+    return pytest.importorskip(module)
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    pytest.fail(f"CI=true and {module} does not import ({e}): install it (.ci/run does)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """On CI, a skipped test fails the run, naming what was skipped."""
+  reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+  skipped = reporter.stats.get("skipped", []) if reporter else []
+  if ON_CI and skipped and exitstatus == 0:
+    names = ", ".join(sorted({r.nodeid for r in skipped}))
+    reporter.write_line(f"CI=true: {len(skipped)} test(s) skipped, which CI does not allow: "
+                        f"{names}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def mlp_params(dim: int, hidden: int = 16, seed: int = 0) -> dict[str, np.ndarray]:

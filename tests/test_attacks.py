@@ -15,6 +15,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import require
+
 from dale_jax import attacks
 from dale_jax.attacks import autopgd
 from dale_jax.attacks import square_attack
@@ -412,7 +414,7 @@ class _TorchMLP:
 
 @pytest.mark.torch
 def test_apgd_matches_torchattacks(trained):
-  torchattacks = pytest.importorskip("torchattacks")
+  torchattacks = require("torchattacks")
   import torch  # pylint: disable=import-outside-toplevel
   _, params, logits_fn, x, y = trained
   n = 300

@@ -15,6 +15,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import require
+
 from dale_jax import host_memory
 from dale_jax import train
 from dale_jax.bench import flops
@@ -135,7 +137,7 @@ def _assert_trees_close(got, want, rtol, atol):
 @pytest.mark.parametrize("algorithm",
                          ["ERM", "PGD", "TRADES", "Gaussian_DALE_PD", "KL_DALE_PD"])
 def test_torch_reference_step_equals_jax_step(algorithm):
-  torch = pytest.importorskip("torch")
+  torch = require("torch")
   from dale_jax.bench import torch_reference as tr
 
   torch.manual_seed(0)
@@ -168,7 +170,7 @@ def test_torch_reference_step_equals_jax_step(algorithm):
 
 @pytest.mark.torch
 def test_torch_weights_round_trip_and_give_the_same_logits():
-  torch = pytest.importorskip("torch")
+  torch = require("torch")
   from dale_jax.bench import torch_reference as tr
   from dale_jax.models import ResNet
 
@@ -256,7 +258,7 @@ def test_profile_counts_device_kernels_for_their_hlo_op_once():
 
 
 def test_bench_command_prints_one_json_object_per_framework(capsys):
-  pytest.importorskip("torch")
+  require("torch")
   from dale_jax.cli import bench
 
   bench.main(["--framework=jax,torch", "--batch-size=8", "--steps=1", "--repeats=2",

@@ -13,10 +13,12 @@ import re
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("matplotlib")
+from conftest import require
+
+nbformat = require("nbformat")
+nbclient = require("nbclient")
+require("ipykernel")
+require("matplotlib")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "notebooks" / "compose_a_sampler.ipynb"

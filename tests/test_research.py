@@ -13,6 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import require
+
 from dale_jax.cli import collect as collect_cli
 from dale_jax.cli import sweep as sweep_cli
 from dale_jax.research import collect
@@ -241,7 +243,7 @@ def test_pareto_front_matches_brute_force():
 
 
 def collect_plots():
-  pytest.importorskip("matplotlib")
+  require("matplotlib")
   from dale_jax.research import plots
   return plots
 

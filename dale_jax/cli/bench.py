@@ -19,6 +19,7 @@ import sys
 
 from dale_jax.bench import ALGORITHMS
 from dale_jax.bench import runner
+from dale_jax.cli import _errors
 
 
 def _int_list(text: str) -> list[int]:
@@ -94,7 +95,7 @@ def main(argv=None) -> list[dict]:
       try:
         rows = runner.run(options, frameworks, profile_top=args.profile, log=log)
       except (ValueError, RuntimeError) as e:
-        sys.exit(f"dale-bench: {e}")
+        _errors.fail("dale-bench", e)
       results += rows
       for row in rows:
         if args.json:

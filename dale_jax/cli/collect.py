@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Sequence
 
+from dale_jax.cli import _errors
 from dale_jax.research import collect
 
 
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
   """Console-script entry point."""
-  sys.exit(main(sys.argv[1:]))
+  _errors.run_argparse("dale-collect", main)
 
 
 if __name__ == "__main__":

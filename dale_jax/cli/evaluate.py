@@ -22,6 +22,8 @@ from absl import logging
 from dale_jax import attacks
 from dale_jax import host_memory
 from dale_jax import threat
+from dale_jax import validation
+from dale_jax.cli import _errors
 
 OUTPUT = "robustness.json"
 
@@ -91,6 +93,8 @@ def main(argv):
   for flag in (_BATCH_SIZE, _APGD_STEPS, _SQUARE_QUERIES):
     if flag.value < 1:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
+  if _EPS.value is not None:
+    validation.nonnegative("--eps", _EPS.value)
   workdir = _WORKDIR.value
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise app.UsageError(f"--workdir: {workdir} holds no config.json of a dale-train run")
@@ -118,7 +122,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  _errors.run_absl("dale-eval", main)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Sequence
 
+from dale_jax.cli import _errors
 from dale_jax.cli import collect as collect_cli
 from dale_jax.research import collect
 
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
   """Console-script entry point."""
-  sys.exit(main(sys.argv[1:]))
+  _errors.run_argparse("dale-plot", main)
 
 
 if __name__ == "__main__":

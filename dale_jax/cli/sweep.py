@@ -22,6 +22,7 @@ import shutil
 import sys
 from typing import Sequence
 
+from dale_jax.cli import _errors
 from dale_jax.research import sweep
 
 
@@ -118,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_dir=config_dir, num_epochs=args.num_epochs, overrides=extra,
         train_command=train_command)
     sweep.check_configs(jobs, config_dir)
+    if not args.train_command:
+      sweep.validate_configs(jobs)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
 
@@ -156,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
   """Console-script entry point."""
-  sys.exit(main(sys.argv[1:]))
+  _errors.run_argparse("dale-sweep", main)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from dale_jax import host_memory
 from dale_jax import report
 from dale_jax import train
+from dale_jax.cli import _errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. experiments/configs/mnist.py:PGD.", lock_config=True)
@@ -35,13 +36,18 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # a config file that failed to load raises on first use
+  except OSError as e:  # ml_collections defers a config file that failed to load
+    raise app.UsageError(" ".join(line.strip() for line in str(e).splitlines())) from None
   host_memory.keep_freed_memory()
-  record = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  record = train.train_and_evaluate(config, _WORKDIR.value)
   print(report.results_table(record))
 
 
 def run():
-  app.run(main)
+  _errors.run_absl("dale-train", main)
 
 
 if __name__ == "__main__":

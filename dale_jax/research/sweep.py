@@ -190,6 +190,44 @@ def check_configs(jobs: Sequence[Job], config_dir: str) -> None:
         f"no config for datasets {missing} in {config_dir!r}; available: {available}")
 
 
+def validate_configs(jobs: Sequence[Job]) -> None:
+  """Builds and validates every distinct config of ``jobs`` as ``dale-train`` would.
+
+  Each job's ``--config=...`` and ``--config.<field>=...`` arguments are parsed by
+  ml_collections and checked by :func:`dale_jax.configs.validate` (after the
+  hyperparameter seed's draws), so that a bad override is refused before any run
+  starts. Raises :class:`dale_jax.validation.InvalidArgument` naming the run.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  from dale_jax import configs  # pylint: disable=import-outside-toplevel
+  from dale_jax import train  # pylint: disable=import-outside-toplevel
+  from dale_jax import validation  # pylint: disable=import-outside-toplevel
+
+  seen = set()
+  for job in jobs:
+    args = tuple(a for a in job.command if a.startswith("--config") and
+                 not a.startswith("--config.seed="))
+    if args in seen:
+      continue
+    seen.add(args)
+    argv = ["dale-train", *args]
+    values = flags.FlagValues()
+    # sys_argv: the override flags are defined from the command line they come in.
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    try:
+      values(argv)
+      train.resolve_config(values.config)
+    except (LookupError, AttributeError) as e:  # an override of no field
+      raise validation.InvalidArgument(
+          f"run {job.workdir}: {configs.unknown_field_message(e, argv)}") from e
+    except (flags.Error, ValueError, OSError) as e:
+      text = " ".join(str(e).split())
+      raise validation.InvalidArgument(f"run {job.workdir}: {text}") from e
+
+
 def job_state(job: Job) -> str:
   """``done`` (``done`` file present), ``incomplete`` (workdir without it) or ``not launched``."""
   if os.path.exists(os.path.join(job.workdir, DONE_FILE)):

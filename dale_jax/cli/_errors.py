@@ -1,0 +1,75 @@
+"""One line and exit status 2 for bad input, in every console script.
+
+A config field out of range, an unknown flag, a dataset that is not prepared or a
+workdir without a checkpoint is the user's to fix, not a bug: the scripts print
+``<prog>: error: <message>`` (argparse's form) with no traceback and exit 2, the
+status absl and argparse use for usage errors. ``DALE_JAX_TRACEBACK=1`` (or absl's
+``--verbosity=1``) prints the traceback too. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn
+
+from dale_jax import configs
+from dale_jax import validation
+
+USAGE_EXIT = 2
+
+
+def fail(prog: str, message: object, *, show_traceback: bool = False) -> NoReturn:
+  """Prints ``prog: error: message`` to stderr and exits with status 2."""
+  if show_traceback or os.environ.get("DALE_JAX_TRACEBACK", "") not in ("", "0"):
+    traceback.print_exc()
+  text = str(message).strip() or type(message).__name__
+  print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_EXIT)
+
+
+def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
+  """``absl.app.run(main)`` with flag errors and :class:`validation.BadInput` as one line."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
+      fail(prog, configs.unknown_field_message(e, argv))
+    except flags.Error as e:
+      # ml_collections wraps an error of the config file (e.g. an unknown algorithm)
+      # with that file's traceback: the original is the message.
+      fail(prog, _original(e, validation.BadInput) or e)
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (validation.BadInput, app.UsageError) as e:
+      fail(prog, e, show_traceback=logging.get_verbosity() >= 1)
+
+  app.run(guarded, flags_parser=parse)
+
+
+def _original(error: BaseException, kind: type) -> BaseException | None:
+  """The innermost exception of type ``kind`` that ``error`` was raised from, if any."""
+  found, seen = None, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, kind):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def run_argparse(prog: str, main: Callable[[list[str]], int]) -> NoReturn:
+  """``sys.exit(main(argv))`` with :class:`validation.BadInput` as one line."""
+  try:
+    code = main(sys.argv[1:])
+  except validation.BadInput as e:
+    fail(prog, e)
+  sys.exit(code)
