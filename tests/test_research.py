@@ -326,7 +326,10 @@ def fake_train(tmp_path):
   script.write_text(_FAKE_TRAIN)
   configs = tmp_path / "configs"
   configs.mkdir()
-  (configs / "mnist.py").write_text("")
+  # A real config: dale-sweep validates every run's config before it launches any.
+  (configs / "mnist.py").write_text(
+      "from dale_jax import configs\n\n\ndef get_config(algorithm):\n"
+      "  return configs.base_config('mnist', algorithm)\n")
   return (sys.executable, str(script)), str(configs)
 
 
