@@ -104,7 +104,7 @@ def _attack(prefix: str, name: str, **fields: str) -> Callable[[Mapping[str, Any
     from dale_jax import attacks  # Imported lazily: attacks itself imports the samplers.
 
     settings = {k: s[v] for k, v in fields.items()}
-    return attacked(prefix, attacks.make_evaluator(name, norm=s["norm"], eps=s["eps"], **settings))
+    return attacked(prefix, attacks.make_attack(name, norm=s["norm"], eps=s["eps"], **settings))
 
   return build
 

@@ -319,7 +319,7 @@ def test_traceable_ensemble_matches_the_report(trained, report):
   *_, logits_fn, x, y = trained
   # Same keys as evaluate_robustness, without its host-side gathering of the
   # still-robust points: the x_adv it returns gives the same accuracy.
-  x_adv = attacks.make_evaluator("autoattack", norm="linf", eps=EPS)(
+  x_adv = attacks.make_attack("autoattack", norm="linf", eps=EPS)(
       jax.random.key(0), logits_fn, jnp.asarray(x[:_N]), jnp.asarray(y[:_N]))
   acc = 100 * np.mean(np.asarray(logits_fn(x_adv)).argmax(-1) == y[:_N])
   assert acc == pytest.approx(report["ensemble_accuracy"])
@@ -342,13 +342,13 @@ def test_warnings_flag_gradient_masking(trained):
 
 def test_evaluators_return_admissible_inputs(trained):
   *_, logits_fn, x, y = trained
-  fn = attacks.make_evaluator("pgd20", norm="l2", eps=1.0)
+  fn = attacks.make_attack("pgd20", norm="l2", eps=1.0)
   x_adv = fn(jax.random.key(0), logits_fn, jnp.asarray(x[:16]), jnp.asarray(y[:16]))
   _assert_admissible(x_adv, x[:16], "l2", 1.0)
   assert np.mean(np.asarray(logits_fn(x_adv)).argmax(-1) == y[:16]) < np.mean(
       np.asarray(logits_fn(x[:16])).argmax(-1) == y[:16])
   with pytest.raises(ValueError, match="steps"):
-    attacks.make_evaluator("square", norm="linf", eps=0.1, steps=3)
+    attacks.make_attack("square", norm="linf", eps=0.1, steps=3)
 
 
 # ----------------------------------------------------------------------------- devices

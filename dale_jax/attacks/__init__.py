@@ -1,34 +1,43 @@
-"""Attacks for evaluation: APGD-CE, APGD-T, Square, FGSM/PGD and an AutoAttack-style ensemble.
+"""Attacks for evaluation: FGSM/PGD, APGD-CE/-DLR/-T, Square and the AutoAttack chain.
 
-Every attack is a pure function ``attack(logits_fn, x, y, key, *, norm, eps,
-...) -> x_adv`` whose whole loop is one ``lax.scan``/``while_loop`` under
-``jax.jit``; ``logits_fn`` is the model in eval mode. :func:`evaluate_robustness`
-runs a list of them over a data set and reports accuracies in percent.
+One module per concern:
+
+* ``pgd``, ``autopgd``, ``square_attack``: the attack families. Each has a host
+  entry point ``attack(logits_fn, x, y, key, *, norm, eps, ...) -> x_adv`` whose loop
+  is one ``lax.scan``/``while_loop`` under ``jax.jit``, and a traceable batch
+  function (``pgd_batch``, ``apgd_batch``, ``square_batch``) that returns
+  ``(x_adv, still_correct)`` for the active points of one batch.
+* ``registry``: every attack by name, with its batch function and default settings.
+* ``chain``: the AutoAttack chain in AutoAttack's order and :func:`make_attack`, an attack
+  with its settings bound for use inside a jitted evaluation step.
+* ``robustness``: :func:`evaluate_robustness`, the host driver of ``dale-eval``, with
+  its gradient-masking warnings.
+
+``logits_fn`` is always the model in eval mode.
 """
 
+from dale_jax.attacks.chain import AUTOATTACK_LABEL
+from dale_jax.attacks.chain import AUTOATTACK_STANDARD
+from dale_jax.attacks.chain import autoattack
+from dale_jax.attacks.chain import make_attack
 from dale_jax.attacks.autopgd import apgd
 from dale_jax.attacks.autopgd import checkpoints
 from dale_jax.attacks.autopgd import dlr_loss
 from dale_jax.attacks.autopgd import dlr_loss_targeted
 from dale_jax.attacks.autopgd import halving_condition
 from dale_jax.attacks.autopgd import target_classes
-from dale_jax.attacks.ensemble import ATTACKS
-from dale_jax.attacks.ensemble import AUTOATTACK_LABEL
-from dale_jax.attacks.ensemble import AUTOATTACK_STANDARD
-from dale_jax.attacks.ensemble import DEFAULT_ATTACKS
-from dale_jax.attacks.ensemble import autoattack
-from dale_jax.attacks.ensemble import default_settings
-from dale_jax.attacks.ensemble import evaluate_robustness
-from dale_jax.attacks.ensemble import make_evaluator
-from dale_jax.attacks.ensemble import pgd
+from dale_jax.attacks.pgd import fgsm
+from dale_jax.attacks.pgd import pgd
+from dale_jax.attacks.registry import ATTACKS
+from dale_jax.attacks.registry import default_settings
+from dale_jax.attacks.robustness import DEFAULT_ATTACKS
+from dale_jax.attacks.robustness import evaluate_robustness
 from dale_jax.attacks.square_attack import margin_and_loss
-from dale_jax.attacks.ensemble import fgsm
 from dale_jax.attacks.square_attack import square
-
 
 __all__ = [
     "ATTACKS", "AUTOATTACK_LABEL", "AUTOATTACK_STANDARD", "DEFAULT_ATTACKS", "apgd",
     "autoattack", "checkpoints", "default_settings", "dlr_loss", "dlr_loss_targeted",
-    "evaluate_robustness", "fgsm", "halving_condition", "make_evaluator", "margin_and_loss",
+    "evaluate_robustness", "fgsm", "halving_condition", "make_attack", "margin_and_loss",
     "pgd", "square", "target_classes",
 ]

@@ -188,7 +188,7 @@ def _initial_point(keys, x, norm, eps):
         lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0), keys)
   else:
     t = _common.per_example(lambda k: jax.random.normal(k, x.shape[1:], x.dtype), keys)
-  t = t / (threat._per_example_norm(t, norm) + _DENOM_EPS)  # pylint: disable=protected-access
+  t = t / (threat.per_example_norm(t, norm).reshape(_common.batch_shape(t)) + _DENOM_EPS)
   return jnp.clip(x + eps * t, 0.0, 1.0)
 
 
@@ -263,9 +263,9 @@ def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rh
 # ----------------------------------------------------------------------------- restarts
 
 
-def _apgd(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targeted,
-          n_target_classes, rho):
-  """Traceable body of :func:`apgd`; returns ``(x_adv, still_correct)``."""
+def apgd_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targeted,
+               n_target_classes=0, rho=0.75):
+  """Traceable APGD on one batch (the body of :func:`apgd`); returns ``(x_adv, still_correct)``."""
   keys = _common.example_keys(key, x.shape[0])
   clean_logits = fn(x)
   n_classes = clean_logits.shape[-1]
@@ -300,7 +300,7 @@ def _apgd(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targeted,
   return jax.lax.stop_gradient(adv), acc
 
 
-_apgd_jit = jax.jit(_apgd, static_argnames=(
+_apgd_jit = jax.jit(apgd_batch, static_argnames=(
     "norm", "steps", "restarts", "loss", "targeted", "n_target_classes", "rho"))
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dale_jax import potentials
 from dale_jax.attacks import _common
 
 LOSSES = ("margin", "ce")
@@ -76,10 +77,7 @@ def square_sizes(n_queries, p_init, height, width, channels, norm, rescale_sched
 
 def margin_and_loss(logits, y, loss):
   """Margin ``z_y - max_{i != y} z_i`` and the loss Square minimises."""
-  onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=bool)
-  z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-  z_other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
-  margin = z_y - z_other
+  margin = -potentials.margin(logits, y)
   if loss == "margin":
     return margin, margin
   return margin, -optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -265,9 +263,9 @@ def single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init, loss,
   return x_best, margin_min
 
 
-def _square(fn, x, y, key, active, eps, *, norm, n_queries, p_init, restarts, loss,
-            rescale_schedule):
-  """Traceable body of :func:`square`; returns ``(x_adv, still_correct)``."""
+def square_batch(fn, x, y, key, active, eps, *, norm, n_queries, p_init, restarts, loss,
+                 rescale_schedule):
+  """Traceable Square on one batch (the body of :func:`square`); returns ``(x_adv, still_correct)``."""
   keys = _common.example_keys(key, x.shape[0])
   acc = _common.predicted_correct(fn(x), y) & active
 
@@ -288,7 +286,7 @@ def _square(fn, x, y, key, active, eps, *, norm, n_queries, p_init, restarts, lo
   return jax.lax.stop_gradient(adv), acc
 
 
-_square_jit = jax.jit(_square, static_argnames=(
+_square_jit = jax.jit(square_batch, static_argnames=(
     "norm", "n_queries", "p_init", "restarts", "loss", "rescale_schedule"))
 
 

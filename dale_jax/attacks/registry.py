@@ -1,0 +1,93 @@
+"""Every attack by name: its traceable batch function and its default settings.
+
+A batch function is ``run(fn, x, y, keys, active, eps, *, norm, **settings) ->
+(x_adv, still_correct)``: it attacks the ``active`` points of one batch with one key
+per example and says which of them the model still classifies correctly. The
+settings of an attack are exactly the keyword arguments of its batch function, so
+``default_settings(name, eps)`` lists every field a caller may override.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+
+from dale_jax.attacks import _common
+from dale_jax.attacks import autopgd
+from dale_jax.attacks import pgd as pgd_lib
+from dale_jax.attacks import square_attack
+
+
+class Attack(NamedTuple):
+  run: Callable[..., tuple[jax.Array, jax.Array]]
+  defaults: Callable[[float], dict[str, Any]]  # eps -> settings
+
+
+def _clean(fn, x, y, keys, active, eps, *, norm):
+  del keys, eps, norm
+  return x, _common.predicted_correct(fn(x), y) & active
+
+
+def _apgd(loss: str, targeted: bool, **extra) -> Attack:
+  return Attack(autopgd.apgd_batch, lambda eps: dict(
+      steps=100, restarts=1, loss=loss, targeted=targeted, rho=0.75, **extra))
+
+
+REGISTRY: Mapping[str, Attack] = {
+    "clean": Attack(_clean, lambda eps: {}),
+    "fgsm": Attack(pgd_lib.pgd_batch, lambda eps: dict(
+        steps=1, step_size=float(eps), random_start=False)),
+    "pgd20": Attack(pgd_lib.pgd_batch, lambda eps: dict(
+        steps=20, step_size=2.5 * float(eps) / 20, random_start=False)),
+    "apgd-ce": _apgd("ce", False),
+    "apgd-dlr": _apgd("dlr", False),
+    "apgd-t": _apgd("dlr", True, n_target_classes=9),
+    "square": Attack(square_attack.square_batch, lambda eps: dict(
+        n_queries=5000, p_init=0.8, restarts=1, loss="margin", rescale_schedule=False)),
+}
+ATTACKS = tuple(REGISTRY)  # the names, in the order of their keys
+
+
+def check_name(name: str) -> None:
+  if name not in REGISTRY:
+    raise ValueError(f"attack must be one of {ATTACKS}, got {name!r}")
+
+
+def default_settings(name: str, eps: float) -> dict[str, Any]:
+  """Hyperparameters of attack ``name`` at radius ``eps``."""
+  check_name(name)
+  return REGISTRY[name].defaults(eps)
+
+
+def resolve_settings(names: Sequence[str], eps: float,
+                     overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict]:
+  """``{name: default settings updated with overrides[name]}``, unknown fields refused."""
+  overrides = dict(overrides or {})
+  for name in overrides:
+    if name not in REGISTRY:
+      raise ValueError(f"settings names an unknown attack {name!r}; known: {ATTACKS}")
+  out = {}
+  for name in names:
+    s = default_settings(name, eps)
+    for k, v in dict(overrides.get(name, {})).items():
+      if k not in s:
+        raise ValueError(f"settings[{name!r}] has no field {k!r}; fields: {sorted(s)}")
+      s[k] = v
+    out[name] = s
+  return out
+
+
+def freeze(settings: Mapping[str, Any]) -> tuple:
+  """Settings as a hashable tuple, for ``jit``'s static arguments."""
+  return tuple(sorted(settings.items()))
+
+
+def run(name: str, settings, fn, x, y, keys, active, eps, *, norm):
+  """Traceable: attack ``name`` with (frozen or plain) ``settings`` on the ``active`` points."""
+  return REGISTRY[name].run(fn, x, y, keys, active, eps, norm=norm, **dict(settings))
+
+
+def attack_key(seed_key: jax.Array, name: str) -> jax.Array:
+  """The key of attack ``name``: the seed's key folded with the attack's index."""
+  return jax.random.fold_in(seed_key, ATTACKS.index(name))

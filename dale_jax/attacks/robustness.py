@@ -1,0 +1,234 @@
+"""Robustness of a model on a data set: FGSM, PGD-20 and the AutoAttack chain, with warnings.
+
+:func:`evaluate_robustness` is the host driver behind ``dale-eval``: it shards batches
+over the ``data`` mesh axis, runs the reference attacks on every correctly classified
+point and the chain attacks on the points still robust, and flags the patterns of
+gradient masking that AutoAttack's authors list (a weaker attack beating a stronger
+one, the black-box Square attack breaking points every white-box attack missed,
+probabilities passed as logits, all-zero input gradients).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dale_jax import data
+from dale_jax import parallel
+from dale_jax.attacks import _common
+from dale_jax.attacks import chain as chain_lib
+from dale_jax.attacks import registry
+
+DEFAULT_ATTACKS = ("clean", "pgd20", "apgd-ce", "apgd-t", "square")
+_WHITE_BOX = ("fgsm", "pgd20", "apgd-ce", "apgd-dlr", "apgd-t")
+# (weaker, stronger) pairs: the stronger attack should never do clearly worse.
+_STRENGTH_ORDER = (("fgsm", "pgd20"), ("pgd20", "apgd-ce"), ("fgsm", "apgd-ce"))
+# AutoAttack flags Square when it breaks more than this share of points.
+_SQUARE_ALPHA = 0.2
+
+
+@functools.partial(jax.jit, static_argnames=("name", "settings", "norm"))
+def _attack_batch(fn, x, y, attack_key, indices, active, eps, *, name, settings, norm):
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(attack_key, indices)
+  _, still_correct = registry.run(name, settings, fn, x, y, keys, active, eps, norm=norm)
+  return still_correct
+
+
+@jax.jit
+def _clean_batch(fn, x, y):
+  """Correct predictions, whether the logits look like probabilities, zero input gradients."""
+  def loss(xa):
+    logits = fn(xa)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y)), logits
+
+  grad, logits = jax.grad(loss, has_aux=True)(x)
+  zero_grad = jnp.all(grad.reshape(grad.shape[0], -1) == 0, axis=-1)
+  probs_like = ((jnp.max(logits) < 1 + 1e-5) & (jnp.min(logits) > -1e-5)
+                & jnp.all(jnp.abs(jnp.sum(logits, -1) - 1) < 1e-5))
+  return _common.predicted_correct(logits, y), zero_grad, probs_like
+
+
+def _batches(indices: np.ndarray, batch_size: int):
+  """``(chunk, padded, mask)``: a batch's indices, padded to ``batch_size``, and the real rows."""
+  for padded, _, mask in data.eval_batches(indices, indices, batch_size):
+    yield padded[mask], padded, mask
+
+
+def evaluate_robustness(
+    logits_fn,
+    x,
+    y,
+    *,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    norm: str,
+    eps: float,
+    batch_size: int = 256,
+    seed: int = 0,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    individual: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    warning_margin: float = 0.5,
+) -> dict[str, Any]:
+  """Accuracy under attack of ``logits_fn`` on ``(x, y)``, all accuracies in percent.
+
+  ``"clean"``, ``"fgsm"`` and ``"pgd20"`` are measured on their own. The
+  chain attacks (``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``, ``"square"``)
+  run in the given order, each only on the points that the chain has not
+  broken yet, and ``per_attack`` then holds the robust accuracy after each of
+  them (as AutoAttack reports it); with ``individual=True`` each runs on all
+  correctly classified points and ``per_attack`` holds its own accuracy.
+  ``robust_accuracy`` is the share of points that no attack broke.
+
+  Args:
+    logits_fn: ``x -> logits``, the model in eval mode. Passing
+      ``jax.tree_util.Partial(model.apply, variables)`` keeps the weights out
+      of the compiled program.
+    x: NHWC images in ``[0, 1]`` (NumPy or JAX); y: integer labels.
+    attacks: names among :data:`dale_jax.attacks.ATTACKS`.
+    norm, eps: the threat model.
+    batch_size: points per attack call (bounds memory); rounded up to a
+      multiple of the device count.
+    seed: seed of every random draw.
+    settings: per-attack overrides of :func:`dale_jax.attacks.default_settings`,
+      e.g. ``{"square": {"n_queries": 1000}}``.
+    individual: run each chain attack on every correct point.
+    mesh: a mesh with a ``"data"`` axis to shard batches over; by default
+      :func:`dale_jax.parallel.make_mesh` (all devices).
+    warning_margin: accuracy gap (points) that triggers an ordering warning.
+
+  Returns:
+    A dict with ``clean_accuracy``, ``robust_accuracy``, ``per_attack``
+    (name -> accuracy), ``per_attack_kind`` (name -> ``"individual"`` or
+    ``"cumulative"``), ``ensemble`` (its label), ``eps``, ``norm``,
+    ``n_examples``, ``attack_settings``, ``zero_gradient_share`` and
+    ``warnings`` (sanity flags of gradient masking).
+  """
+  attacks = tuple(attacks)
+  for name in attacks:
+    if name not in registry.REGISTRY:
+      raise ValueError(f"attacks must be among {registry.ATTACKS}, got {name!r}")
+  if len(set(attacks)) != len(attacks):
+    raise ValueError(f"attacks must not repeat a name, got {attacks}")
+  _common.check_inputs(x, y, norm, eps)
+  _common.check_positive_int("batch_size", batch_size)
+  if x.ndim != 4 and "square" in attacks:
+    raise ValueError(f"square needs NHWC images, got x of shape {x.shape}")
+  resolved = registry.resolve_settings(attacks, eps, settings)
+
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int32)
+  n = x.shape[0]
+  if n == 0:
+    raise ValueError("x holds no example")
+  fn = _common.as_pytree_fn(logits_fn)
+  mesh = mesh or parallel.make_mesh()
+  sharding = parallel.batch_sharded(mesh)
+  batch_size = parallel.padded_batch_size(min(batch_size, n), mesh)
+
+  def put(*arrays):
+    return tuple(jax.device_put(jnp.asarray(a), sharding) for a in arrays)
+
+  # Clean pass.
+  correct = np.zeros(n, bool)
+  zero_grad = np.zeros(n, bool)
+  probs_like = False
+  for chunk, padded, _ in _batches(np.arange(n), batch_size):
+    c, z, p = _clean_batch(fn, *put(x[padded], y[padded]))
+    correct[chunk] = np.asarray(c)[:len(chunk)]
+    zero_grad[chunk] = np.asarray(z)[:len(chunk)]
+    probs_like |= bool(p)
+  n_classes = int(jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)).shape[-1])
+  if "apgd-t" in resolved:
+    resolved["apgd-t"]["n_target_classes"] = min(
+        resolved["apgd-t"]["n_target_classes"], n_classes - 1)
+
+  seed_key = jax.random.key(seed)
+  broken: dict[str, np.ndarray] = {}
+  per_attack: dict[str, float] = {}
+  kind: dict[str, str] = {}
+  chain = correct.copy()
+  chain_started = False
+  for name in attacks:
+    if name == "clean":
+      per_attack[name] = _percent(correct)
+      kind[name] = "individual"
+      continue
+    in_chain = name in chain_lib.ENSEMBLE
+    active = chain if in_chain and not individual else correct
+    kind[name] = "cumulative" if in_chain and not individual and chain_started else "individual"
+    still = np.zeros(n, bool)
+    attack_key = registry.attack_key(seed_key, name)
+    frozen = registry.freeze(resolved[name])
+    for chunk, padded, mask in _batches(np.nonzero(active)[0], batch_size):
+      out = _attack_batch(fn, *put(x[padded], y[padded]), attack_key, *put(padded, mask), eps,
+                          name=name, settings=frozen, norm=norm)
+      still[chunk] = np.asarray(out)[:len(chunk)]
+    broken[name] = active & ~still
+    if in_chain:
+      chain &= ~broken[name]
+      chain_started = True
+    per_attack[name] = _percent(chain) if kind[name] == "cumulative" else _percent(
+        correct & ~broken[name])
+
+  any_broken = np.zeros(n, bool)
+  for b in broken.values():
+    any_broken |= b
+  robust = correct & ~any_broken
+  ensemble_names = tuple(a for a in attacks if a in chain_lib.ENSEMBLE)
+  result = {
+      "clean_accuracy": _percent(correct),
+      "robust_accuracy": _percent(robust),
+      "per_attack": per_attack,
+      "per_attack_kind": kind,
+      "ensemble": chain_lib.ensemble_label(ensemble_names, resolved, eps, n_classes),
+      "ensemble_accuracy": _percent(chain) if ensemble_names else None,
+      "eps": float(eps),
+      "norm": norm,
+      "n_examples": int(n),
+      "seed": int(seed),
+      "attack_settings": {k: v for k, v in resolved.items() if v},
+      "zero_gradient_share": _percent(zero_grad & correct),
+  }
+  result["warnings"] = _sanity_warnings(result, broken, correct, probs_like, warning_margin)
+  return result
+
+
+def _percent(mask: np.ndarray) -> float:
+  return round(float(100.0 * np.mean(mask)), 6)
+def _sanity_warnings(result, broken, correct, probs_like, margin) -> list[str]:
+  """Flags that suggest gradient masking or a misconfigured evaluation."""
+  warnings = []
+  acc, kind = result["per_attack"], result["per_attack_kind"]
+  if probs_like:
+    warnings.append("the model's outputs look like probabilities, not logits; attacks on "
+                    "logits of softmax outputs are weak")
+  if result["zero_gradient_share"] > 0:
+    warnings.append(f"{result['zero_gradient_share']:.2f}% of correctly classified points have "
+                    "an all-zero input gradient: gradient-based attacks cannot move them")
+  for weak, strong in _STRENGTH_ORDER:
+    if weak in acc and strong in acc and kind[weak] == kind[strong] == "individual":
+      if acc[strong] > acc[weak] + margin:
+        warnings.append(
+            f"{weak} ({acc[weak]:.2f}%) is stronger than {strong} ({acc[strong]:.2f}%): a "
+            "weaker attack beating a stronger one suggests gradient masking")
+  if "square" in broken:
+    white = np.zeros_like(correct)
+    for name in _WHITE_BOX:
+      if name in broken:
+        white |= broken[name]
+    if any(name in broken for name in _WHITE_BOX):
+      extra = _percent(broken["square"] & ~white)
+      if extra > _SQUARE_ALPHA:
+        warnings.append(
+            f"the black-box Square attack broke {extra:.2f}% of the points that every white-box "
+            "attack missed: the gradients are probably uninformative (gradient masking)")
+  if result["eps"] > 0 and len(broken) > 0 and not any(b.any() for b in broken.values()) \
+      and correct.sum() >= 100:
+    warnings.append("no attack changed any prediction: check eps, the input range [0, 1] and "
+                    "that logits_fn is differentiable")
+  return warnings
