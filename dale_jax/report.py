@@ -17,30 +17,3 @@ def results_table(record: dict) -> str:
       f"{record[s][k]:.2f}" if k in record[s] else "" for k in keys) + " |" for s in splits]
   title = f"{record['args']['algorithm']} on {record['args']['dataset']}, epoch {record['Epoch']}"
   return "\n".join([title, "", head, rule, *rows])
-
-
-class ScalarWriter:
-  """TensorBoard scalars under ``workdir/tensorboard`` when a writer is installed.
-
-  Uses ``tensorboardX`` or, failing that, ``torch.utils.tensorboard``; without
-  either, :meth:`write` does nothing and the records in ``results.jsonl`` remain
-  the source of truth.
-  """
-
-  def __init__(self, logdir: str):
-    self._writer = None
-    for module in ("tensorboardX", "torch.utils.tensorboard"):
-      try:
-        writer_cls = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
-      except ImportError:
-        continue
-      self._writer = writer_cls(logdir)
-      break
-
-  def write(self, step: int, record: dict) -> None:
-    if self._writer is None:
-      return
-    for group in ("Train", "Validation", "Test"):
-      for name, value in record.get(group, {}).items():
-        self._writer.add_scalar(f"{group}/{name}", value, step)
-    self._writer.flush()

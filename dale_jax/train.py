@@ -28,18 +28,16 @@ from absl import logging
 from dale_jax import algorithms as algorithms_lib
 from dale_jax import configs
 from dale_jax import data as data_lib
+from dale_jax import dual as dual_lib
 from dale_jax import evaluation
 from dale_jax import parallel
-from dale_jax import report
+from dale_jax import rundir
 from dale_jax import samplers as samplers_lib
 from dale_jax import validation
 from dale_jax.models import get_model, init_variables
 from dale_jax.train_state import TrainState
 
 Array = jax.Array
-RESULTS = "results.jsonl"
-CONFIG = "config.json"
-DONE = "done"
 
 
 # ----------------------------------------------------------------------------
@@ -71,11 +69,9 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   )
 
 
-# Examples per CPU device that the sampler perturbs at a time by default. On a
-# 2-core Xeon (MNIST CNN, Gaussian_DALE_PD), speed relative to PyTorch eager in
-# the same runs for chunks of 16 / 32 / 64 / the whole batch: 0.91 / 1.00 / 0.93 /
-# 0.94 at batch 64; at batch 256, images/s of the JAX step alone: 290 / 288-293 /
-# 264 / 238-254.
+# Examples per CPU device that the sampler perturbs at a time by default: small
+# enough that a chunk's activations stay in cache through the sampler's steps, large
+# enough for efficient matmuls (docs/performance.md has the measurements).
 CPU_SAMPLER_CHUNK = 32
 
 
@@ -94,8 +90,8 @@ def sampler_chunk_size(config: ml_collections.ConfigDict, platform: str | None =
   return CPU_SAMPLER_CHUNK if (platform or jax.default_backend()) == "cpu" else 0
 
 
-def make_algorithm(config: ml_collections.ConfigDict, steps_per_epoch: int = 1,
-                   num_devices: int = 1, platform: str | None = None):
+def algorithm_for(config: ml_collections.ConfigDict, steps_per_epoch: int = 1,
+                  num_devices: int = 1, platform: str | None = None):
   """The config's algorithm, its sampler in chunks of :func:`sampler_chunk_size`.
 
   ``num_devices`` is how many devices the batch is split over (the chunk size is
@@ -118,9 +114,9 @@ def create_train_state(config: ml_collections.ConfigDict, key: Array, input_shap
   init_key, run_key = jax.random.split(key)
   variables = init_variables(model, init_key, tuple(input_shape))
   tx = make_optimizer(config, steps_per_epoch)
-  algorithm = make_algorithm(config, steps_per_epoch)
+  algorithm = algorithm_for(config, steps_per_epoch)
   # Without a dual, a fixed zero placeholder keeps the state's structure the same.
-  dual_state = (algorithm.dual or algorithms_lib.dual_lib.dual_ascent(0.0, 0.0, 0.0)).init()
+  dual_state = (algorithm.dual or dual_lib.dual_ascent(0.0, 0.0, 0.0)).init()
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
@@ -197,7 +193,7 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int = 10,
   mesh = mesh or parallel.make_mesh()
   step = functools.partial(
       train_step, model=create_model(config, num_classes),
-      algorithm=make_algorithm(config, steps_per_epoch, mesh.size,
+      algorithm=algorithm_for(config, steps_per_epoch, mesh.size,
                                mesh.devices.flat[0].platform),
       augment=bool(config.data.augment))
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -250,28 +246,10 @@ def evaluate_split(eval_fn, variables, x: np.ndarray, y: np.ndarray, key: Array,
 # Records and checkpoints.
 
 
-def _read_records(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, RESULTS)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_records(workdir: str, records: list[dict]) -> None:
-  """Rewrites ``results.jsonl`` atomically (used to drop epochs a resume redoes)."""
-  path = os.path.join(workdir, RESULTS)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
-
-
 def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  return ocp.CheckpointManager(os.path.abspath(rundir.path(workdir, rundir.CHECKPOINTS)),
                                options=options)
 
 
@@ -318,31 +296,6 @@ def _restore(manager, state: TrainState) -> tuple[TrainState, dict]:
   return state.replace(**tree), restored["meters"]
 
 
-class _Progress:
-  """A one-line progress bar on a terminal, periodic log lines otherwise."""
-
-  def __init__(self, total: int, epoch: int):
-    self.total, self.epoch, self.start = total, epoch, time.time()
-    self.tty = sys.stderr.isatty()
-
-  def update(self, done: int, images: int, loss: float) -> None:
-    rate = images / max(time.time() - self.start, 1e-9)
-    line = f"epoch {self.epoch} [{done}/{self.total}] loss {loss:.4f} {rate:.0f} img/s"
-    if self.tty:
-      width = 30
-      bar = "#" * int(width * done / max(self.total, 1))
-      sys.stderr.write(f"\r{bar:<{width}} {line}")
-      sys.stderr.flush()
-      if done == self.total:
-        sys.stderr.write("\n")
-    else:
-      logging.info(line)
-
-
-# ----------------------------------------------------------------------------
-# The loop.
-
-
 def resolve_config(config: ml_collections.ConfigDict,
                    num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Applies the hyperparameter search seed and validates; never mutates ``config``.
@@ -354,6 +307,57 @@ def resolve_config(config: ml_collections.ConfigDict,
   configs.apply_random_hparams(config)
   configs.validate(config, num_devices=num_devices)
   return config
+
+
+class _Meters:
+  """Sums of the step meters since the epoch began, fetched from the device in groups.
+
+  Steps hand over their meters without a host sync; :meth:`fetch` adds the pending
+  ones once per ``log_every_steps`` and refuses non-finite values. The sums (with
+  ``_count``) are what a checkpoint keeps, so a resumed epoch reports the same means.
+  """
+
+  def __init__(self, sums: dict | None = None):
+    self.sums: dict[str, float] = dict(sums or {})
+    self._pending: list[dict] = []
+
+  def add(self, meters: dict) -> None:
+    self._pending.append(meters)
+
+  def fetch(self, where: str) -> None:
+    for m in jax.device_get(self._pending):
+      for k, v in m.items():
+        self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.sums["_count"] = self.sums.get("_count", 0.0) + len(self._pending)
+    self._pending = []
+    if not all(math.isfinite(v) for v in self.sums.values()):
+      raise FloatingPointError(f"non-finite training meters by {where}: {self.sums}")
+
+  def means(self) -> dict[str, float]:
+    count = self.sums.get("_count", 1.0)
+    return {k: v / count for k, v in self.sums.items() if k != "_count"}
+
+
+def _training_split(config: ml_collections.ConfigDict, dataset) -> tuple[np.ndarray, np.ndarray]:
+  x, y = dataset.train
+  if config.data.max_train_examples:
+    x, y = x[:config.data.max_train_examples], y[:config.data.max_train_examples]
+  if data_lib.num_batches(len(y), config.batch_size) == 0:
+    raise validation.InvalidArgument(
+        "config.batch_size", f"at most the {len(y)} training examples", config.batch_size)
+  return x, y
+
+
+def _evaluated_splits(config, dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  splits = {"Validation": dataset.validation, "Test": dataset.test}
+  out = {}
+  for name in config.eval.splits:
+    x, y = splits[name]
+    if config.eval.max_examples:
+      x, y = x[:config.eval.max_examples], y[:config.eval.max_examples]
+    if len(y):
+      out[name] = (x, y)
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -370,119 +374,128 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   dataset = data_lib.load(config.dataset, data_dir=config.data.data_dir,
                           validation_size=config.data.validation_size)
-  train_x, train_y = dataset.train
-  if config.data.max_train_examples:
-    train_x, train_y = train_x[:config.data.max_train_examples], train_y[:config.data.max_train_examples]
+  train_x, train_y = _training_split(config, dataset)
   steps_per_epoch = data_lib.num_batches(len(train_y), config.batch_size)
-  if steps_per_epoch == 0:
-    raise validation.InvalidArgument(
-        "config.batch_size", f"at most the {len(train_y)} training examples", config.batch_size)
+  run = _Run(workdir, config)
 
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, CONFIG), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-  key = jax.random.key(config.seed)
-  state = create_train_state(config, key, dataset.input_shape, dataset.num_classes, steps_per_epoch)
-  manager = _checkpoint_manager(workdir)
-  meter_sums: dict[str, float] = {}
-  elapsed = 0.0
-  if manager.latest_step() is not None:
-    state, saved = _restore(manager, state)
-    meter_sums, elapsed = saved["sums"], saved["elapsed"]
-    logging.info("Resumed from step %d.", int(state.step))
+  state = create_train_state(config, jax.random.key(config.seed), dataset.input_shape,
+                             dataset.num_classes, steps_per_epoch)
+  state, sums, elapsed = run.restore(state)
   state = jax.device_put(state, parallel.replicated(mesh))
-
   train_fn = make_train_step(config, dataset.num_classes, steps_per_epoch, mesh)
   eval_fn = make_eval_step(config, dataset.num_classes, mesh)
-  start_step = int(state.step)
-  first_epoch = start_step // steps_per_epoch
-  records = [r for r in _read_records(workdir) if r["Epoch"] < first_epoch]
-  if is_main:
-    _write_records(workdir, records)
+  start = int(state.step)
+  record = run.keep_records_before(start // steps_per_epoch)
+  meters = _Meters(sums)
   rows = parallel.process_rows(config.batch_size)
   sync = parallel.one_step_at_a_time(mesh)
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  splits = {"Validation": dataset.validation, "Test": dataset.test}
-  t_start = time.time() - elapsed
-  record: dict = records[-1] if records else {}
-  writer = report.ScalarWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+  splits = _evaluated_splits(config, dataset)
+  run_start = time.time() - elapsed
 
-  def checkpoint(sums):
-    _save(manager, state, {"sums": sums, "elapsed": time.time() - t_start})
-
-  def stop_if_not_finite(where):
-    try:
-      check_finite(state, where)
-    except FloatingPointError as e:
-      raise FloatingPointError(
-          f"{e}. Stopping; the last good checkpoint in {workdir}/checkpoints is kept.") from None
-
-  for epoch in range(first_epoch, config.num_epochs):
+  for epoch in range(start // steps_per_epoch, config.num_epochs):
     epoch_start = time.time()
-    skip = start_step - epoch * steps_per_epoch if epoch == first_epoch else 0
-    if epoch != first_epoch or skip == 0:
-      meter_sums = {}
-    progress = _Progress(steps_per_epoch, epoch)
-    pending: list[dict] = []
+    skip = max(start - epoch * steps_per_epoch, 0)  # steps of this epoch already done
+    if skip == 0:
+      meters = _Meters()
+    progress = rundir.Progress(steps_per_epoch, epoch)
     batches = data_lib.batches(train_x, train_y, config.batch_size, seed=config.seed,
                                epoch=epoch, start_step=skip)
-    for i, (bx, by) in enumerate(batches, start=skip):
+    for done, (bx, by) in enumerate(batches, start=skip + 1):
       batch = parallel.shard_batch({"image": bx[rows], "label": by[rows]}, mesh)
       if sync:
         jax.block_until_ready(state)
-      state, meters = train_fn(state, batch)
-      pending.append(meters)
-      done = i + 1
-      if done % config.log_every_steps == 0 or done == steps_per_epoch or (
-          done % config.checkpoint_every_steps == 0):
-        for m in jax.device_get(pending):
-          for k, v in m.items():
-            meter_sums[k] = meter_sums.get(k, 0.0) + float(v)
-        meter_sums["_count"] = meter_sums.get("_count", 0.0) + len(pending)
-        pending = []
-        if not all(math.isfinite(v) for v in meter_sums.values()):
-          raise FloatingPointError(
-              f"non-finite training meters by step {done} of epoch {epoch}: {meter_sums}. "
-              f"Stopping; the last good checkpoint in {workdir}/checkpoints is kept.")
+      state, step_meters = train_fn(state, batch)
+      meters.add(step_meters)
+      checkpoint_now = done % config.checkpoint_every_steps == 0 and done != steps_per_epoch
+      if done % config.log_every_steps == 0 or done == steps_per_epoch or checkpoint_now:
+        run.guard(lambda: meters.fetch(f"step {done} of epoch {epoch}"))
         progress.update(done, (done - skip) * config.batch_size,
-                        meter_sums["Loss"] / meter_sums["_count"])
-        if done % config.checkpoint_every_steps == 0 and done != steps_per_epoch:
-          stop_if_not_finite(f"step {done} of epoch {epoch}")
-          checkpoint(meter_sums)
+                        meters.sums["Loss"] / meters.sums["_count"])
+      if checkpoint_now:
+        run.save(state, meters, run_start, where=f"step {done} of epoch {epoch}")
 
-    stop_if_not_finite(f"epoch {epoch}")
-    count = meter_sums.get("_count", 1.0)
-    record = {"Epoch": epoch,
-              "Train": {k: v / count for k, v in meter_sums.items() if k != "_count"}}
+    run.guard(lambda: check_finite(state, f"epoch {epoch}"))
+    record = {"Epoch": epoch, "Train": meters.means()}
     if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-      for split in config.eval.splits:
-        x, y = splits[split]
-        if config.eval.max_examples:
-          x, y = x[:config.eval.max_examples], y[:config.eval.max_examples]
-        if len(y):
-          record[split] = evaluate_split(eval_fn, state.variables, x, y,
-                                         jax.random.fold_in(eval_key, epoch),
-                                         batch_size=config.eval.batch_size, mesh=mesh)
-    record["Epoch-Time"] = time.time() - epoch_start
-    record["Total-Time"] = time.time() - t_start
-    record["hparams"] = config.to_dict()
-    record["args"] = {"algorithm": config.algorithm, "dataset": config.dataset,
-                      "seed": config.seed, "hparams_seed": config.hparams_seed,
-                      "workdir": workdir}
-    records.append(record)
-    if is_main:
-      _write_records(workdir, records)
-      writer.write(epoch, record)
-    logging.info("epoch %d: %s", epoch, json.dumps({k: record.get(k) for k in ("Train", "Test")}))
-    checkpoint(meter_sums)
+      for name, (x, y) in splits.items():
+        record[name] = evaluate_split(eval_fn, state.variables, x, y,
+                                      jax.random.fold_in(eval_key, epoch),
+                                      batch_size=config.eval.batch_size, mesh=mesh)
+    record.update(run.record_fields(epoch_start, run_start))
+    run.append(epoch, record)
+    run.save(state, meters, run_start)
 
-  if is_main:
-    with open(os.path.join(workdir, DONE), "w") as f:
-      f.write(f"{time.time()}\n")
+  run.finish()
   return record
+
+
+class _Run:
+  """The run directory as training sees it: config, records, checkpoints, writers.
+
+  Files are written by process 0 only; every process checkpoints (orbax
+  coordinates the hosts) and keeps the same records in memory.
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.workdir, self.config = workdir, config
+    self.is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if self.is_main:
+      rundir.write_config(workdir, config)
+    self.manager = _checkpoint_manager(workdir)
+    self.records: list[dict] = []
+    self.writer = rundir.ScalarWriter(workdir) if self.is_main else None
+
+  def restore(self, state: TrainState) -> tuple[TrainState, dict, float]:
+    """The latest checkpoint's state, meter sums and elapsed seconds (or a fresh start)."""
+    if self.manager.latest_step() is None:
+      return state, {}, 0.0
+    state, saved = _restore(self.manager, state)
+    logging.info("Resumed from step %d.", int(state.step))
+    return state, saved["sums"], saved["elapsed"]
+
+  def keep_records_before(self, epoch: int) -> dict:
+    """Drops the records of the epochs a resume redoes; returns the last one kept."""
+    self.records = [r for r in rundir.read_records(rundir.path(self.workdir, rundir.RESULTS))
+                    if r["Epoch"] < epoch]
+    if self.is_main:
+      rundir.write_records(self.workdir, self.records)
+    return self.records[-1] if self.records else {}
+
+  def guard(self, check: Callable[[], None]) -> None:
+    """Runs ``check``; a ``FloatingPointError`` stops the run, keeping the last checkpoint."""
+    try:
+      check()
+    except FloatingPointError as e:
+      raise FloatingPointError(f"{e}. Stopping; the last good checkpoint in "
+                               f"{self.workdir}/checkpoints is kept.") from None
+
+  def save(self, state: TrainState, meters: _Meters, run_start: float,
+           where: str | None = None) -> None:
+    """Checkpoints ``state`` and the meter sums; ``where`` checks the state first."""
+    if where is not None:
+      self.guard(lambda: check_finite(state, where))
+    _save(self.manager, state, {"sums": meters.sums, "elapsed": time.time() - run_start})
+
+  def record_fields(self, epoch_start: float, run_start: float) -> dict:
+    """The fields every advbench record carries besides the metrics."""
+    c = self.config
+    return {"Epoch-Time": time.time() - epoch_start, "Total-Time": time.time() - run_start,
+            "hparams": c.to_dict(),
+            "args": {"algorithm": c.algorithm, "dataset": c.dataset, "seed": c.seed,
+                     "hparams_seed": c.hparams_seed, "workdir": self.workdir}}
+
+  def append(self, epoch: int, record: dict) -> None:
+    self.records.append(record)
+    if self.is_main:
+      rundir.write_records(self.workdir, self.records)
+      self.writer.write(epoch, record)
+    logging.info("epoch %d: %s", epoch, json.dumps({k: record.get(k) for k in ("Train", "Test")}))
+
+  def finish(self) -> None:
+    if self.is_main:
+      rundir.mark_done(self.workdir)
 
 
 class MissingCheckpointError(validation.BadInput, FileNotFoundError):
@@ -494,13 +507,12 @@ def load_trained(workdir: str):
 
   ``logits_fn(x)`` is the model in eval mode with the latest checkpoint's weights.
   """
-  with open(os.path.join(workdir, CONFIG)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(rundir.read_config(workdir))
   dataset = data_lib.load(config.dataset, data_dir=config.data.data_dir,
                           validation_size=config.data.validation_size)
   state = create_train_state(config, jax.random.key(0), dataset.input_shape, dataset.num_classes)
   manager = None
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if os.path.isdir(rundir.path(workdir, rundir.CHECKPOINTS)):
     manager = _checkpoint_manager(workdir)
   if manager is None or manager.latest_step() is None:
     raise MissingCheckpointError(f"no checkpoint in {workdir}/checkpoints: is it the workdir "

@@ -95,7 +95,7 @@ def _build(name, dataset="mnist_digits", **overrides):
   config = configs.base_config(dataset, name)
   for section, values in overrides.items():
     config[section].update(values)
-  return config, train.make_algorithm(config, steps_per_epoch=STEPS_PER_EPOCH)
+  return config, train.algorithm_for(config, steps_per_epoch=STEPS_PER_EPOCH)
 
 
 def _inputs(algorithm, seed=0):

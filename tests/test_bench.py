@@ -147,7 +147,7 @@ def test_torch_reference_step_equals_jax_step(algorithm):
   state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), 10)
   state = state.replace(params=variables["params"])
   step = jax.jit(functools.partial(train.train_step, model=model,
-                                   algorithm=train.make_algorithm(config)))
+                                   algorithm=train.algorithm_for(config)))
   x, y = _digits_like(8)
   new_state, _ = step(state, {"image": jnp.asarray(x), "label": jnp.asarray(y)})
 

@@ -198,7 +198,7 @@ class _JaxWorker:
       step = train.make_train_step(config, 10, mesh=mesh)  # The step dale-train runs.
     else:  # The same step for a narrower ResNet.
       model = train.create_model(config, 10).clone(**_model_kwargs(options))
-      algorithm = train.make_algorithm(config, num_devices=len(devices),
+      algorithm = train.algorithm_for(config, num_devices=len(devices),
                                        platform=devices[0].platform)
       step = jax.jit(lambda s, b: train.train_step(s, b, model=model, algorithm=algorithm),
                      in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=0)

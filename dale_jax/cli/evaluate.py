@@ -21,11 +21,12 @@ from absl import logging
 
 from dale_jax import attacks
 from dale_jax import host_memory
+from dale_jax import rundir
 from dale_jax import threat
 from dale_jax import validation
 from dale_jax.cli import _errors
 
-OUTPUT = "robustness.json"
+OUTPUT = rundir.ROBUSTNESS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a finished dale-train run.")
 _ATTACKS = flags.DEFINE_list(
@@ -71,14 +72,6 @@ def table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -96,7 +89,7 @@ def main(argv):
   if _EPS.value is not None:
     validation.nonnegative("--eps", _EPS.value)
   workdir = _WORKDIR.value
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  if not rundir.has_config(workdir):
     raise app.UsageError(f"--workdir: {workdir} holds no config.json of a dale-train run")
 
   host_memory.keep_freed_memory()
@@ -117,7 +110,7 @@ def main(argv):
       seed=_SEED.value, settings=settings, individual=_INDIVIDUAL.value)
   result.update(model=str(config.model.name), dataset=str(config.dataset),
                 algorithm=str(config.algorithm), split=_SPLIT.value, workdir=workdir)
-  _write_json(os.path.join(workdir, OUTPUT), result)
+  rundir.write_json(rundir.path(workdir, OUTPUT), result, indent=2)
   print(table(result))
 
 

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
   try:
-    sweep._check_overrides(extra)
+    sweep.check_overrides(extra)
   except ValueError as e:
     parser.error(str(e))
 

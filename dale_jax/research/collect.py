@@ -38,14 +38,13 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dale_jax import rundir
+
 SELECTION_METHODS = ("LastStep", "EarlyStop")
 DEFAULT_METRIC = "PGD-Accuracy"
 FALLBACK_METRIC = "Clean-Accuracy"
 SPLITS = ("Train", "Validation", "Test")
 
-RESULTS_FILE = "results.jsonl"
-CONFIG_FILE = "config.json"
-DONE_FILE = "done"
 
 CSV_FIELDS = ("dataset", "algorithm", "selection", "selection_metric", "hparams_seed",
               "split", "metric", "mean", "std", "n")
@@ -116,28 +115,6 @@ class Row:
 # ----------------------------------------------------------------------------- loading
 
 
-def read_records(path: str) -> list[dict]:
-  """Parses a ``results.jsonl`` file; a truncated last line (run killed mid-write) is dropped.
-
-  Raises:
-    ValueError: naming the file and line when any other line is not JSON.
-  """
-  with open(path) as f:
-    lines = f.read().split("\n")
-  records = []
-  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i == last:
-        break
-      raise ValueError(f"{path}:{i + 1} is not JSON: {e}") from None
-  return records
-
-
 def _by_epoch(records: Sequence[Mapping]) -> list[Mapping]:
   """Sorts by ``Epoch``, keeping the last record of an epoch written twice.
 
@@ -193,18 +170,17 @@ def load_runs(input_dir: str, *, include_incomplete: bool = False) -> list[Run]:
   runs = []
   for root, dirs, files in os.walk(input_dir):
     dirs.sort()
-    if RESULTS_FILE not in files:
+    if rundir.RESULTS not in files:
       continue
-    done = DONE_FILE in files
+    done = rundir.DONE in files
     if not (done or include_incomplete):
       continue
-    records = _by_epoch(read_records(os.path.join(root, RESULTS_FILE)))
+    records = _by_epoch(rundir.read_records(rundir.path(root, rundir.RESULTS)))
     if not records:
       continue
     config = {}
-    if CONFIG_FILE in files:
-      with open(os.path.join(root, CONFIG_FILE)) as f:
-        config = json.load(f)
+    if rundir.CONFIG in files:
+      config = rundir.read_config(root)
     dataset, algorithm, hparams_seed, trial_seed = _identity(root, config, records)
     runs.append(Run(root, str(dataset), str(algorithm), hparams_seed, trial_seed, config,
                     tuple(records), done))
@@ -215,7 +191,7 @@ def load_runs(input_dir: str, *, include_incomplete: bool = False) -> list[Run]:
 def count_incomplete(input_dir: str) -> int:
   """Number of run directories under ``input_dir`` with records but no ``done`` file."""
   return sum(1 for _, _, files in os.walk(input_dir)
-             if RESULTS_FILE in files and DONE_FILE not in files)
+             if rundir.RESULTS in files and rundir.DONE not in files)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -43,11 +43,12 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence, TextIO
 
+from dale_jax import rundir
+
 NOT_LAUNCHED = "not launched"
 INCOMPLETE = "incomplete"
 DONE = "done"
 
-DONE_FILE = "done"
 LOG_FILE = "sweep.log"
 
 DEFAULT_TRAIN_COMMAND = (sys.executable, "-m", "dale_jax.cli.train")
@@ -103,7 +104,8 @@ def resolve_config_dir(config_dir: str) -> str:
   return config_dir
 
 
-def _check_overrides(overrides: Sequence[str]) -> None:
+def check_overrides(overrides: Sequence[str]) -> None:
+  """Raises ``ValueError`` unless every override reads ``--config.<field>=<value>``."""
   for arg in overrides:
     if not (arg.startswith("--config.") and "=" in arg):
       raise ValueError(
@@ -155,7 +157,7 @@ def make_jobs(
     duplicates = sorted(v for v, c in collections.Counter(values).items() if c > 1)
     if duplicates:
       raise ValueError(f"{name} lists {duplicates} more than once")
-  _check_overrides(overrides)
+  check_overrides(overrides)
 
   jobs = []
   for dataset in datasets:
@@ -230,7 +232,7 @@ def validate_configs(jobs: Sequence[Job]) -> None:
 
 def job_state(job: Job) -> str:
   """``done`` (``done`` file present), ``incomplete`` (workdir without it) or ``not launched``."""
-  if os.path.exists(os.path.join(job.workdir, DONE_FILE)):
+  if rundir.is_done(job.workdir):
     return DONE
   if os.path.exists(job.workdir):
     return INCOMPLETE
@@ -369,7 +371,7 @@ def launch(
     log.close()
     free_slots.append(slot)
     outcome = Outcome(job, returncode, time.monotonic() - started,
-                      os.path.exists(os.path.join(job.workdir, DONE_FILE)))
+                      rundir.is_done(job.workdir))
     outcomes.append(outcome)
     n_ok = sum(o.ok for o in outcomes)
     elapsed = time.monotonic() - sweep_start

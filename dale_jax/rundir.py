@@ -1,0 +1,157 @@
+"""A run's working directory: its file names, records, done marker, writers and progress.
+
+One ``dale-train`` run owns one directory::
+
+  workdir/
+    config.json        the resolved config (written before training starts)
+    results.jsonl      one advbench record per evaluated epoch
+    checkpoints/       orbax checkpoints of the whole train state
+    tensorboard/       TensorBoard scalars, when a writer is installed
+    robustness.json    dale-eval's report, once it ran
+    done               written when the last epoch finished
+
+Training, evaluation, the sweep and the collection of results all name these files
+through this module. Records are rewritten atomically (a temporary file, then
+``os.replace``), so a run killed mid-write leaves the previous file; the reader still
+drops a truncated last line, which an older writer or a full disk may leave. No JAX
+import: the research tools read run directories without starting a backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable, Mapping
+
+from absl import logging
+
+CONFIG = "config.json"
+RESULTS = "results.jsonl"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+ROBUSTNESS = "robustness.json"
+DONE = "done"
+
+
+def path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def has_config(workdir: str) -> bool:
+  return os.path.isfile(path(workdir, CONFIG))
+
+
+def is_done(workdir: str) -> bool:
+  return os.path.exists(path(workdir, DONE))
+
+
+def mark_done(workdir: str) -> None:
+  with open(path(workdir, DONE), "w") as f:
+    f.write(f"{time.time()}\n")
+
+
+def write_json(file: str, obj: Any, **kwargs) -> None:
+  """Writes ``obj`` as JSON to ``file`` atomically."""
+  tmp = file + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, **kwargs)
+    f.write("\n")
+  os.replace(tmp, file)
+
+
+def write_config(workdir: str, config) -> None:
+  """``config.json``: the resolved ``ml_collections.ConfigDict``, sorted keys."""
+  tmp = path(workdir, CONFIG) + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path(workdir, CONFIG))
+
+
+def read_config(workdir: str) -> dict:
+  with open(path(workdir, CONFIG)) as f:
+    return json.load(f)
+
+
+def read_records(file: str) -> list[dict]:
+  """Parses a ``results.jsonl`` file (``[]`` when there is none).
+
+  A truncated last line (a run killed mid-write) is dropped.
+
+  Raises:
+    ValueError: naming the file and line when any other line is not JSON.
+  """
+  if not os.path.exists(file):
+    return []
+  with open(file) as f:
+    lines = f.read().split("\n")
+  records = []
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == last:
+        break
+      raise ValueError(f"{file}:{i + 1} is not JSON: {e}") from None
+  return records
+
+
+def write_records(workdir: str, records: Iterable[Mapping]) -> None:
+  """Rewrites ``results.jsonl`` atomically (a resume drops the epochs it redoes)."""
+  file = path(workdir, RESULTS)
+  tmp = file + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, file)
+
+
+class ScalarWriter:
+  """TensorBoard scalars under ``workdir/tensorboard`` when a writer is installed.
+
+  Uses ``tensorboardX`` or, failing that, ``torch.utils.tensorboard``; without
+  either, :meth:`write` does nothing and ``results.jsonl`` remains the source of truth.
+  """
+
+  def __init__(self, workdir: str):
+    self._writer = None
+    for module in ("tensorboardX", "torch.utils.tensorboard"):
+      try:
+        writer_cls = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
+      except ImportError:
+        continue
+      self._writer = writer_cls(path(workdir, TENSORBOARD))
+      break
+
+  def write(self, step: int, record: Mapping) -> None:
+    if self._writer is None:
+      return
+    for group in ("Train", "Validation", "Test"):
+      for name, value in record.get(group, {}).items():
+        self._writer.add_scalar(f"{group}/{name}", value, step)
+    self._writer.flush()
+
+
+class Progress:
+  """A one-line progress bar on a terminal, periodic log lines otherwise."""
+
+  def __init__(self, total: int, epoch: int):
+    self.total, self.epoch, self.start = total, epoch, time.time()
+    self.tty = sys.stderr.isatty()
+
+  def update(self, done: int, images: int, loss: float) -> None:
+    rate = images / max(time.time() - self.start, 1e-9)
+    line = f"epoch {self.epoch} [{done}/{self.total}] loss {loss:.4f} {rate:.0f} img/s"
+    if self.tty:
+      width = 30
+      bar = "#" * int(width * done / max(self.total, 1))
+      sys.stderr.write(f"\r{bar:<{width}} {line}")
+      sys.stderr.flush()
+      if done == self.total:
+        sys.stderr.write("\n")
+    else:
+      logging.info(line)
