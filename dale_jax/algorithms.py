@@ -25,6 +25,7 @@ leaves the estimator unchanged:
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -84,10 +85,9 @@ def _trades(beta: float, ce_on: str = "clean"):
 
   def loss(clean, adv, y, nu):
     adv = _single(adv)
-    ce = losses.cross_entropy(clean if ce_on == "clean" else adv, y)
-    kl = losses.trades_kl(clean, adv)
-    total = ce + beta * kl
-    return total, {"Loss": total, "clean loss": ce, "invariance loss": kl}, None
+    total = losses.trades(clean, adv, y, beta, ce_on=ce_on)
+    ce = losses.cross_entropy(clean if ce_on == "clean" else adv, y)  # shared with total by XLA
+    return total, {"Loss": total, "clean loss": ce, "invariance loss": losses.trades_kl(clean, adv)}, None
 
   return loss
 
@@ -174,34 +174,66 @@ def _dale(nu_fixed: float | None = None, objective: str = "robust", robust: str 
 
 
 class _Spec(NamedTuple):
+  """An algorithm: its loss builder and what its training step needs.
+
+  ``sampler`` names the training sampler (a key of :data:`dale_jax.samplers.SAMPLERS`
+  whose hyperparameters the config's family supplies), ``dual`` the default ``dual``
+  section (``None``: no dual variable), ``loss_defaults`` the loss's keyword
+  hyperparameters, ``draws`` the perturbations drawn per example.
+  """
   loss: Callable[..., LossFn]
   needs_clean: bool
-  uses_sampler: bool
-  uses_dual: bool
+  sampler: str | None = None
+  dual: Mapping[str, Any] | None = None
+  loss_defaults: Mapping[str, Any] = MappingProxyType({})
+  draws: int = 1
 
+  @property
+  def uses_sampler(self) -> bool:
+    return self.sampler is not None
+
+  @property
+  def uses_dual(self) -> bool:
+    return self.dual is not None
+
+
+# advbench's dual ascent: nu from 1.0, one step per training step.
+_STEP_DUAL = MappingProxyType(dict(step_size=0.001, margin=0.1, init_value=1.0, every="step"))
+# The paper's Algorithm 1: nu from 0, one dual step per epoch.
+_EPOCH_DUAL = MappingProxyType(dict(step_size=1.0, margin=0.1, init_value=0.0, every="epoch"))
+_CVAR = MappingProxyType(dict(beta=0.5, t_step_size=1.0, n_steps=5))
+_PAIRING = MappingProxyType(dict(weight=1.0))
+_FIXED_NU = MappingProxyType(dict(nu_fixed=0.1))
 
 ALGORITHMS: Mapping[str, _Spec] = {
-    "ERM": _Spec(_erm, True, False, False),
-    "ERM_DataAug": _Spec(_adversarial_ce, False, True, False),
-    "FGSM": _Spec(_adversarial_ce, False, True, False),
-    "PGD": _Spec(_adversarial_ce, False, True, False),
-    "TRADES": _Spec(_trades, True, True, False),
-    "ALP": _Spec(lambda **kw: _logit_pairing("adv", **kw), True, True, False),
-    "CLP": _Spec(lambda **kw: _logit_pairing("clean", **kw), True, True, False),
-    "MART": _Spec(_mart, True, True, False),
-    "TERM": _Spec(_term, True, False, False),
-    "RandSmoothing": _Spec(_adversarial_ce, False, True, False),
-    "CVaR_SGD": _Spec(lambda **kw: _cvar(method="subgradient", **kw), False, True, False),
-    "CVaR_SGD_Autograd": _Spec(lambda **kw: _cvar(method="autograd", **kw), False, True, False),
-    "CVaR_SGD_PD": _Spec(
-        lambda **kw: _cvar(method="subgradient", primal_dual=True, **kw), True, True, True),
+    "ERM": _Spec(_erm, True),
+    "ERM_DataAug": _Spec(_adversarial_ce, False, "uniform", draws=20),
+    "FGSM": _Spec(_adversarial_ce, False, "fgsm"),
+    "PGD": _Spec(_adversarial_ce, False, "pgd"),
+    "TRADES": _Spec(_trades, True, "trades_kl",
+                    loss_defaults=MappingProxyType(dict(beta=1.0, ce_on="clean"))),
+    "ALP": _Spec(lambda **kw: _logit_pairing("adv", **kw), True, "pgd", loss_defaults=_PAIRING),
+    "CLP": _Spec(lambda **kw: _logit_pairing("clean", **kw), True, "pgd", loss_defaults=_PAIRING),
+    "MART": _Spec(_mart, True, "pgd", loss_defaults=MappingProxyType(dict(beta=5.0))),
+    "TERM": _Spec(_term, True, loss_defaults=MappingProxyType(dict(t=2.0))),
+    "RandSmoothing": _Spec(_adversarial_ce, False, "smooth_adv"),
+    "CVaR_SGD": _Spec(lambda **kw: _cvar(method="subgradient", **kw), False, "uniform",
+                      loss_defaults=_CVAR, draws=20),
+    "CVaR_SGD_Autograd": _Spec(lambda **kw: _cvar(method="autograd", **kw), False, "uniform",
+                               loss_defaults=_CVAR, draws=20),
+    "CVaR_SGD_PD": _Spec(lambda **kw: _cvar(method="subgradient", primal_dual=True, **kw), True,
+                         "uniform", dual=_STEP_DUAL, loss_defaults=_CVAR, draws=20),
     # Without a dual variable the fixed multiplier is required.
-    "Gaussian_DALE": _Spec(lambda nu_fixed, **kw: _dale(nu_fixed, **kw), True, True, False),
-    "Laplacian_DALE": _Spec(lambda nu_fixed, **kw: _dale(nu_fixed, **kw), True, True, False),
-    "Gaussian_DALE_PD": _Spec(_dale, True, True, True),
-    "Gaussian_DALE_PD_Reverse": _Spec(lambda **kw: _dale(objective="clean", **kw), True, True, True),
-    "KL_DALE_PD": _Spec(lambda **kw: _dale(robust="kl", **kw), True, True, True),
-    "DALE": _Spec(_dale, True, True, True),
+    "Gaussian_DALE": _Spec(lambda nu_fixed, **kw: _dale(nu_fixed, **kw), True,
+                           "langevin_gaussian", loss_defaults=_FIXED_NU),
+    "Laplacian_DALE": _Spec(lambda nu_fixed, **kw: _dale(nu_fixed, **kw), True,
+                            "langevin_laplacian", loss_defaults=_FIXED_NU),
+    "Gaussian_DALE_PD": _Spec(_dale, True, "langevin_gaussian", dual=_STEP_DUAL),
+    "Gaussian_DALE_PD_Reverse": _Spec(lambda **kw: _dale(objective="clean", **kw), True,
+                                      "langevin_gaussian", dual=_STEP_DUAL),
+    "KL_DALE_PD": _Spec(lambda **kw: _dale(robust="kl", **kw), True, "trades_kl",
+                        dual=_STEP_DUAL),
+    "DALE": _Spec(_dale, True, "langevin", dual=_EPOCH_DUAL),
 }
 
 

@@ -1,8 +1,13 @@
-"""Experiment configs as plain data: advbench's defaults per dataset and algorithm.
+"""Experiment configs as plain data: advbench's hyperparameters per dataset family.
 
-``experiments/configs/<dataset>.py`` call :func:`base_config`; :func:`validate`
-checks a (possibly CLI-overridden) config before anything is compiled or
-written; :func:`apply_random_hparams` is advbench's seeded random search.
+``experiments/configs/<dataset>.py`` call :func:`base_config` and name what they
+change; :data:`FAMILIES` holds advbench's values as named fields (one training
+sampler per sampler name, the losses' hyperparameters that differ by family, the
+evaluation threat model), and each algorithm's registry entry
+(:data:`dale_jax.algorithms.ALGORITHMS`) says which sampler, loss defaults, dual
+defaults and number of draws it uses. :func:`validate` checks a (possibly
+CLI-overridden) config before anything is compiled or written;
+:func:`apply_random_hparams` is advbench's seeded random search.
 """
 
 from __future__ import annotations
@@ -22,23 +27,46 @@ from dale_jax.models import MODELS
 
 DATASETS = ("mnist", "cifar10", "svhn", "mnist_digits")
 
-# advbench's training hyperparameters, per dataset family.
-_TRAIN = {
+# advbench's hyperparameters by dataset family. ``samplers`` holds the training
+# sampler of every sampler name (an algorithm picks one through its registry entry),
+# ``losses`` the loss hyperparameters that differ from the registry's defaults.
+FAMILIES: dict[str, dict[str, Any]] = {
     "mnist": dict(
-        eps=0.3, pgd_steps=7, pgd_step=0.1, trades_steps=7, trades_step=0.1, trades_beta=1.0,
-        mart_beta=5.0, g_dale=(7, 0.1, 0.001), l_dale=(7, 0.1, 0.001),
-        smooth=(0.5, 7, 0.1, 10), paper_dale=(7, 1e-3, 1e-2)),
+        model=dict(name="mnist_cnn", dtype="float32"),
+        augment=False,
+        samplers=dict(
+            pgd=dict(eps=0.3, step_size=0.1, steps=7),
+            fgsm=dict(eps=0.3),
+            trades_kl=dict(eps=0.3, step_size=0.1, steps=7),
+            langevin_gaussian=dict(eps=0.3, step_size=0.1, steps=7, noise_scale=0.001),
+            langevin_laplacian=dict(eps=0.3, step_size=0.1, steps=7, noise_scale=0.001),
+            langevin=dict(eps=0.3, step_size=1e-3, steps=7, temperature=1e-2),
+            smooth_adv=dict(eps=0.3, step_size=0.1, steps=7, sigma=0.5, num_samples=10),
+            uniform=dict(eps=0.3),
+        ),
+        losses=dict(TRADES=dict(beta=1.0)),
+        eval=dict(eps=0.3, pgd_steps=10, pgd_step_size=0.1),
+    ),
     "cifar": dict(
-        eps=0.031, pgd_steps=10, pgd_step=0.007, trades_steps=10, trades_step=2 / 255,
-        trades_beta=6.0, mart_beta=5.0, g_dale=(10, 0.007, 0.0), l_dale=(10, 0.007, 0.01),
-        smooth=(0.12, 10, 2 / 255, 10), paper_dale=(10, 1e-5, 1e-3)),
+        model=dict(name="resnet18", dtype="float32"),
+        augment=True,
+        samplers=dict(
+            pgd=dict(eps=0.031, step_size=0.007, steps=10),
+            fgsm=dict(eps=0.031),
+            trades_kl=dict(eps=0.031, step_size=2 / 255, steps=10),
+            langevin_gaussian=dict(eps=0.031, step_size=0.007, steps=10, noise_scale=0.0),
+            langevin_laplacian=dict(eps=0.031, step_size=0.007, steps=10, noise_scale=0.01),
+            langevin=dict(eps=0.031, step_size=1e-5, steps=10, temperature=1e-3),
+            smooth_adv=dict(eps=0.031, step_size=2 / 255, steps=10, sigma=0.12, num_samples=10),
+            uniform=dict(eps=0.031),
+        ),
+        losses=dict(TRADES=dict(beta=6.0)),
+        eval=dict(eps=8 / 255, pgd_steps=20, pgd_step_size=0.003),
+    ),
 }
-# advbench's evaluation ("test") hyperparameters.
-_EVAL = {
-    "mnist": dict(eps=0.3, pgd_steps=10, pgd_step_size=0.1),
-    "cifar": dict(eps=8 / 255, pgd_steps=20, pgd_step_size=0.003),
-}
-_SCHEDULE = {
+FAMILY = {"mnist": "mnist", "mnist_digits": "mnist", "cifar10": "cifar", "svhn": "cifar"}
+# advbench's epochs and learning-rate schedule (absolute factors from each boundary on).
+SCHEDULES = {
     "mnist": dict(num_epochs=50, boundaries=(25, 35, 40), scales=(0.1, 0.01, 0.001)),
     "mnist_digits": dict(num_epochs=50, boundaries=(25, 35, 40), scales=(0.1, 0.01, 0.001)),
     "cifar10": dict(num_epochs=115, boundaries=(55, 75, 90), scales=(0.1, 0.01, 0.001)),
@@ -46,105 +74,47 @@ _SCHEDULE = {
 }
 
 
-def _family(dataset: str) -> str:
-  return "mnist" if dataset in ("mnist", "mnist_digits") else "cifar"
-
-
-def sampler_config(algorithm: str, dataset: str) -> dict[str, Any]:
-  """The ``sampler`` section: advbench's training sampler for ``algorithm``."""
-  h = _TRAIN[_family(dataset)]
-  eps = h["eps"]
-  if algorithm in ("PGD", "ALP", "CLP", "MART"):
-    return dict(name="pgd", eps=eps, step_size=h["pgd_step"], steps=h["pgd_steps"])
-  if algorithm == "FGSM":
-    return dict(name="fgsm", eps=eps)
-  if algorithm in ("TRADES", "KL_DALE_PD"):
-    return dict(name="trades_kl", eps=eps, step_size=h["trades_step"], steps=h["trades_steps"])
-  if algorithm in ("Gaussian_DALE", "Gaussian_DALE_PD", "Gaussian_DALE_PD_Reverse"):
-    steps, step, noise = h["g_dale"]
-    return dict(name="langevin_gaussian", eps=eps, step_size=step, steps=steps, noise_scale=noise)
-  if algorithm == "Laplacian_DALE":
-    steps, step, noise = h["l_dale"]
-    return dict(name="langevin_laplacian", eps=eps, step_size=step, steps=steps, noise_scale=noise)
-  if algorithm == "DALE":
-    steps, step, temperature = h["paper_dale"]
-    return dict(name="langevin", eps=eps, step_size=step, steps=steps, temperature=temperature)
-  if algorithm == "RandSmoothing":
-    sigma, steps, step, n = h["smooth"]
-    return dict(name="smooth_adv", eps=eps, step_size=step, steps=steps, sigma=sigma, num_samples=n)
-  if algorithm in ("ERM_DataAug", "CVaR_SGD", "CVaR_SGD_Autograd", "CVaR_SGD_PD"):
-    return dict(name="uniform", eps=eps)
-  return {}
-
-
-def loss_config(algorithm: str, dataset: str) -> dict[str, Any]:
-  """The ``loss`` section: the keyword hyperparameters of ``algorithm``'s loss."""
-  h = _TRAIN[_family(dataset)]
-  if algorithm == "TRADES":
-    return dict(beta=h["trades_beta"], ce_on="clean")
-  if algorithm == "MART":
-    return dict(beta=h["mart_beta"])
-  if algorithm == "TERM":
-    return dict(t=2.0)
-  if algorithm in ("ALP", "CLP"):
-    return dict(weight=1.0)
-  if algorithm.startswith("CVaR"):
-    return dict(beta=0.5, t_step_size=1.0, n_steps=5)
-  if algorithm in ("Gaussian_DALE", "Laplacian_DALE"):
-    return dict(nu_fixed=0.1)
-  return {}
-
-
-def dual_config(algorithm: str) -> dict[str, Any]:
-  """The ``dual`` section (empty for algorithms without a dual variable)."""
-  if not algorithms.ALGORITHMS[algorithm].uses_dual:
-    return {}
-  if algorithm == "DALE":  # the paper: nu starts at 0, one dual step per epoch.
-    return dict(step_size=1.0, margin=0.1, init_value=0.0, every="epoch")
-  return dict(step_size=0.001, margin=0.1, init_value=1.0, every="step")
-
-
 def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
   """advbench's defaults for ``algorithm`` on ``dataset``."""
-  if dataset not in DATASETS:
-    raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+  validation.one_of("dataset", dataset, DATASETS)
   algorithms.check_name(algorithm)
-  family = _family(dataset)
+  family = FAMILIES[FAMILY[dataset]]
+  spec = algorithms.ALGORITHMS[algorithm]
+  schedule = SCHEDULES[dataset]
   c = ml_collections.ConfigDict()
   c.algorithm = algorithm
   c.dataset = dataset
   c.seed = 0
   c.hparams_seed = 0
-  c.num_epochs = _SCHEDULE[dataset]["num_epochs"]
+  c.num_epochs = schedule["num_epochs"]
   c.batch_size = 64
   c.log_every_steps = 50
   c.checkpoint_every_steps = 200
 
-  c.model = ml_collections.ConfigDict(
-      dict(name="mnist_cnn" if family == "mnist" else "resnet18", dtype="float32"))
+  c.model = ml_collections.ConfigDict(family["model"])
   c.optimizer = ml_collections.ConfigDict(
       dict(learning_rate=0.01, momentum=0.9, weight_decay=3.5e-3, nesterov=False))
   c.schedule = ml_collections.ConfigDict(
-      dict(boundaries=tuple(_SCHEDULE[dataset]["boundaries"]),
-           scales=tuple(_SCHEDULE[dataset]["scales"])))
-  c.sampler = ml_collections.ConfigDict(sampler_config(algorithm, dataset))
-  c.draws = 20 if algorithm in ("ERM_DataAug", "CVaR_SGD", "CVaR_SGD_Autograd", "CVaR_SGD_PD") else 1
+      dict(boundaries=tuple(schedule["boundaries"]), scales=tuple(schedule["scales"])))
+  c.sampler = ml_collections.ConfigDict(
+      dict(name=spec.sampler, **family["samplers"][spec.sampler]) if spec.sampler else {})
+  c.draws = spec.draws
   # Examples per device that the sampler perturbs at a time; 0: the whole batch;
   # None: train.CPU_SAMPLER_CHUNK on CPUs (the chunk stays in cache), the whole
   # batch on a GPU or TPU (see train.sampler_chunk_size).
   c.sampler_chunk_size = ml_collections.config_dict.placeholder(int)
-  c.loss = ml_collections.ConfigDict(loss_config(algorithm, dataset))
-  c.dual = ml_collections.ConfigDict(dual_config(algorithm))
+  c.loss = ml_collections.ConfigDict(
+      {**spec.loss_defaults, **family["losses"].get(algorithm, {})})
+  c.dual = ml_collections.ConfigDict(dict(spec.dual or {}))
   c.data = ml_collections.ConfigDict(dict(
       data_dir=ml_collections.config_dict.placeholder(str),
       validation_size=ml_collections.config_dict.placeholder(int),
-      augment=family == "cifar", max_train_examples=0))
-  e = _EVAL[family]
+      augment=family["augment"], max_train_examples=0))
   c.eval = ml_collections.ConfigDict(dict(
       evaluators=("Clean", "PGD", "FGSM", "CVaR", "Augmented"),
       splits=("Validation", "Test"),
       batch_size=100, every_epochs=1, max_examples=0, norm="linf",
-      eps=e["eps"], pgd_steps=e["pgd_steps"], pgd_step_size=e["pgd_step_size"],
+      **family["eval"],
       cvar_t_step_size=0.5, cvar_beta=0.05, cvar_draws=10, cvar_steps=10,
       augmented_draws=100, augmented_betas=(0.1, 0.05, 0.01),
       apgd_steps=100, square_queries=5000))
@@ -179,7 +149,7 @@ def apply_random_hparams(config: ml_collections.ConfigDict) -> None:
   config.optimizer.learning_rate = float(10 ** draw("learning_rate", lambda r: r.uniform(-4.5, -2.5)))
   config.optimizer.momentum = float(draw("sgd_momentum", lambda r: r.uniform(0.8, 0.95)))
   config.optimizer.weight_decay = float(10 ** draw("weight_decay", lambda r: r.uniform(-6, -3)))
-  family = _family(config.dataset)
+  family = FAMILY[config.dataset]
   name = config.sampler.get("name")
   if name == "pgd" and family == "mnist":
     config.sampler.step_size = float(draw("pgd_step_size", lambda r: r.uniform(0.05, 0.2)))

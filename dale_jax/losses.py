@@ -26,14 +26,15 @@ def trades_kl(clean_logits: Array, adv_logits: Array) -> Array:
   return jnp.mean(potentials.kl_to_clean(adv_logits, clean_logits))
 
 
-def trades(clean_logits: Array, adv_logits: Array, labels: Array, beta: float) -> Array:
+def trades(clean_logits: Array, adv_logits: Array, labels: Array, beta: float, *,
+           ce_on: str = "clean") -> Array:
   """TRADES (Zhang et al. 2019): ``CE(f(x), y) + beta * KL(p(x) || p(x'))``.
 
-  This is the paper's objective (natural cross-entropy). advbench puts the
-  *adversarial* logits in the CE term; pass ``adv_logits`` as ``clean_logits``'s
-  CE argument via :func:`cross_entropy` yourself to reproduce that.
+  ``ce_on="clean"`` is the paper's objective (natural cross-entropy); advbench puts
+  the *adversarial* logits in the CE term, ``ce_on="adv"``.
   """
-  return cross_entropy(clean_logits, labels) + beta * trades_kl(clean_logits, adv_logits)
+  ce_logits = clean_logits if ce_on == "clean" else adv_logits
+  return cross_entropy(ce_logits, labels) + beta * trades_kl(clean_logits, adv_logits)
 
 
 def logit_pairing(clean_logits: Array, adv_logits: Array) -> Array:

@@ -6,6 +6,10 @@ Run::
 
 The argument after the colon is the algorithm name (default Gaussian_DALE_PD).
 The dataset must be prepared once with internet (see dale_jax/data.py).
+advbench's values, each named: ``dale_jax.configs.FAMILIES["mnist"]`` (training
+samplers, loss overrides, evaluation threat model), ``configs.SCHEDULES["mnist"]``
+(epochs and learning-rate schedule), and the algorithm's entry in
+``dale_jax.algorithms.ALGORITHMS`` (its sampler, loss and dual defaults, draws).
 """
 
 from dale_jax import configs
