@@ -1,14 +1,12 @@
 """Host memory: let XLA:CPU find the buffers it freed when its next step starts.
 
 XLA:CPU allocates a program's temporaries afresh on every call, as one block
-(187 MiB for the MNIST Gaussian-DALE training step at batch 64) requested from
-one of its worker threads. glibc's malloc serves a request of that size in a
-worker thread's arena only with a fresh ``mmap`` (an arena other than the main
-one holds at most 64 MiB, whatever ``M_MMAP_MAX`` says) and gives it back with
-``munmap`` when it is freed, so every step page-faults the whole block in again,
-zeroed by the kernel: on the 2-core Xeon of the README, 48,000 faults and about
-80 ms of kernel CPU time per 270 ms step, and none once kept (the step then
-takes 245 ms). PyTorch's step there takes a few thousand faults.
+(a training step's take hundreds of MiB) requested from one of its worker
+threads. glibc's malloc serves a request of that size in a worker thread's arena
+only with a fresh ``mmap`` (an arena other than the main one holds at most 64 MiB,
+whatever ``M_MMAP_MAX`` says) and gives it back with ``munmap`` when it is freed,
+so every step page-faults the whole block in again, zeroed by the kernel: a large
+share of a CPU step's time (docs/performance.md has the measurements).
 
 :func:`keep_freed_memory` sets glibc's malloc so that freed blocks stay with
 the process: one arena for every thread, no ``mmap`` for large blocks, and no
@@ -37,7 +35,7 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely" (glibc
 # stores it as a size_t). The largest positive int, 2 GiB, is not enough: the heap's
-# free top passes 2.1 GiB after some batch-256 steps and was then given back.
+# free top of a large batch can pass it, and is then given back.
 _NEVER_TRIM = -1
 
 _lock = threading.Lock()

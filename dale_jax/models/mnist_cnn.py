@@ -3,11 +3,10 @@
 The layers are those of advbench's network (and of ``flax.linen.Conv`` /
 ``max_pool``), but two of them are written for XLA:CPU, where this model trains
 most often. With ``nn.Conv`` and ``nn.max_pool`` a Gaussian-DALE step (7 sampler
-steps of forward + input gradient, then the training update) runs 3x slower than
-with this formulation: its profile is led by the input gradient of ``conv2``
-(a generic convolution kernel, a quarter of the step), the forward ``conv2``
-(whose kernel allocates a fresh 40 MiB patch buffer on every call at batch 64),
-the kernel gradients and the max-pool gradient (``select_and_scatter``).
+steps of forward + input gradient, then the training update) is led by the input
+gradient of ``conv2`` (a generic convolution kernel), the forward ``conv2`` (whose
+kernel allocates a fresh patch buffer on every call), the kernel gradients and the
+max-pool gradient (``select_and_scatter``); docs/performance.md has the figures.
 
 * **Convolutions as im2col matmuls.** ``y = patches(x) @ K.reshape(9 C_in, C_out)``
   with ``patches`` the 3x3 windows stacked on the channel axis (row-major window
