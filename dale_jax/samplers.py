@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from typing import Any, Callable, Mapping
 
 import jax

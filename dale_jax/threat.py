@@ -12,7 +12,6 @@ Norms are taken per example over every axis but the first (the batch axis).
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp

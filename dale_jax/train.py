@@ -13,9 +13,8 @@ import functools
 import json
 import math
 import os
-import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

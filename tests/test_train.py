@@ -9,7 +9,6 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

@@ -12,8 +12,6 @@ FAB-T"; each runs only on the points the previous ones did not break.
 
 from __future__ import annotations
 
-import json
-import os
 
 from absl import app
 from absl import flags

@@ -19,7 +19,6 @@ import argparse
 import os
 import shlex
 import shutil
-import sys
 from typing import Sequence
 
 from dale_jax.cli import _errors

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 
 from absl import app
