@@ -88,10 +88,12 @@ def _np_cvar(ce, beta, step, steps):
   return t + np.mean(np.maximum(ce - t, 0.0), axis=0) / beta
 
 
-def _draws(key, x, n):
-  """The evaluator's uniform draws: ``threat.uniform`` with ``split(key, n)[d]``."""
-  return np.stack([np.asarray(threat.uniform(k, jnp.asarray(x), norm="linf", eps=EPS))
-                   for k in jax.random.split(key, n)]).astype(np.float64)
+def _draws(key, x, n, pad):
+  """The evaluator's ``n`` uniform draws of ``x`` padded with ``pad`` rows, real rows only:
+  ``threat.uniform`` with ``split(key, n)[d]``."""
+  padded = np.concatenate([x, np.full((pad,) + x.shape[1:], 0.5, np.float32)])
+  return np.stack([np.asarray(threat.uniform(k, jnp.asarray(padded), norm="linf", eps=EPS))
+                   for k in jax.random.split(key, n)]).astype(np.float64)[:, :len(x)]
 
 
 # ----------------------------------------------------------------------------- tests
@@ -145,13 +147,12 @@ def test_pgd_and_fgsm_match_numpy(problem, pad):
 def test_cvar_matches_numpy(problem, pad):
   x, y, params = problem
   key = jax.random.key(4)
-  draws = _draws(key, np.concatenate([x, np.full((pad,) + x.shape[1:], 0.5, np.float32)]),
-                 SETTINGS["cvar_draws"])[:, :len(x)]
+  draws = _draws(key, x, SETTINGS["cvar_draws"], pad)
   ce = np.stack([_np_ce(_np_logits(params, d), y) for d in draws])
   expected = _np_cvar(ce, SETTINGS["cvar_beta"], SETTINGS["cvar_t_step_size"],
                       SETTINGS["cvar_steps"])
   _assert_matches(_run("CVaR", x, y, params, key, pad), {"CVaR-Loss": expected.mean()})
-  # CVaR_beta of the draws' losses lies between their mean and their maximum.
+  # The CVaR bracket of the draws' losses is at least their mean.
   assert ce.mean(0).mean() <= expected.mean() + 1e-6
 
 
@@ -159,8 +160,7 @@ def test_cvar_matches_numpy(problem, pad):
 def test_augmented_matches_numpy(problem, pad):
   x, y, params = problem
   key = jax.random.key(5)
-  draws = _draws(key, np.concatenate([x, np.full((pad,) + x.shape[1:], 0.5, np.float32)]),
-                 SETTINGS["augmented_draws"])[:, :len(x)]
+  draws = _draws(key, x, SETTINGS["augmented_draws"], pad)
   logits = np.stack([_np_logits(params, d) for d in draws])
   per_image = 100.0 * np.mean(logits.argmax(-1) == y, axis=0)
   expected = {"Augmented-Accuracy": per_image.mean(),
