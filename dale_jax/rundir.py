@@ -52,21 +52,22 @@ def mark_done(workdir: str) -> None:
     f.write(f"{time.time()}\n")
 
 
-def write_json(file: str, obj: Any, **kwargs) -> None:
-  """Writes ``obj`` as JSON to ``file`` atomically."""
+def _write_atomically(file: str, text: str) -> None:
+  """A reader sees the old file or the new one, never a part of it."""
   tmp = file + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, **kwargs)
-    f.write("\n")
+    f.write(text)
   os.replace(tmp, file)
+
+
+def write_json(file: str, obj: Any, **kwargs) -> None:
+  """Writes ``obj`` as JSON to ``file`` atomically."""
+  _write_atomically(file, json.dumps(obj, **kwargs) + "\n")
 
 
 def write_config(workdir: str, config) -> None:
   """``config.json``: the resolved ``ml_collections.ConfigDict``, sorted keys."""
-  tmp = path(workdir, CONFIG) + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path(workdir, CONFIG))
+  _write_atomically(path(workdir, CONFIG), config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> dict:
@@ -102,12 +103,7 @@ def read_records(file: str) -> list[dict]:
 
 def write_records(workdir: str, records: Iterable[Mapping]) -> None:
   """Rewrites ``results.jsonl`` atomically (a resume drops the epochs it redoes)."""
-  file = path(workdir, RESULTS)
-  tmp = file + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, file)
+  _write_atomically(path(workdir, RESULTS), "".join(json.dumps(r) + "\n" for r in records))
 
 
 class ScalarWriter:
