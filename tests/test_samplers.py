@@ -550,7 +550,7 @@ _BAD = [
     (samplers.pgd, dict(eps=0.3, step_size=0.1, steps=-1), "steps"),
     (samplers.pgd, dict(eps=0.3, step_size=0.1, steps=2.5), "steps"),
     (samplers.pgd, dict(eps=0.3, step_size=0.1, steps=3.0), "steps"),
-    (samplers.pgd, dict(eps=0.3, step_size=0.1, steps=3, norm="l1"), "norm"),
+    (samplers.pgd, dict(eps=0.3, step_size=0.1, steps=3, norm="l0"), "norm"),
     (samplers.pgd, dict(eps=0.3, step_size=0.1, steps=3, restarts=0), "restarts"),
     (samplers.pgd, dict(eps=0.3, step_size=0.1, steps=3, potential="hinge"), "potential"),
     (samplers.fgsm, dict(eps=-0.3), "eps"),

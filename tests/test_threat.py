@@ -16,7 +16,38 @@ SHAPE = (5, 4, 4, 2)
 
 def _np_norm(v: np.ndarray, norm: str) -> np.ndarray:
   flat = v.reshape(v.shape[0], -1)
+  if norm == "l1":
+    return np.abs(flat).sum(axis=1)
   return np.abs(flat).max(axis=1) if norm == "linf" else np.sqrt((flat**2).sum(axis=1))
+
+
+def _np_sparse_sign(g: np.ndarray, share) -> np.ndarray:
+  """AutoAttack's L1 step, with a sort: sign(g) where |g| >= sorted |g| at (1 - share) n."""
+  flat = g.reshape(len(g), -1).astype(np.float64)
+  n = flat.shape[1]
+  share = np.broadcast_to(np.asarray(share, np.float32), (len(g),))
+  index = np.clip(((1 - share) * n).astype(np.int32), 0, n - 1)
+  threshold = np.sort(np.abs(flat), axis=1)[np.arange(len(g)), index]
+  s = np.sign(flat) * (np.abs(flat) >= threshold[:, None])
+  return (s / (np.abs(s).sum(1, keepdims=True) + 1e-10)).reshape(g.shape)
+
+
+def _np_project_l1_box(delta, x, eps):
+  """The projection onto the L1 ball and the box by a float64 bisection on the shift."""
+  d = delta.reshape(len(delta), -1).astype(np.float64)
+  x = x.reshape(len(delta), -1).astype(np.float64)
+  a, room = np.abs(d), np.where(d >= 0, 1 - x, x)
+  out = np.empty_like(d)
+  for i in range(len(d)):
+    size = lambda lam: np.clip(a[i] - lam, 0, room[i]).sum()  # pylint: disable=cell-var-from-loop
+    lo, hi = 0.0, a[i].max()
+    if size(0.0) <= eps:
+      hi = 0.0
+    for _ in range(200):
+      mid = (lo + hi) / 2
+      lo, hi = (mid, hi) if size(mid) > eps else (lo, mid)
+    out[i] = np.sign(d[i]) * np.clip(a[i] - hi, 0, room[i])
+  return out.reshape(delta.shape)
 
 
 def _np_project(x_adv: np.ndarray, x: np.ndarray, norm: str, eps: float) -> np.ndarray:
@@ -49,6 +80,48 @@ def test_project_matches_numpy_and_lands_in_the_threat_model(norm, eps):
   np.testing.assert_allclose(again, got, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("eps", [0.5, 4.0, 12.0, 1e3])
+def test_l1_projection_matches_a_float64_bisection(eps):
+  rng = np.random.default_rng(1)
+  x = rng.uniform(0, 1, (12, 28, 28, 1)).astype(np.float32)
+  x[:, :4] = 0.0  # pixels on the box's face
+  x[:, 4:6] = 1.0
+  delta = rng.normal(0, 0.3, x.shape).astype(np.float32)
+  delta[0] = 0.0
+  got = np.asarray(threat.project_l1_box(jnp.asarray(delta), jnp.asarray(x), eps), np.float64)
+  want = _np_project_l1_box(delta, x, eps)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-7)
+  assert np.all(_np_norm(got, "l1") <= eps * (1 + 1e-6))
+  assert np.all(x + got >= -1e-7) and np.all(x + got <= 1 + 1e-7)
+  full = threat.project(jnp.asarray(x + delta), jnp.asarray(x), norm="l1", eps=eps)
+  assert float(full.min()) >= 0.0 and float(full.max()) <= 1.0
+
+
+def test_sparse_sign_matches_the_sorted_reference():
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(64, 28, 28, 1)).astype(np.float32)
+  g[:, :2] = 0.0
+  g[1] = 0.0
+  g[2, :, :, 0] = 1.0  # all ties
+  share = rng.uniform(0, 1, 64).astype(np.float32)
+  share[:4] = [0.0, 1.0, 0.2, 1.0]
+  got = np.asarray(threat.sparse_sign(jnp.asarray(g), jnp.asarray(share)))
+  np.testing.assert_allclose(got, _np_sparse_sign(g, share), rtol=1e-6, atol=0)
+
+
+def test_uniform_l1_draws_fill_the_ball():
+  x = jnp.full((4000, 3, 1, 1), 0.5, jnp.float32)
+  eps, dim = 0.3, 3
+  d = np.asarray(threat.uniform(jax.random.key(0), x, norm="l1", eps=eps), np.float64) - 0.5
+  n = _np_norm(d, "l1")
+  assert np.all(n <= eps + 1e-6)
+  # Uniform in the ball: P(||d||_1 <= r) = (r / eps)^3, so E||d||_1 = 3/4 eps, and the
+  # inner half-radius ball holds 1/8 of the draws; signs are symmetric.
+  np.testing.assert_allclose(np.mean(n / eps), dim / (dim + 1), atol=0.01)
+  np.testing.assert_allclose(np.mean(n < eps / 2), 1 / 8, atol=0.015)
+  assert abs(np.mean(d > 0) - np.mean(d < 0)) < 0.03
+
+
 def test_project_keeps_admissible_points():
   x, _ = _points()
   rng = np.random.default_rng(3)
@@ -67,14 +140,18 @@ def test_steepest_ascent_is_the_dual_norm_direction(norm):
   got = np.asarray(threat.steepest_ascent(jnp.asarray(g), norm), np.float64)
   if norm == "linf":
     want = np.sign(g)
+  elif norm == "l1":
+    want = _np_sparse_sign(g, threat.L1_STEP_SHARE)
   else:
     n = _np_norm(g.astype(np.float64), "l2").reshape(-1, 1, 1, 1)
     want = np.where(n > 0, g / np.where(n > 0, n, 1.0), 0.0)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  # Unit norm of the right kind, and a direction of ascent: <g, s> = ||g||_dual.
+  # Unit norm of the right kind, and a direction of ascent: <g, s> = ||g||_dual (for l1
+  # with 1% of 32 coordinates the step moves the largest |g| only, the exact L1 ascent).
   norms = _np_norm(got, norm)
   np.testing.assert_allclose(np.delete(norms, 1), 1.0, rtol=1e-6)
-  dual = np.abs(g).reshape(len(g), -1).sum(1) if norm == "linf" else _np_norm(g, "l2")
+  flat = np.abs(g).reshape(len(g), -1)
+  dual = {"linf": flat.sum(1), "l1": flat.max(1), "l2": _np_norm(g, "l2")}[norm]
   np.testing.assert_allclose((got * g).reshape(len(g), -1).sum(1), dual, rtol=1e-5)
 
 
@@ -121,7 +198,7 @@ def test_uniform_is_deterministic_per_key_and_stays_in_the_box():
 
 
 @pytest.mark.parametrize("norm,eps,field", [
-    ("l1", 0.1, "norm"), ("Linf", 0.1, "norm"), ("linf", -0.1, "eps"),
+    ("l0", 0.1, "norm"), ("Linf", 0.1, "norm"), ("linf", -0.1, "eps"),
     ("l2", math.nan, "eps"), ("l2", math.inf, "eps"), ("linf", "0.3", "eps"),
 ])
 def test_bad_threat_models_are_rejected_by_name(norm, eps, field):
