@@ -35,11 +35,24 @@ and its targeted version with target ``t``
 
 where ``z_pi1 >= z_pi2 >= ...`` are the sorted logits (a ``1e-12`` keeps the
 denominators positive).
+
+L1 (Croce & Hein, "Mind the box: l1-APGD for sparse adversarial attacks on
+image classifiers", ICML 2021) follows the reference's own rules: the step is
+the sparse sign :func:`dale_jax.threat.sparse_sign` on a share ``k`` of the
+coordinates (``k = 0.2`` at first) with step size ``eps``, without momentum,
+projected exactly onto the L1 ball and the box; every ``max(int(0.04 steps), 1)``
+steps ``k`` becomes ``||x_best - x||_0 / (1.5 d)`` and the step size returns to
+``eps`` (with the iterate to the best point) where the sparsity of the best
+point fell below 95% of the previous check, and is divided by 1.5 otherwise
+(within ``[eps / 10, eps]``). With ``use_largereps`` a run is the reference's
+three stages of 30%, 30% and 40% of the steps at radii ``3 eps``, ``2 eps`` and
+``eps``, each starting from the best point of the previous one.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -182,7 +195,13 @@ class RunResult(NamedTuple):
 
 
 def _initial_point(keys, x, norm, eps):
-  """Random point on the sphere of radius eps (Linf: uniform direction, max-normalised)."""
+  """Random point on the sphere of radius eps (Linf: uniform direction, max-normalised).
+
+  L1: a Gaussian draw projected onto the ball and the box, as the reference does.
+  """
+  if norm == "l1":
+    t = _common.per_example(lambda k: jax.random.normal(k, x.shape[1:], x.dtype), keys)
+    return jnp.clip(x + threat.project_l1_box(t, x, eps), 0.0, 1.0)
   if norm == "linf":
     t = _common.per_example(
         lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0), keys)
@@ -192,8 +211,9 @@ def _initial_point(keys, x, norm, eps):
   return jnp.clip(x + eps * t, 0.0, 1.0)
 
 
-def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rho=0.75):
-  """One run of APGD from a random start; traceable. Returns a :class:`RunResult`."""
+def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rho=0.75,
+               x_init=None):
+  """One run of APGD from a random start (or ``x_init``); traceable. Returns a :class:`RunResult`."""
   loss_fn = _loss_fn(loss, targeted)
   if y_target is None:
     y_target = y
@@ -208,17 +228,44 @@ def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rh
     return logits, per_example, grad
 
   project = functools.partial(threat.project, x=x, norm=norm, eps=eps)
-  x_adv = _initial_point(keys, x, norm, eps)
+  if x_init is None:
+    x_adv = _initial_point(keys, x, norm, eps)
+  else:
+    x_adv = jnp.clip(x_init, 0.0, 1.0)
   logits, loss0, grad = loss_and_grad(x_adv)
   state = dict(
       x_adv=x_adv, x_prev=x_adv, grad=grad,
       x_best=x_adv, grad_best=grad, loss_best=loss0,
       x_best_adv=x_adv, acc=_common.predicted_correct(logits, y),
-      step_size=jnp.full(_common.batch_shape(x), 2.0 * eps, x.dtype),
+      step_size=jnp.full(_common.batch_shape(x), (1.0 if norm == "l1" else 2.0) * eps, x.dtype),
       loss_prev=loss0, n_increases=jnp.zeros(loss0.shape, jnp.int32),
       loss_best_last_check=loss0, halved_last_check=jnp.ones(loss0.shape, bool),
   )
-  is_checkpoint, window = _checkpoint_tables(steps)
+  if norm == "l1":
+    n_features = x[0].size
+    sparsity = jnp.sum((x_adv - x).reshape(x.shape[0], -1) != 0, axis=1).astype(x.dtype)
+    if x_init is None:
+      state.update(share=jnp.full(loss0.shape, 0.2, x.dtype),
+                   sparsity=jnp.full(loss0.shape, n_features, x.dtype))
+    else:
+      state.update(share=sparsity / n_features / 1.5, sparsity=sparsity)
+    interval = max(int(0.04 * steps), 1)
+    is_checkpoint = (np.arange(1, steps + 1) % interval) == 0
+    window = np.full(steps, interval, np.int32)
+  else:
+    is_checkpoint, window = _checkpoint_tables(steps)
+
+  def track(s, z, logits, loss_z, grad_z):
+    """The bookkeeping shared by every norm after the iterate ``z``."""
+    correct = _common.predicted_correct(logits, y)
+    improved = loss_z > s["loss_best"]
+    imp = _common.bcast(improved, z)
+    return dict(
+        s, x_best_adv=jnp.where(_common.bcast(~correct, z), z, s["x_best_adv"]),
+        acc=s["acc"] & correct, x_best=jnp.where(imp, z, s["x_best"]),
+        grad_best=jnp.where(imp, grad_z, s["grad_best"]),
+        loss_best=jnp.where(improved, loss_z, s["loss_best"]),
+        x_prev=s["x_adv"], x_adv=z, grad=grad_z)
 
   def step(s, inputs):
     i, at_checkpoint, win = inputs
@@ -226,51 +273,87 @@ def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rh
     z = project(s["x_adv"] + s["step_size"] * threat.steepest_ascent(s["grad"], norm))
     z = project(s["x_adv"] + (z - s["x_adv"]) * a + (s["x_adv"] - s["x_prev"]) * (1 - a))
     logits, loss_z, grad_z = loss_and_grad(z)
-
-    correct = _common.predicted_correct(logits, y)
-    x_best_adv = jnp.where(_common.bcast(~correct, z), z, s["x_best_adv"])
-    improved = loss_z > s["loss_best"]
-    imp = _common.bcast(improved, z)
-    x_best = jnp.where(imp, z, s["x_best"])
-    grad_best = jnp.where(imp, grad_z, s["grad_best"])
-    loss_best = jnp.where(improved, loss_z, s["loss_best"])
+    new = track(s, z, logits, loss_z, grad_z)
     n_increases = s["n_increases"] + (loss_z > s["loss_prev"]).astype(jnp.int32)
 
     halve = at_checkpoint & halving_condition(
-        n_increases, win, loss_best, s["loss_best_last_check"], s["halved_last_check"], rho)
+        n_increases, win, new["loss_best"], s["loss_best_last_check"], s["halved_last_check"],
+        rho)
     hal = _common.bcast(halve, z)
-    new = dict(
-        x_adv=jnp.where(hal, x_best, z), x_prev=s["x_adv"],
-        grad=jnp.where(hal, grad_best, grad_z),
-        x_best=x_best, grad_best=grad_best, loss_best=loss_best,
-        x_best_adv=x_best_adv, acc=s["acc"] & correct,
+    new.update(
+        x_adv=jnp.where(hal, new["x_best"], z),
+        grad=jnp.where(hal, new["grad_best"], grad_z),
         step_size=jnp.where(hal, s["step_size"] / 2, s["step_size"]),
         loss_prev=loss_z,
         n_increases=jnp.where(at_checkpoint, 0, n_increases),
-        loss_best_last_check=jnp.where(at_checkpoint, loss_best, s["loss_best_last_check"]),
+        loss_best_last_check=jnp.where(at_checkpoint, new["loss_best"],
+                                       s["loss_best_last_check"]),
         halved_last_check=jnp.where(at_checkpoint, halve, s["halved_last_check"]),
     )
     return new, loss_z
 
+  def step_l1(s, inputs):
+    _, at_checkpoint, _ = inputs
+    z = project(s["x_adv"] + s["step_size"] * threat.sparse_sign(s["grad"], s["share"]))
+    logits, loss_z, grad_z = loss_and_grad(z)
+    new = track(s, z, logits, loss_z, grad_z)
+    sparsity = jnp.sum((new["x_best"] - x).reshape(x.shape[0], -1) != 0,
+                       axis=1).astype(x.dtype)
+    reset = at_checkpoint & (sparsity / s["sparsity"] < 0.95)
+    full = eps * jnp.ones_like(s["step_size"])
+    step_size = jnp.clip(jnp.where(_common.bcast(reset, z), full, s["step_size"] / 1.5),
+                         eps / 10.0, eps)
+    res = _common.bcast(reset, z)
+    new.update(
+        x_adv=jnp.where(res, new["x_best"], z),
+        grad=jnp.where(res, new["grad_best"], grad_z),
+        step_size=jnp.where(at_checkpoint, step_size, s["step_size"]),
+        share=jnp.where(at_checkpoint, sparsity / x[0].size / 1.5, s["share"]),
+        sparsity=jnp.where(at_checkpoint, sparsity, s["sparsity"]),
+    )
+    return new, loss_z
+
   state, losses = jax.lax.scan(
-      step, state, (jnp.arange(steps), jnp.asarray(is_checkpoint), jnp.asarray(window)))
+      step_l1 if norm == "l1" else step, state,
+      (jnp.arange(steps), jnp.asarray(is_checkpoint), jnp.asarray(window)))
   return RunResult(
       x_best=state["x_best"], acc=state["acc"], loss_best=state["loss_best"],
       x_best_adv=state["x_best_adv"], step_size=state["step_size"].reshape(-1),
       losses=jnp.concatenate([loss0[None], losses], axis=0))
 
 
+def large_reps_schedule(steps: int) -> list[tuple[float, int]]:
+  """The stages ``(radius / eps, steps)`` of ``use_largereps``: 3, 2 and 1 times eps."""
+  first = math.ceil(0.3 * steps)
+  return [(3.0, first), (2.0, first), (1.0, steps - 2 * first)]
+
+
+def large_reps_run(fn, x, y, keys, y_target, eps, *, steps, **kwargs):
+  """AutoAttack's ``decr_eps_pgd`` for L1: stages at ``3 eps, 2 eps, eps``, warm-started."""
+  start = x + _common.per_example(lambda k: jax.random.normal(k, x.shape[1:], x.dtype), keys)
+  for factor, stage_steps in large_reps_schedule(steps):
+    if stage_steps < 1:
+      continue
+    start = x + threat.project_l1_box(start - x, x, factor * eps)
+    res = single_run(fn, x, y, keys, y_target, factor * eps, norm="l1", steps=stage_steps,
+                     x_init=start, **kwargs)
+    start = res.x_best
+  return res
+
+
 # ----------------------------------------------------------------------------- restarts
 
 
 def apgd_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targeted,
-               n_target_classes=0, rho=0.75):
+               n_target_classes=0, rho=0.75, use_largereps=False):
   """Traceable APGD on one batch (the body of :func:`apgd`); returns ``(x_adv, still_correct)``."""
   keys = _common.example_keys(key, x.shape[0])
   clean_logits = fn(x)
   n_classes = clean_logits.shape[-1]
   if loss == "dlr" and n_classes < (4 if targeted else 3):
     raise ValueError(f"loss='dlr' needs at least {4 if targeted else 3} classes, got {n_classes}")
+  if use_largereps and norm != "l1":
+    raise ValueError(f"use_largereps is AutoAttack's L1 schedule; norm must be 'l1', got {norm!r}")
   if targeted and n_target_classes > n_classes - 1:
     raise ValueError(
         f"n_target_classes must be at most n_classes - 1 = {n_classes - 1}, "
@@ -287,9 +370,9 @@ def apgd_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targe
     adv, acc = carry
 
     def attack(_):
-      res = single_run(
-          fn, x, y, _common.fold_keys(keys, j), targets[j // restarts], eps,
-          norm=norm, steps=steps, loss=loss, targeted=targeted, rho=rho)
+      run = large_reps_run if use_largereps else functools.partial(single_run, norm=norm)
+      res = run(fn, x, y, _common.fold_keys(keys, j), targets[j // restarts], eps,
+                steps=steps, loss=loss, targeted=targeted, rho=rho)
       broken = acc & ~res.acc
       return jnp.where(_common.bcast(broken, x), res.x_best_adv, adv), acc & res.acc
 
@@ -301,7 +384,7 @@ def apgd_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targe
 
 
 _apgd_jit = jax.jit(apgd_batch, static_argnames=(
-    "norm", "steps", "restarts", "loss", "targeted", "n_target_classes", "rho"))
+    "norm", "steps", "restarts", "loss", "targeted", "n_target_classes", "rho", "use_largereps"))
 
 
 def apgd(
@@ -318,6 +401,7 @@ def apgd(
     targeted: bool = False,
     n_target_classes: int = 9,
     rho: float = 0.75,
+    use_largereps: bool = False,
     active: jax.Array | None = None,
 ) -> jax.Array:
   """Runs APGD and returns adversarial inputs.
@@ -335,7 +419,7 @@ def apgd(
     x: clean inputs in ``[0, 1]``, ``(batch, ...)``.
     y: integer labels, ``(batch,)``.
     key: one PRNG key, or one per example.
-    norm: ``"linf"`` or ``"l2"``.
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``.
     eps: radius of the threat model.
     steps: iterations per run.
     restarts: random restarts (per target class when targeted).
@@ -343,6 +427,7 @@ def apgd(
     targeted: attack target classes instead of the label.
     n_target_classes: number of target classes when targeted.
     rho: threshold of the step-size condition 1.
+    use_largereps: L1 only: AutoAttack's three stages at 3, 2 and 1 times eps.
     active: optional boolean mask; inactive points are returned unchanged.
 
   Returns:
@@ -360,5 +445,5 @@ def apgd(
       _common.as_pytree_fn(logits_fn), x, jnp.asarray(y), key,
       _common.default_active(x, active), eps, norm=norm, steps=steps, restarts=restarts,
       loss=loss, targeted=bool(targeted), n_target_classes=n_target_classes if targeted else 0,
-      rho=float(rho))
+      rho=float(rho), use_largereps=bool(use_largereps))
   return adv
