@@ -116,8 +116,10 @@ EVALUATORS: dict[str, Callable[[Mapping[str, Any]], Evaluator]] = {
     "CVaR": cvar,
     "Augmented": augmented,
     # Stronger, parameter-free attacks (Croce & Hein 2020; Andriushchenko et al. 2020).
+    # AutoAttack is the standard version for eval.norm.
     "APGD-CE": _attack("APGD-CE", "apgd-ce", steps="apgd_steps"),
     "APGD-T": _attack("APGD-T", "apgd-t", steps="apgd_steps"),
+    "FAB-T": _attack("FAB-T", "fab-t"),
     "Square": _attack("Square", "square", n_queries="square_queries"),
     "AutoAttack": _attack("AutoAttack", "autoattack"),
 }

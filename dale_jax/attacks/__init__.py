@@ -1,14 +1,15 @@
-"""Attacks for evaluation: FGSM/PGD, APGD-CE/-DLR/-T, Square and the AutoAttack chain.
+"""Attacks for evaluation: FGSM/PGD, APGD-CE/-DLR/-T, FAB/FAB-T, Square and AutoAttack.
 
 One module per concern:
 
-* ``pgd``, ``autopgd``, ``square_attack``: the attack families. Each has a host
+* ``pgd``, ``autopgd``, ``fab_attack``, ``square_attack``: the attack families. Each has a host
   entry point ``attack(logits_fn, x, y, key, *, norm, eps, ...) -> x_adv`` whose loop
   is one ``lax.scan``/``while_loop`` under ``jax.jit``, and a traceable batch
-  function (``pgd_batch``, ``apgd_batch``, ``square_batch``) that returns
+  function (``pgd_batch``, ``apgd_batch``, ``fab_batch``, ``square_batch``) that returns
   ``(x_adv, still_correct)`` for the active points of one batch.
 * ``registry``: every attack by name, with its batch function and default settings.
-* ``chain``: the AutoAttack chain in AutoAttack's order and :func:`make_attack`, an attack
+* ``chain``: AutoAttack's versions (``standard``, ``plus``) in AutoAttack's order and
+  :func:`make_attack`, an attack
   with its settings bound for use inside a jitted evaluation step.
 * ``robustness``: :func:`evaluate_robustness`, the host driver of ``dale-eval``, with
   its gradient-masking warnings.
@@ -18,6 +19,8 @@ One module per concern:
 
 from dale_jax.attacks.chain import AUTOATTACK_LABEL
 from dale_jax.attacks.chain import AUTOATTACK_STANDARD
+from dale_jax.attacks.chain import VERSIONS
+from dale_jax.attacks.chain import version
 from dale_jax.attacks.chain import autoattack
 from dale_jax.attacks.chain import make_attack
 from dale_jax.attacks.autopgd import apgd
@@ -26,6 +29,7 @@ from dale_jax.attacks.autopgd import dlr_loss
 from dale_jax.attacks.autopgd import dlr_loss_targeted
 from dale_jax.attacks.autopgd import halving_condition
 from dale_jax.attacks.autopgd import target_classes
+from dale_jax.attacks.fab_attack import fab
 from dale_jax.attacks.pgd import fgsm
 from dale_jax.attacks.pgd import pgd
 from dale_jax.attacks.registry import ATTACKS
@@ -36,8 +40,8 @@ from dale_jax.attacks.square_attack import margin_and_loss
 from dale_jax.attacks.square_attack import square
 
 __all__ = [
-    "ATTACKS", "AUTOATTACK_LABEL", "AUTOATTACK_STANDARD", "DEFAULT_ATTACKS", "apgd",
+    "ATTACKS", "AUTOATTACK_LABEL", "AUTOATTACK_STANDARD", "DEFAULT_ATTACKS", "VERSIONS", "apgd",
     "autoattack", "checkpoints", "default_settings", "dlr_loss", "dlr_loss_targeted",
-    "evaluate_robustness", "fgsm", "halving_condition", "make_attack", "margin_and_loss",
-    "pgd", "square", "target_classes",
+    "evaluate_robustness", "fab", "fgsm", "halving_condition", "make_attack", "margin_and_loss",
+    "pgd", "square", "target_classes", "version",
 ]

@@ -1,10 +1,20 @@
 """The AutoAttack chain: attacks in AutoAttack's order, each on the points still robust.
 
-APGD-CE, APGD-T, (FAB-T, not implemented here), Square: each attack runs only on the
-points that no earlier one broke. With the standard settings (APGD-CE one run of 100
-steps, APGD-T 9 target classes of 100 steps, Square 5,000 queries) this is
-"AutoAttack (standard) without FAB-T". Every draw of an attack comes from a key
-folded with the example's index, so a point's result depends on the seed only.
+Each attack runs only on the points that no earlier one broke. The versions of the
+reference (``AutoAttack(model, norm, eps, version)``, fra31/auto-attack) by name:
+
+* ``standard``: APGD-CE (one run of 100 steps), APGD-T (9 target classes), FAB-T
+  (9 target classes), Square (5,000 queries). For L1: APGD-CE with 5 restarts and
+  APGD-T with 5 target classes, both with the large-radius schedule
+  (``use_largereps``), then FAB-T; Square for L1 is not implemented here, so the
+  L1 chain is labelled "AutoAttack (standard) without Square".
+* ``plus``: APGD-CE and APGD-DLR with 5 restarts, FAB with 5 restarts, Square,
+  APGD-T, FAB-T.
+* ``rand`` (APGD with expectation over transformation, for randomised defences) is
+  not available: asking for it raises.
+
+Every draw of an attack comes from a key folded with the example's index, so a
+point's result depends on the seed only.
 """
 
 from __future__ import annotations
@@ -19,16 +29,55 @@ from dale_jax import threat
 from dale_jax.attacks import _common
 from dale_jax.attacks import registry
 
-AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "square")
-AUTOATTACK_LABEL = "AutoAttack (standard) without FAB-T"
+AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+AUTOATTACK_LABEL = "AutoAttack (standard)"
+VERSIONS = ("standard", "plus")
 # Attacks measured on every correctly classified point; the others form the chain.
 REFERENCE = ("fgsm", "pgd20")
-ENSEMBLE = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
+ENSEMBLE = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
-def autoattack(logits_fn, x, y, key, *, norm, eps, attacks=AUTOATTACK_STANDARD, settings=None,
-               active=None) -> jax.Array:
-  """The chain on one batch, as one traceable function; returns ``x_adv``.
+def version(name: str, norm: str, eps: float, n_classes: int = 10
+            ) -> tuple[tuple[str, ...], dict[str, dict[str, Any]], str]:
+  """``(attacks, settings, label)`` of AutoAttack's version ``name`` for ``norm``.
+
+  ``settings`` holds every field of every attack (defaults with the version's
+  changes); target classes are capped at ``n_classes - 1``.
+  """
+  threat.check_threat(norm, eps)
+  if name == "rand":
+    raise ValueError("version 'rand' (APGD with EOT over 20 draws of a randomised model) is "
+                     "not available; use 'standard', 'plus' or an explicit list of attacks")
+  if name not in VERSIONS:
+    raise ValueError(f"version must be one of {VERSIONS}, got {name!r}")
+  if name == "standard":
+    names = AUTOATTACK_STANDARD
+    changes = {"apgd-t": {"n_target_classes": 9}, "fab-t": {"n_target_classes": 9}}
+    if norm == "l1":
+      names = ("apgd-ce", "apgd-t", "fab-t")
+      changes["apgd-ce"] = {"restarts": 5, "use_largereps": True}
+      changes["apgd-t"] = {"n_target_classes": 5, "use_largereps": True}
+  else:
+    names = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+    changes = {"apgd-ce": {"restarts": 5}, "apgd-dlr": {"restarts": 5}, "fab": {"restarts": 5}}
+  settings = registry.resolve_settings(names, eps, changes)
+  for target_attack in ("apgd-t", "fab-t"):
+    if target_attack in settings:
+      settings[target_attack]["n_target_classes"] = min(
+          settings[target_attack]["n_target_classes"], n_classes - 1)
+  label = f"AutoAttack ({name})"
+  if name == "standard" and norm == "l1":
+    label += " without Square"
+  return names, settings, label
+
+
+def autoattack(logits_fn, x, y, key, *, norm, eps, version="standard", attacks=None,
+               settings=None, active=None) -> jax.Array:
+  """The chain on one batch, jit-compiled; returns ``x_adv``.
+
+  ``version`` names AutoAttack's chain (:func:`version`); ``attacks`` (a list of
+  names, with ``settings`` overrides per attack) replaces it, as the
+  reference's ``version="custom"``.
 
   Each attack runs only on the points still correctly classified after the
   previous ones; ``x_adv`` holds, per point, the first adversarial example
@@ -37,10 +86,7 @@ def autoattack(logits_fn, x, y, key, *, norm, eps, attacks=AUTOATTACK_STANDARD, 
   ``0 .. batch-1`` of the evaluated set.
   """
   _common.check_inputs(x, y, norm, eps)
-  for name in attacks:
-    if name not in ENSEMBLE + REFERENCE:
-      raise ValueError(f"attacks must be among {ENSEMBLE + REFERENCE}, got {name!r}")
-  resolved = registry.resolve_settings(attacks, eps, settings)
+  attacks, resolved = _chain(logits_fn, x, norm, eps, version, attacks, settings)
   x = jnp.asarray(x)
   return _autoattack_jit(
       _common.as_pytree_fn(logits_fn), x, jnp.asarray(y), key, _common.default_active(x, active),
@@ -65,6 +111,22 @@ def autoattack_batch(fn, x, y, key, active, eps, *, norm, attacks, settings):
   return x_adv
 
 
+def _chain(logits_fn, x, norm, eps, version_name, attacks, settings):
+  """The chain's names and resolved settings, from a version or an explicit list."""
+  if attacks is None:
+    n_classes = int(jax.eval_shape(
+        logits_fn, jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), jnp.float32)).shape[-1])
+    attacks, resolved, _ = version(version_name, norm, eps, n_classes)
+    for name, changes in dict(settings or {}).items():
+      resolved.update(registry.resolve_settings((name,), eps, {name: {
+          **resolved.get(name, {}), **changes}}))
+    return tuple(attacks), resolved
+  for name in attacks:
+    if name not in ENSEMBLE + REFERENCE:
+      raise ValueError(f"attacks must be among {ENSEMBLE + REFERENCE}, got {name!r}")
+  return tuple(attacks), registry.resolve_settings(attacks, eps, settings)
+
+
 _autoattack_jit = jax.jit(autoattack_batch, static_argnames=("norm", "attacks", "settings"))
 
 
@@ -79,19 +141,19 @@ def make_attack(name: str, *, norm: str = "linf", eps: float, **settings):
   """An attack with its hyperparameters bound: ``attack(key, logits_fn, x, y) -> x_adv``.
 
   ``name`` is one of :data:`dale_jax.attacks.ATTACKS` (``"clean"`` returns ``x``)
-  or ``"autoattack"`` (the standard chain, with ``settings`` a mapping attack ->
-  overrides). The returned function is traceable and can run inside a jitted
-  evaluation step.
+  or ``"autoattack"`` (the standard chain for ``norm``, with ``settings`` a
+  mapping attack -> overrides; target classes are capped at the model's class
+  count when the chain first runs). The returned function is traceable and can
+  run inside a jitted evaluation step.
   """
   threat.check_threat(norm, eps)
   if name == "autoattack":
-    resolved = registry.resolve_settings(AUTOATTACK_STANDARD, eps, settings)
-    frozen = tuple(registry.freeze(resolved[n]) for n in AUTOATTACK_STANDARD)
 
     def attack_chain(key, logits_fn, x, y):
+      names, resolved = _chain(logits_fn, x, norm, eps, "standard", None, settings)
       return _autoattack_jit(_common.as_pytree_fn(logits_fn), x, y, key,
-                             jnp.ones((x.shape[0],), bool), eps, norm=norm,
-                             attacks=AUTOATTACK_STANDARD, settings=frozen)
+                             jnp.ones((x.shape[0],), bool), eps, norm=norm, attacks=names,
+                             settings=tuple(registry.freeze(resolved[n]) for n in names))
 
     return attack_chain
   frozen = registry.freeze(registry.resolve_settings((name,), eps, {name: settings})[name])
@@ -105,15 +167,18 @@ def make_attack(name: str, *, norm: str = "linf", eps: float, **settings):
 
 
 def ensemble_label(names: Sequence[str], resolved: Mapping[str, Mapping[str, Any]], eps: float,
-                   n_classes: int) -> str | None:
-  """AutoAttack's name only for its standard attacks, order and settings."""
+                   n_classes: int, norm: str = "linf") -> str | None:
+  """AutoAttack's name for a chain that is one of its versions (attacks, order, settings)."""
   if not names:
     return None
+  for name in VERSIONS:
+    v_names, v_settings, label = version(name, norm, eps, n_classes)
+    if tuple(names) == v_names and all(dict(resolved[n]) == v_settings[n] for n in names):
+      return label
   standard = {n: registry.default_settings(n, eps) for n in names}
-  if "apgd-t" in standard:
-    standard["apgd-t"]["n_target_classes"] = min(9, n_classes - 1)
-  if tuple(names) == AUTOATTACK_STANDARD and all(resolved[n] == standard[n] for n in names):
-    return AUTOATTACK_LABEL
+  for target_attack in ("apgd-t", "fab-t"):
+    if target_attack in standard:
+      standard[target_attack]["n_target_classes"] = min(9, n_classes - 1)
   changed = [n for n in names if resolved[n] != standard[n]]
   label = "custom ensemble: " + ", ".join(names)
   return label + (" (non-standard settings: " + ", ".join(changed) + ")" if changed else "")

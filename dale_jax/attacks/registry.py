@@ -15,6 +15,7 @@ import jax
 
 from dale_jax.attacks import _common
 from dale_jax.attacks import autopgd
+from dale_jax.attacks import fab_attack as fab_lib
 from dale_jax.attacks import pgd as pgd_lib
 from dale_jax.attacks import square_attack
 
@@ -31,7 +32,13 @@ def _clean(fn, x, y, keys, active, eps, *, norm):
 
 def _apgd(loss: str, targeted: bool, **extra) -> Attack:
   return Attack(autopgd.apgd_batch, lambda eps: dict(
-      steps=100, restarts=1, loss=loss, targeted=targeted, rho=0.75, **extra))
+      steps=100, restarts=1, loss=loss, targeted=targeted, rho=0.75, use_largereps=False,
+      **extra))
+
+
+def _fab(targeted: bool, **extra) -> Attack:
+  return Attack(fab_lib.fab_batch, lambda eps: dict(
+      steps=100, restarts=1, targeted=targeted, alpha_max=0.1, eta=1.05, beta=0.9, **extra))
 
 
 REGISTRY: Mapping[str, Attack] = {
@@ -43,6 +50,8 @@ REGISTRY: Mapping[str, Attack] = {
     "apgd-ce": _apgd("ce", False),
     "apgd-dlr": _apgd("dlr", False),
     "apgd-t": _apgd("dlr", True, n_target_classes=9),
+    "fab": _fab(False),
+    "fab-t": _fab(True, n_target_classes=9),
     "square": Attack(square_attack.square_batch, lambda eps: dict(
         n_queries=5000, p_init=0.8, restarts=1, loss="margin", rescale_schedule=False)),
 }

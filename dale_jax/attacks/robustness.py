@@ -24,8 +24,8 @@ from dale_jax.attacks import _common
 from dale_jax.attacks import chain as chain_lib
 from dale_jax.attacks import registry
 
-DEFAULT_ATTACKS = ("clean", "pgd20", "apgd-ce", "apgd-t", "square")
-_WHITE_BOX = ("fgsm", "pgd20", "apgd-ce", "apgd-dlr", "apgd-t")
+DEFAULT_ATTACKS = ("clean", "pgd20", "apgd-ce", "apgd-t", "fab-t", "square")
+_WHITE_BOX = ("fgsm", "pgd20", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t")
 # (weaker, stronger) pairs: the stronger attack should never do clearly worse.
 _STRENGTH_ORDER = (("fgsm", "pgd20"), ("pgd20", "apgd-ce"), ("fgsm", "apgd-ce"))
 # AutoAttack flags Square when it breaks more than this share of points.
@@ -70,6 +70,7 @@ def evaluate_robustness(
     batch_size: int = 256,
     seed: int = 0,
     settings: Mapping[str, Mapping[str, Any]] | None = None,
+    version: str | None = None,
     individual: bool = False,
     mesh: jax.sharding.Mesh | None = None,
     warning_margin: float = 0.5,
@@ -89,13 +90,16 @@ def evaluate_robustness(
       ``jax.tree_util.Partial(model.apply, variables)`` keeps the weights out
       of the compiled program.
     x: NHWC images in ``[0, 1]`` (NumPy or JAX); y: integer labels.
-    attacks: names among :data:`dale_jax.attacks.ATTACKS`.
+    attacks: names among :data:`dale_jax.attacks.ATTACKS`. With ``version``,
+      only the reference attacks (``"clean"``, ``"fgsm"``, ``"pgd20"``).
     norm, eps: the threat model.
     batch_size: points per attack call (bounds memory); rounded up to a
       multiple of the device count.
     seed: seed of every random draw.
-    settings: per-attack overrides of :func:`dale_jax.attacks.default_settings`,
-      e.g. ``{"square": {"n_queries": 1000}}``.
+    settings: per-attack overrides of :func:`dale_jax.attacks.default_settings`
+      (or of the version's settings), e.g. ``{"square": {"n_queries": 1000}}``.
+    version: AutoAttack's chain by name (``"standard"`` or ``"plus"``,
+      :func:`dale_jax.attacks.chain.version`), run after ``attacks``.
     individual: run each chain attack on every correct point.
     mesh: a mesh with a ``"data"`` axis to shard batches over; by default
       :func:`dale_jax.parallel.make_mesh` (all devices).
@@ -109,6 +113,12 @@ def evaluate_robustness(
     ``warnings`` (sanity flags of gradient masking).
   """
   attacks = tuple(attacks)
+  if version is not None:
+    for name in attacks:
+      if name in chain_lib.ENSEMBLE:
+        raise ValueError(f"with version={version!r} the chain is the version's; attacks may "
+                         f"only name {('clean',) + chain_lib.REFERENCE}, got {name!r}")
+    chain_lib.version(version, norm, eps)  # raises on an unknown version
   for name in attacks:
     if name not in registry.REGISTRY:
       raise ValueError(f"attacks must be among {registry.ATTACKS}, got {name!r}")
@@ -116,16 +126,30 @@ def evaluate_robustness(
     raise ValueError(f"attacks must not repeat a name, got {attacks}")
   _common.check_inputs(x, y, norm, eps)
   _common.check_positive_int("batch_size", batch_size)
-  if x.ndim != 4 and "square" in attacks:
-    raise ValueError(f"square needs NHWC images, got x of shape {x.shape}")
-  resolved = registry.resolve_settings(attacks, eps, settings)
-
   x = np.asarray(x, np.float32)
+  fn = _common.as_pytree_fn(logits_fn)
+  n_classes = int(jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)).shape[-1])
+  if version is not None:
+    chain_names, resolved, _ = chain_lib.version(version, norm, eps, n_classes)
+    resolved.update(registry.resolve_settings(attacks, eps, None))
+    attacks = attacks + chain_names
+    for name, changes in dict(settings or {}).items():
+      if name not in attacks:
+        raise ValueError(f"settings names {name!r}, which does not run; running: {attacks}")
+      resolved.update(registry.resolve_settings((name,), eps, {name: {
+          **resolved[name], **changes}}))
+  else:
+    resolved = registry.resolve_settings(attacks, eps, settings)
+  if "square" in attacks:
+    if x.ndim != 4:
+      raise ValueError(f"square needs NHWC images, got x of shape {x.shape}")
+    if norm == "l1":
+      raise ValueError("square is implemented for norm 'linf' and 'l2', not 'l1'")
+
   y = np.asarray(y, np.int32)
   n = x.shape[0]
   if n == 0:
     raise ValueError("x holds no example")
-  fn = _common.as_pytree_fn(logits_fn)
   mesh = mesh or parallel.make_mesh()
   sharding = parallel.batch_sharded(mesh)
   batch_size = parallel.padded_batch_size(min(batch_size, n), mesh)
@@ -142,10 +166,9 @@ def evaluate_robustness(
     correct[chunk] = np.asarray(c)[:len(chunk)]
     zero_grad[chunk] = np.asarray(z)[:len(chunk)]
     probs_like |= bool(p)
-  n_classes = int(jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)).shape[-1])
-  if "apgd-t" in resolved:
-    resolved["apgd-t"]["n_target_classes"] = min(
-        resolved["apgd-t"]["n_target_classes"], n_classes - 1)
+  for name in ("apgd-t", "fab-t"):
+    if name in resolved:
+      resolved[name]["n_target_classes"] = min(resolved[name]["n_target_classes"], n_classes - 1)
 
   seed_key = jax.random.key(seed)
   broken: dict[str, np.ndarray] = {}
@@ -185,7 +208,7 @@ def evaluate_robustness(
       "robust_accuracy": _percent(robust),
       "per_attack": per_attack,
       "per_attack_kind": kind,
-      "ensemble": chain_lib.ensemble_label(ensemble_names, resolved, eps, n_classes),
+      "ensemble": chain_lib.ensemble_label(ensemble_names, resolved, eps, n_classes, norm),
       "ensemble_accuracy": _percent(chain) if ensemble_names else None,
       "eps": float(eps),
       "norm": norm,

@@ -266,6 +266,8 @@ def single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init, loss,
 def square_batch(fn, x, y, key, active, eps, *, norm, n_queries, p_init, restarts, loss,
                  rescale_schedule):
   """Traceable Square on one batch (the body of :func:`square`); returns ``(x_adv, still_correct)``."""
+  if norm not in ("linf", "l2"):
+    raise ValueError(f"square is implemented for norm 'linf' and 'l2', got {norm!r}")
   keys = _common.example_keys(key, x.shape[0])
   acc = _common.predicted_correct(fn(x), y) & active
 

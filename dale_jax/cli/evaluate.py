@@ -1,13 +1,15 @@
-"""``dale-eval``: accuracy of a finished run under FGSM, PGD-20 and an AutoAttack-style ensemble.
+"""``dale-eval``: accuracy of a finished run under FGSM, PGD-20 and AutoAttack.
 
-  dale-eval --workdir=runs/x --attacks=clean,pgd20,apgd-ce,apgd-t,square \
-      --n_examples=1000 --batch_size=256
+  dale-eval --workdir=runs/x --version=standard --n_examples=1000 --batch_size=256
+  dale-eval --workdir=runs/x --version=custom --attacks=clean,apgd-ce,fab-t
 
 Restores the run's latest checkpoint, attacks the first ``n_examples`` test
 images (all by default) at the run's evaluation threat model (``--eps`` and
 ``--norm`` override it), writes ``<workdir>/robustness.json`` and prints a
-table. APGD-CE, APGD-T and Square together are "AutoAttack (standard) without
-FAB-T"; each runs only on the points the previous ones did not break.
+table. ``--version=standard`` runs AutoAttack's standard chain (APGD-CE, APGD-T,
+FAB-T, Square; each only on the points the previous ones did not break) after
+the ``--attacks`` (by default clean and PGD-20); ``plus`` is AutoAttack's
+"plus" chain; ``custom`` runs exactly ``--attacks``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ OUTPUT = rundir.ROBUSTNESS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a finished dale-train run.")
 _ATTACKS = flags.DEFINE_list(
-    "attacks", list(attacks.DEFAULT_ATTACKS),
-    f"Attacks to run, in order, among {', '.join(attacks.ATTACKS)}.")
+    "attacks", ["clean", "pgd20"],
+    "Attacks to run, in order: with --version=custom any of "
+    f"{', '.join(attacks.ATTACKS)}; otherwise clean, fgsm, pgd20, run before the chain.")
+_VERSION = flags.DEFINE_enum(
+    "version", "standard", ["standard", "plus", "custom"],
+    "AutoAttack's chain by name (as AutoAttack(version=...)), or custom: --attacks only.")
 _N_EXAMPLES = flags.DEFINE_integer("n_examples", 0, "Evaluate the first N examples (0: all).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Examples per attack call.")
 _EPS = flags.DEFINE_float("eps", None, "Radius of the threat model (default: the run's eval eps).")
@@ -78,6 +84,13 @@ def main(argv):
   for name in names:
     if name not in attacks.ATTACKS:
       raise app.UsageError(f"--attacks: unknown attack {name!r}; known: {attacks.ATTACKS}")
+  version = None if _VERSION.value == "custom" else _VERSION.value
+  if version is not None:
+    chain = [n for n in names if n not in ("clean", "fgsm", "pgd20")]
+    if chain:
+      raise app.UsageError(
+          f"--attacks names {', '.join(chain)}: with --version={version} the chain is the "
+          "version's; use --version=custom to choose every attack")
   for flag in (_N_EXAMPLES,):
     if flag.value < 0:
       raise app.UsageError(f"--{flag.name} must be >= 0, got {flag.value}")
@@ -100,12 +113,13 @@ def main(argv):
     raise app.UsageError(f"the {_SPLIT.value} split of {config.dataset} is empty")
   eps = _EPS.value if _EPS.value is not None else float(config.eval.eps)
   norm = _NORM.value or str(config.eval.norm)
+  running = names + (attacks.chain.version(version, norm, eps)[0] if version else ())
   settings = {k: v for k, v in attack_settings(_APGD_STEPS.value, _SQUARE_QUERIES.value).items()
-              if k in names}
+              if k in running}
 
   result = attacks.evaluate_robustness(
       logits_fn, x, y, attacks=names, norm=norm, eps=eps, batch_size=_BATCH_SIZE.value,
-      seed=_SEED.value, settings=settings, individual=_INDIVIDUAL.value)
+      seed=_SEED.value, settings=settings, version=version, individual=_INDIVIDUAL.value)
   result.update(model=str(config.model.name), dataset=str(config.dataset),
                 algorithm=str(config.algorithm), split=_SPLIT.value, workdir=workdir)
   rundir.write_json(rundir.path(workdir, OUTPUT), result, indent=2)
