@@ -48,8 +48,8 @@ def _dale_eval(*args):
 
 @pytest.mark.slow
 def test_writes_report_and_prints_table(finished_run):
-  out = _dale_eval(f"--workdir={finished_run}", "--attacks=clean,fgsm,pgd20,apgd-ce",
-                   "--n_examples=32", "--batch_size=16", "--eps=0.1", "--apgd_steps=5")
+  out = _dale_eval(f"--workdir={finished_run}", "--version=custom",
+                   "--attacks=clean,fgsm,pgd20,apgd-ce", "--n_examples=32", "--batch_size=16", "--eps=0.1", "--apgd_steps=5")
   assert out.returncode == 0, out.stderr[-3000:]
   with open(os.path.join(finished_run, evaluate.OUTPUT)) as f:
     report = json.load(f)

@@ -134,10 +134,10 @@ def test_dale_eval_on_eight_devices_matches_one(trained_run):
 
 
 @pytest.mark.slow
-def test_full_quickstart_epoch_on_eight_devices_runs_five_times(tmp_path):
+def test_full_quickstart_epoch_on_eight_devices_runs_three_times(tmp_path):
   """The deadlock of XLA:CPU's launcher pool (see parallel.one_step_at_a_time) aborted
-  most such runs after 40 s; each run here would abort within the epoch."""
-  for i in range(5):
+  2 of 3 such runs after 40 s; each run here would abort within the epoch."""
+  for i in range(3):
     workdir = tmp_path / str(i)
     cmd = [sys.executable, "-m", "dale_jax.cli.train",
            f"--config={QUICKSTART}:Gaussian_DALE_PD", f"--workdir={workdir}",
