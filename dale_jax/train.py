@@ -504,7 +504,9 @@ class MissingCheckpointError(validation.BadInput, FileNotFoundError):
 def load_trained(workdir: str):
   """Restores a run for evaluation: ``(config, logits_fn, dataset)``.
 
-  ``logits_fn(x)`` is the model in eval mode with the latest checkpoint's weights.
+  ``logits_fn(x)`` is the model in eval mode with the latest checkpoint's weights, a
+  ``jax.tree_util.Partial`` whose bound argument is the variables (``logits_fn.args[0]``),
+  so that the attacks trace the weights instead of baking them into their programs.
   """
   config = ml_collections.ConfigDict(rundir.read_config(workdir))
   dataset = data_lib.load(config.dataset, data_dir=config.data.data_dir,
@@ -519,4 +521,5 @@ def load_trained(workdir: str):
   state, _ = _restore(manager, state)
   model = create_model(config, dataset.num_classes)
   variables = state.variables
-  return config, (lambda x: model.apply(variables, x, train=False)), dataset
+  apply = functools.partial(model.apply, train=False)
+  return config, jax.tree_util.Partial(apply, variables), dataset

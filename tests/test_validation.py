@@ -153,11 +153,14 @@ _TRAIN = [f"--config={QUICKSTART}:Gaussian_DALE_PD"]
                              "--config.data.data_dir=/nonexistent/tfds"],
      "is not prepared as ArrayRecord"),
     ("evaluate", "dale-eval", ["--attacks=clean,pgd99"], "unknown attack 'pgd99'"),
+    ("evaluate", "dale-eval", ["--attacks=clean,fab-t"], "use --version=custom"),
     ("sweep", "dale-sweep", ["--algorithms=PGD", "--datasets=quickstart", "--dry_run",
                              "--config.eval.eps=-1.0"], "config.eval.eps must be"),
     ("collect", "dale-collect", ["--input_dir=/nonexistent/sweep"], "is not a directory"),
     ("bench", "dale-bench", ["--framework=jax", "--devices=3", "--batch-size=64"],
      "must be divisible by devices=3"),
+    ("bench", "dale-bench", ["--task=autoattack", "--workdir=/nonexistent/run"],
+     "--task=autoattack needs --workdir of a finished dale-train run"),
 ])
 def test_console_scripts_print_one_line_and_exit_2(tmp_path, module, prog, args, needle):
   if module in ("train", "evaluate"):

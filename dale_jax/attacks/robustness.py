@@ -11,6 +11,7 @@ probabilities passed as logits, all-zero input gradients).
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -109,7 +110,8 @@ def evaluate_robustness(
     A dict with ``clean_accuracy``, ``robust_accuracy``, ``per_attack``
     (name -> accuracy), ``per_attack_kind`` (name -> ``"individual"`` or
     ``"cumulative"``), ``ensemble`` (its label), ``eps``, ``norm``,
-    ``n_examples``, ``attack_settings``, ``zero_gradient_share`` and
+    ``n_examples``, ``attack_settings``, ``zero_gradient_share``,
+    ``attack_seconds`` (wall time of each attack, compilation included) and
     ``warnings`` (sanity flags of gradient masking).
   """
   attacks = tuple(attacks)
@@ -171,6 +173,7 @@ def evaluate_robustness(
       resolved[name]["n_target_classes"] = min(resolved[name]["n_target_classes"], n_classes - 1)
 
   seed_key = jax.random.key(seed)
+  seconds: dict[str, float] = {}
   broken: dict[str, np.ndarray] = {}
   per_attack: dict[str, float] = {}
   kind: dict[str, str] = {}
@@ -184,6 +187,7 @@ def evaluate_robustness(
     in_chain = name in chain_lib.ENSEMBLE
     active = chain if in_chain and not individual else correct
     kind[name] = "cumulative" if in_chain and not individual and chain_started else "individual"
+    started = time.perf_counter()
     still = np.zeros(n, bool)
     attack_key = registry.attack_key(seed_key, name)
     frozen = registry.freeze(resolved[name])
@@ -192,6 +196,7 @@ def evaluate_robustness(
                           name=name, settings=frozen, norm=norm)
       still[chunk] = np.asarray(out)[:len(chunk)]
     broken[name] = active & ~still
+    seconds[name] = round(time.perf_counter() - started, 3)
     if in_chain:
       chain &= ~broken[name]
       chain_started = True
@@ -216,6 +221,7 @@ def evaluate_robustness(
       "seed": int(seed),
       "attack_settings": {k: v for k, v in resolved.items() if v},
       "zero_gradient_share": _percent(zero_grad & correct),
+      "attack_seconds": seconds,
   }
   result["warnings"] = _sanity_warnings(result, broken, correct, probs_like, warning_margin)
   return result

@@ -1,7 +1,12 @@
-"""``dale-bench``: training-step throughput of dale_jax against PyTorch.
+"""``dale-bench``: throughput of dale_jax against PyTorch, training steps or AutoAttack.
 
   dale-bench --algorithm=Gaussian_DALE_PD --model=mnist_cnn --batch-size=64,256 \
       --steps=20 --framework=both --json
+  dale-bench --task=autoattack --workdir=runs/quickstart --n-examples=500 --batch-size=250
+
+``--task=autoattack`` times AutoAttack's standard version in dale_jax and in
+torchattacks on a finished run's weights and test points, attack by attack
+(:mod:`dale_jax.bench.autoattack`).
 
 Times the full step (sampler loop, primal and dual update) after warm-up; see
 :mod:`dale_jax.bench.runner`. ``--framework`` is ``jax``, ``torch`` (eager),
@@ -44,6 +49,10 @@ def _frameworks(text: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="dale-bench", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--task", default="step", choices=["step", "autoattack"],
+                 help="step: the training step; autoattack: the standard AutoAttack chain")
+  p.add_argument("--workdir", default=None, help="autoattack: a finished dale-train run")
+  p.add_argument("--n-examples", type=int, default=500, help="autoattack: test points")
   p.add_argument("--algorithm", default="Gaussian_DALE_PD", choices=ALGORITHMS)
   p.add_argument("--model", default="mnist_cnn", choices=runner.MODELS)
   p.add_argument("--batch-size", type=_int_list, default=[64],
@@ -82,9 +91,33 @@ def _settings(frameworks: list[str], devices: list[int]) -> list[tuple[list[str]
   return runs
 
 
+def _autoattack(args, log) -> list[dict]:
+  from dale_jax import rundir  # pylint: disable=import-outside-toplevel
+  from dale_jax.bench import autoattack  # pylint: disable=import-outside-toplevel
+
+  if not args.workdir or not rundir.has_config(args.workdir):
+    _errors.fail("dale-bench", f"--task=autoattack needs --workdir of a finished dale-train run, "
+                 f"got {args.workdir!r}")
+  if args.n_examples < 1 or len(args.batch_size) != 1:
+    _errors.fail("dale-bench", "--task=autoattack takes --n-examples >= 1 and one --batch-size")
+  try:
+    rows = autoattack.compare(args.workdir, n_examples=args.n_examples,
+                              batch_size=args.batch_size[0], log=log)
+  except (ValueError, RuntimeError) as e:
+    _errors.fail("dale-bench", e)
+  for row in rows:
+    if args.json:
+      print(json.dumps(row), flush=True)
+  if not args.json:
+    print(autoattack.format_table(rows))
+  return rows
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   log = lambda message: print(message, file=sys.stderr, flush=True)
+  if args.task == "autoattack":
+    return _autoattack(args, log)
   results = []
   for batch_size in args.batch_size:
     for frameworks, devices in _settings(args.framework, args.devices):
