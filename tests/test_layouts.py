@@ -122,8 +122,8 @@ def test_dale_eval_on_eight_devices_matches_one(trained_run):
   for devices in (1, 8):
     out = subprocess.run(
         [sys.executable, "-m", "dale_jax.cli.evaluate", f"--workdir={trained_run}",
-         "--attacks=clean,fgsm,pgd20,apgd-ce,square", "--n_examples=60", "--batch_size=25",
-         "--apgd_steps=5", "--square_queries=20"],
+         "--version=custom", "--attacks=clean,fgsm,pgd20,apgd-ce,square", "--n_examples=60",
+         "--batch_size=25", "--apgd_steps=5", "--square_queries=20"],
         env=_env(devices), capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(os.path.join(trained_run, "robustness.json")) as f:
