@@ -153,6 +153,8 @@ def evaluate_robustness(
   if n == 0:
     raise ValueError("x holds no example")
   mesh = mesh or parallel.make_mesh()
+  # Weights bound in a Partial are traced arguments: replicate them over the mesh.
+  fn = jax.device_put(fn, parallel.replicated(mesh))
   sharding = parallel.batch_sharded(mesh)
   batch_size = parallel.padded_batch_size(min(batch_size, n), mesh)
 
