@@ -96,8 +96,11 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
       dict(learning_rate=0.01, momentum=0.9, weight_decay=3.5e-3, nesterov=False))
   c.schedule = ml_collections.ConfigDict(
       dict(boundaries=tuple(schedule["boundaries"]), scales=tuple(schedule["scales"])))
+  # Every sampler takes the threat model's norm: --config.sampler.norm=l2 (or l1) with
+  # --config.sampler.eps (and eval.norm / eval.eps for the evaluation).
   c.sampler = ml_collections.ConfigDict(
-      dict(name=spec.sampler, **family["samplers"][spec.sampler]) if spec.sampler else {})
+      dict(name=spec.sampler, norm="linf", **family["samplers"][spec.sampler])
+      if spec.sampler else {})
   c.draws = spec.draws
   # Examples per device that the sampler perturbs at a time; 0: the whole batch;
   # None: train.CPU_SAMPLER_CHUNK on CPUs (the chunk stays in cache), the whole

@@ -8,6 +8,9 @@ One ``dale-train`` run owns one directory::
     checkpoints/       orbax checkpoints of the whole train state
     tensorboard/       TensorBoard scalars, when a writer is installed
     robustness.json    dale-eval's report, once it ran
+    model_info.json    the same result in RobustBench's model-info shape
+    adversarial.npz    dale-eval --save_adversarial: the adversarial examples
+    robustness_progress/  a running dale-eval's finished batches (removed at the end)
     done               written when the last epoch finished
 
 Training, evaluation, the sweep and the collection of results all name these files
@@ -32,6 +35,9 @@ RESULTS = "results.jsonl"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 ROBUSTNESS = "robustness.json"
+MODEL_INFO = "model_info.json"
+ADVERSARIAL = "adversarial.npz"
+ROBUSTNESS_PROGRESS = "robustness_progress"
 DONE = "done"
 
 

@@ -683,3 +683,17 @@ def test_in_chunks_draws_independent_noise_per_chunk(tiny):
 def test_in_chunks_rejects_bad_sizes(chunk_size, groups):
   with pytest.raises(ValueError, match="chunk_size|groups"):
     samplers.in_chunks(samplers.fgsm(eps=0.3), chunk_size, groups=groups)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_sampler_stays_in_the_l1_ball_and_the_box(name, tiny):
+  """norm="l1" (PGD-L1 or DALE-L1 training): inside the ball of radius 2 and [0, 1], and moved."""
+  factory, kw = _kwargs(name, "linf")
+  kw.update(norm="l1", eps=2.0)
+  if "step_size" in kw:
+    kw["step_size"] = 1.0
+  out = np.asarray(_call(factory(**kw), _key(0), tiny.logits_fn, tiny.x, tiny.y))
+  delta = (out.astype(np.float64) - np.asarray(tiny.x, np.float64)).reshape(len(out), -1)
+  assert np.all(np.isfinite(out)) and out.min() >= 0.0 and out.max() <= 1.0
+  assert np.all(np.abs(delta).sum(1) <= 2.0 * (1 + 1e-5) + 1e-6)
+  assert np.abs(delta).sum(1).min() > 0, "the sampler did not move every example"

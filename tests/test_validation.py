@@ -31,7 +31,7 @@ BAD = {
     "schedule.boundaries": (35, 25, 40), "schedule.scales": (0.1, -0.01, 0.001),
     "sampler.name": "apgd", "sampler.eps": -0.1, "sampler.step_size": 0.0, "sampler.steps": -1,
     "sampler.noise_scale": float("nan"), "sampler.temperature": 0.0, "sampler.sigma": -1.0,
-    "sampler.num_samples": 0,
+    "sampler.num_samples": 0, "sampler.norm": "l3",
     "loss.beta": -1.0, "loss.ce_on": "both", "loss.t": 0.0, "loss.weight": -1.0,
     "loss.nu_fixed": -0.1, "loss.t_step_size": -1.0, "loss.n_steps": -1,
     "dual.step_size": -1.0, "dual.margin": -0.1, "dual.init_value": float("inf"),

@@ -8,15 +8,18 @@ One module per concern:
   function (``pgd_batch``, ``apgd_batch``, ``fab_batch``, ``square_batch``) that returns
   ``(x_adv, still_correct)`` for the active points of one batch.
 * ``registry``: every attack by name, with its batch function and default settings.
-* ``chain``: AutoAttack's versions (``standard``, ``plus``) in AutoAttack's order and
+* ``chain``: AutoAttack's versions (``standard``, ``plus``, ``rand``) in AutoAttack's order and
   :func:`make_attack`, an attack
   with its settings bound for use inside a jitted evaluation step.
 * ``robustness``: :func:`evaluate_robustness`, the host driver of ``dale-eval``, with
-  its gradient-masking warnings.
+  its gradient-masking warnings, and :func:`robustbench_model_info`.
+* ``progress``: an evaluation's finished batches on disk, so that a killed one resumes.
 
-``logits_fn`` is always the model in eval mode.
+``logits_fn`` is the model in eval mode; a randomised defence ``fn(x, key)`` is
+passed as :class:`Randomized` (APGD then averages gradients over draws, EOT).
 """
 
+from dale_jax.attacks._common import Randomized
 from dale_jax.attacks.chain import AUTOATTACK_LABEL
 from dale_jax.attacks.chain import AUTOATTACK_STANDARD
 from dale_jax.attacks.chain import VERSIONS
@@ -36,12 +39,13 @@ from dale_jax.attacks.registry import ATTACKS
 from dale_jax.attacks.registry import default_settings
 from dale_jax.attacks.robustness import DEFAULT_ATTACKS
 from dale_jax.attacks.robustness import evaluate_robustness
+from dale_jax.attacks.robustness import robustbench_model_info
 from dale_jax.attacks.square_attack import margin_and_loss
 from dale_jax.attacks.square_attack import square
 
 __all__ = [
-    "ATTACKS", "AUTOATTACK_LABEL", "AUTOATTACK_STANDARD", "DEFAULT_ATTACKS", "VERSIONS", "apgd",
-    "autoattack", "checkpoints", "default_settings", "dlr_loss", "dlr_loss_targeted",
-    "evaluate_robustness", "fab", "fgsm", "halving_condition", "make_attack", "margin_and_loss",
-    "pgd", "square", "target_classes", "version",
+    "ATTACKS", "AUTOATTACK_LABEL", "AUTOATTACK_STANDARD", "DEFAULT_ATTACKS", "Randomized",
+    "VERSIONS", "apgd", "autoattack", "checkpoints", "default_settings", "dlr_loss",
+    "dlr_loss_targeted", "evaluate_robustness", "fab", "fgsm", "halving_condition", "make_attack",
+    "margin_and_loss", "pgd", "robustbench_model_info", "square", "target_classes", "version",
 ]

@@ -21,11 +21,70 @@ def as_pytree_fn(logits_fn: LogitsFn) -> jax.tree_util.Partial:
   traced arguments, so new weights do not trigger a recompilation. Any other
   callable becomes static; what it closes over is baked into the program.
   """
-  if isinstance(logits_fn, jax.tree_util.Partial):
+  if isinstance(logits_fn, (jax.tree_util.Partial, Randomized)):
     return logits_fn
   if not callable(logits_fn):
     raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
   return jax.tree_util.Partial(logits_fn)
+
+
+@jax.tree_util.register_pytree_node_class
+class Randomized:
+  """A randomised model ``fn(x, key) -> logits`` seen as ``x -> logits`` at one key.
+
+  Calling it evaluates one fixed draw of the model's randomness, so every attack
+  can use it as a deterministic ``logits_fn``; :meth:`redraw` gives independent
+  draws (``fold_in(key, i)``), which APGD averages over for expectation over
+  transformation (EOT). A pytree: ``fn`` (a ``jax.tree_util.Partial``) and
+  ``key`` are traced arguments of a jitted attack.
+  """
+
+  def __init__(self, fn, key):
+    if not isinstance(fn, jax.tree_util.Partial):
+      if not callable(fn):
+        raise TypeError(f"fn must be callable as fn(x, key), got {type(fn).__name__}")
+      fn = jax.tree_util.Partial(fn)
+    self.fn = fn
+    self.key = key
+
+  def __call__(self, x):
+    return self.fn(x, self.key)
+
+  def redraw(self, i) -> "Randomized":
+    return self.tree_unflatten(None, (self.fn, jax.random.fold_in(self.key, i)))
+
+  def tree_flatten(self):
+    return (self.fn, self.key), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    obj = object.__new__(cls)  # children may be tracers or placeholders: no checks
+    obj.fn, obj.key = children
+    return obj
+
+
+def attack_runs(run, x: jax.Array, acc: jax.Array, n_runs: int):
+  """Runs ``run(j, acc) -> (candidate, still_correct)`` for ``j < n_runs`` on the points left.
+
+  ``acc`` marks the points still to attack. After run ``j``, a point that was
+  left and that the run broke (``~still_correct``) takes the run's candidate
+  and leaves the set; later runs (restarts, target classes) attack the rest. A
+  run is skipped when no point is left, which changes no result. Returns
+  ``(x_adv, still_correct)`` with ``x_adv = x`` where no run succeeded.
+  """
+
+  def one_run(carry, j):
+    adv, acc = carry
+
+    def attack(_):
+      candidate, correct = run(j, acc)
+      broken = acc & ~correct
+      return jnp.where(bcast(broken, x), candidate, adv), acc & correct
+
+    return jax.lax.cond(jnp.any(acc), attack, lambda _: (adv, acc), None), None
+
+  (adv, acc), _ = jax.lax.scan(one_run, (x, acc), jnp.arange(n_runs))
+  return jax.lax.stop_gradient(adv), acc
 
 
 def example_keys(key: jax.Array, n: int) -> jax.Array:

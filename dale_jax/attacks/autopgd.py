@@ -211,28 +211,57 @@ def _initial_point(keys, x, norm, eps):
   return jnp.clip(x + eps * t, 0.0, 1.0)
 
 
-def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rho=0.75,
-               x_init=None):
-  """One run of APGD from a random start (or ``x_init``); traceable. Returns a :class:`RunResult`."""
-  loss_fn = _loss_fn(loss, targeted)
-  if y_target is None:
-    y_target = y
+def eot_loss_and_grad(fn, loss_fn, x_adv, y, y_target, *, query, eot_iter):
+  """``(logits, per-example loss, gradient of the summed loss)`` at ``x_adv``.
 
-  def loss_and_grad(x_adv):
+  A deterministic ``fn`` is queried once. A randomised one
+  (:class:`dale_jax.attacks.Randomized`) is queried at the draws
+  ``fn.redraw(query * eot_iter + d)`` for ``d < eot_iter``; the gradient is their
+  mean (expectation over transformation, Athalye et al. 2018), the logits and
+  loss are those of the last draw, as in the reference APGD.
+  """
+
+  def value_and_grad(f):
     def total(xa):
-      logits = fn(xa)
+      logits = f(xa)
       per_example = loss_fn(logits, y, y_target)
       return jnp.sum(per_example), (logits, per_example)
 
     (_, (logits, per_example)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
     return logits, per_example, grad
 
+  if not isinstance(fn, _common.Randomized):
+    return value_and_grad(fn)
+
+  def draw(grad_sum, d):
+    logits, per_example, grad = value_and_grad(fn.redraw(query * eot_iter + d))
+    return grad_sum + grad, (logits, per_example)
+
+  grad_sum, (logits, per_example) = jax.lax.scan(
+      draw, jnp.zeros_like(x_adv), jnp.arange(eot_iter))
+  return logits[-1], per_example[-1], grad_sum / eot_iter
+
+
+def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rho=0.75,
+               x_init=None, eot_iter=1):
+  """One run of APGD from a random start (or ``x_init``); traceable. Returns a :class:`RunResult`.
+
+  With a randomised model every query is a fresh draw and the gradient the
+  mean over ``eot_iter`` draws (:func:`eot_loss_and_grad`).
+  """
+  loss_fn = _loss_fn(loss, targeted)
+  if y_target is None:
+    y_target = y
+
+  def loss_and_grad(x_adv, query):
+    return eot_loss_and_grad(fn, loss_fn, x_adv, y, y_target, query=query, eot_iter=eot_iter)
+
   project = functools.partial(threat.project, x=x, norm=norm, eps=eps)
   if x_init is None:
     x_adv = _initial_point(keys, x, norm, eps)
   else:
     x_adv = jnp.clip(x_init, 0.0, 1.0)
-  logits, loss0, grad = loss_and_grad(x_adv)
+  logits, loss0, grad = loss_and_grad(x_adv, 0)
   state = dict(
       x_adv=x_adv, x_prev=x_adv, grad=grad,
       x_best=x_adv, grad_best=grad, loss_best=loss0,
@@ -272,7 +301,7 @@ def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rh
     a = jnp.where(i > 0, MOMENTUM, 1.0).astype(x.dtype)
     z = project(s["x_adv"] + s["step_size"] * threat.steepest_ascent(s["grad"], norm))
     z = project(s["x_adv"] + (z - s["x_adv"]) * a + (s["x_adv"] - s["x_prev"]) * (1 - a))
-    logits, loss_z, grad_z = loss_and_grad(z)
+    logits, loss_z, grad_z = loss_and_grad(z, i + 1)
     new = track(s, z, logits, loss_z, grad_z)
     n_increases = s["n_increases"] + (loss_z > s["loss_prev"]).astype(jnp.int32)
 
@@ -293,9 +322,9 @@ def single_run(fn, x, y, keys, y_target, eps, *, norm, steps, loss, targeted, rh
     return new, loss_z
 
   def step_l1(s, inputs):
-    _, at_checkpoint, _ = inputs
+    i, at_checkpoint, _ = inputs
     z = project(s["x_adv"] + s["step_size"] * threat.sparse_sign(s["grad"], s["share"]))
-    logits, loss_z, grad_z = loss_and_grad(z)
+    logits, loss_z, grad_z = loss_and_grad(z, i + 1)
     new = track(s, z, logits, loss_z, grad_z)
     sparsity = jnp.sum((new["x_best"] - x).reshape(x.shape[0], -1) != 0,
                        axis=1).astype(x.dtype)
@@ -331,21 +360,26 @@ def large_reps_schedule(steps: int) -> list[tuple[float, int]]:
 def large_reps_run(fn, x, y, keys, y_target, eps, *, steps, **kwargs):
   """AutoAttack's ``decr_eps_pgd`` for L1: stages at ``3 eps, 2 eps, eps``, warm-started."""
   start = x + _common.per_example(lambda k: jax.random.normal(k, x.shape[1:], x.dtype), keys)
-  for factor, stage_steps in large_reps_schedule(steps):
+  for stage, (factor, stage_steps) in enumerate(large_reps_schedule(steps)):
     if stage_steps < 1:
       continue
     start = x + threat.project_l1_box(start - x, x, factor * eps)
-    res = single_run(fn, x, y, keys, y_target, factor * eps, norm="l1", steps=stage_steps,
-                     x_init=start, **kwargs)
+    res = single_run(_redraw(fn, stage), x, y, keys, y_target, factor * eps, norm="l1",
+                     steps=stage_steps, x_init=start, **kwargs)
     start = res.x_best
   return res
+
+
+def _redraw(fn, i):
+  """Independent draws of a randomised model for each run; a deterministic one as it is."""
+  return fn.redraw(i) if isinstance(fn, _common.Randomized) else fn
 
 
 # ----------------------------------------------------------------------------- restarts
 
 
 def apgd_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targeted,
-               n_target_classes=0, rho=0.75, use_largereps=False):
+               n_target_classes=0, rho=0.75, use_largereps=False, eot_iter=1):
   """Traceable APGD on one batch (the body of :func:`apgd`); returns ``(x_adv, still_correct)``."""
   keys = _common.example_keys(key, x.shape[0])
   clean_logits = fn(x)
@@ -366,25 +400,20 @@ def apgd_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targe
     targets = y[None]
     n_runs = restarts
 
-  def one_run(carry, j):
-    adv, acc = carry
+  run = large_reps_run if use_largereps else functools.partial(single_run, norm=norm)
 
-    def attack(_):
-      run = large_reps_run if use_largereps else functools.partial(single_run, norm=norm)
-      res = run(fn, x, y, _common.fold_keys(keys, j), targets[j // restarts], eps,
-                steps=steps, loss=loss, targeted=targeted, rho=rho)
-      broken = acc & ~res.acc
-      return jnp.where(_common.bcast(broken, x), res.x_best_adv, adv), acc & res.acc
+  def one_run(j, acc):
+    del acc  # each run attacks the whole batch; only the points left take its result
+    res = run(_redraw(fn, j), x, y, _common.fold_keys(keys, j), targets[j // restarts], eps,
+              steps=steps, loss=loss, targeted=targeted, rho=rho, eot_iter=eot_iter)
+    return res.x_best_adv, res.acc
 
-    # Skipping a run where nothing is left to attack changes no result.
-    return jax.lax.cond(jnp.any(acc), attack, lambda _: (adv, acc), None), None
-
-  (adv, acc), _ = jax.lax.scan(one_run, (x, acc), jnp.arange(n_runs))
-  return jax.lax.stop_gradient(adv), acc
+  return _common.attack_runs(one_run, x, acc, n_runs)
 
 
 _apgd_jit = jax.jit(apgd_batch, static_argnames=(
-    "norm", "steps", "restarts", "loss", "targeted", "n_target_classes", "rho", "use_largereps"))
+    "norm", "steps", "restarts", "loss", "targeted", "n_target_classes", "rho", "use_largereps",
+    "eot_iter"))
 
 
 def apgd(
@@ -402,6 +431,7 @@ def apgd(
     n_target_classes: int = 9,
     rho: float = 0.75,
     use_largereps: bool = False,
+    eot_iter: int = 1,
     active: jax.Array | None = None,
 ) -> jax.Array:
   """Runs APGD and returns adversarial inputs.
@@ -428,6 +458,8 @@ def apgd(
     n_target_classes: number of target classes when targeted.
     rho: threshold of the step-size condition 1.
     use_largereps: L1 only: AutoAttack's three stages at 3, 2 and 1 times eps.
+    eot_iter: draws of a randomised model averaged per gradient (EOT); such a
+      model is passed as ``dale_jax.attacks.Randomized(fn, key)``, ``fn(x, key)``.
     active: optional boolean mask; inactive points are returned unchanged.
 
   Returns:
@@ -436,6 +468,7 @@ def apgd(
   _common.check_inputs(x, y, norm, eps)
   _common.check_positive_int("steps", steps)
   _common.check_positive_int("restarts", restarts)
+  _common.check_positive_int("eot_iter", eot_iter)
   if loss not in LOSSES:
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
   if targeted:
@@ -445,5 +478,5 @@ def apgd(
       _common.as_pytree_fn(logits_fn), x, jnp.asarray(y), key,
       _common.default_active(x, active), eps, norm=norm, steps=steps, restarts=restarts,
       loss=loss, targeted=bool(targeted), n_target_classes=n_target_classes if targeted else 0,
-      rho=float(rho), use_largereps=bool(use_largereps))
+      rho=float(rho), use_largereps=bool(use_largereps), eot_iter=eot_iter)
   return adv

@@ -10,8 +10,11 @@ reference (``AutoAttack(model, norm, eps, version)``, fra31/auto-attack) by name
   L1 chain is labelled "AutoAttack (standard) without Square".
 * ``plus``: APGD-CE and APGD-DLR with 5 restarts, FAB with 5 restarts, Square,
   APGD-T, FAB-T.
-* ``rand`` (APGD with expectation over transformation, for randomised defences) is
-  not available: asking for it raises.
+* ``rand``, for randomised defences: APGD-CE and APGD-DLR (one run each) with
+  expectation over transformation, the gradient averaged over 20 draws of the
+  model's randomness (``eot_iter=20``). The model is ``logits_fn(x, key)``,
+  wrapped as :class:`dale_jax.attacks.Randomized` (or
+  ``evaluate_robustness(..., randomized=True)``).
 
 Every draw of an attack comes from a key folded with the example's index, so a
 point's result depends on the seed only.
@@ -31,7 +34,8 @@ from dale_jax.attacks import registry
 
 AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 AUTOATTACK_LABEL = "AutoAttack (standard)"
-VERSIONS = ("standard", "plus")
+VERSIONS = ("standard", "plus", "rand")
+RAND_EOT_ITER = 20
 # Attacks measured on every correctly classified point; the others form the chain.
 REFERENCE = ("fgsm", "pgd20")
 ENSEMBLE = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -45,9 +49,6 @@ def version(name: str, norm: str, eps: float, n_classes: int = 10
   changes); target classes are capped at ``n_classes - 1``.
   """
   threat.check_threat(norm, eps)
-  if name == "rand":
-    raise ValueError("version 'rand' (APGD with EOT over 20 draws of a randomised model) is "
-                     "not available; use 'standard', 'plus' or an explicit list of attacks")
   if name not in VERSIONS:
     raise ValueError(f"version must be one of {VERSIONS}, got {name!r}")
   if name == "standard":
@@ -57,9 +58,12 @@ def version(name: str, norm: str, eps: float, n_classes: int = 10
       names = ("apgd-ce", "apgd-t", "fab-t")
       changes["apgd-ce"] = {"restarts": 5, "use_largereps": True}
       changes["apgd-t"] = {"n_target_classes": 5, "use_largereps": True}
-  else:
+  elif name == "plus":
     names = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
     changes = {"apgd-ce": {"restarts": 5}, "apgd-dlr": {"restarts": 5}, "fab": {"restarts": 5}}
+  else:
+    names = ("apgd-ce", "apgd-dlr")
+    changes = {"apgd-ce": {"eot_iter": RAND_EOT_ITER}, "apgd-dlr": {"eot_iter": RAND_EOT_ITER}}
   settings = registry.resolve_settings(names, eps, changes)
   for target_attack in ("apgd-t", "fab-t"):
     if target_attack in settings:

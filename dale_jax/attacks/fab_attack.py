@@ -218,24 +218,19 @@ def fab_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, targeted,
   targets = autopgd.target_classes(clean_logits, n_target_classes) if targeted else None
   n_runs = (n_target_classes if targeted else 1) * restarts
 
-  def one_run(carry, j):
-    adv, acc = carry
+  def one_run(j, acc):
+    del acc
+    restart = j % restarts
+    start = jax.lax.cond(restart > 0,
+                         lambda: _start(_common.fold_keys(keys, j), x, eps, norm),
+                         lambda: x)
+    target = targets[j // restarts] if targeted else None
+    found, distance = single_run(fn, x, y, start, target, norm=norm, steps=steps,
+                                 alpha_max=alpha_max, eta=eta, beta=beta)
+    # Broken only when the closest adversarial example found lies within eps.
+    return found, distance > eps
 
-    def attack(_):
-      restart = j % restarts
-      start = jax.lax.cond(restart > 0,
-                           lambda: _start(_common.fold_keys(keys, j), x, eps, norm),
-                           lambda: x)
-      target = targets[j // restarts] if targeted else None
-      found, distance = single_run(fn, x, y, start, target, norm=norm, steps=steps,
-                                   alpha_max=alpha_max, eta=eta, beta=beta)
-      broken = acc & (distance <= eps)
-      return jnp.where(_common.bcast(broken, x), found, adv), acc & ~broken
-
-    return jax.lax.cond(jnp.any(acc), attack, lambda _: (adv, acc), None), None
-
-  (adv, acc), _ = jax.lax.scan(one_run, (x, acc), jnp.arange(n_runs))
-  return jax.lax.stop_gradient(adv), acc
+  return _common.attack_runs(one_run, x, acc, n_runs)
 
 
 _fab_jit = jax.jit(fab_batch, static_argnames=(

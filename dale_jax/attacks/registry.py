@@ -33,7 +33,7 @@ def _clean(fn, x, y, keys, active, eps, *, norm):
 def _apgd(loss: str, targeted: bool, **extra) -> Attack:
   return Attack(autopgd.apgd_batch, lambda eps: dict(
       steps=100, restarts=1, loss=loss, targeted=targeted, rho=0.75, use_largereps=False,
-      **extra))
+      eot_iter=1, **extra))
 
 
 def _fab(targeted: bool, **extra) -> Attack:

@@ -23,6 +23,7 @@ from dale_jax import data
 from dale_jax import parallel
 from dale_jax.attacks import _common
 from dale_jax.attacks import chain as chain_lib
+from dale_jax.attacks import progress as progress_lib
 from dale_jax.attacks import registry
 
 DEFAULT_ATTACKS = ("clean", "pgd20", "apgd-ce", "apgd-t", "fab-t", "square")
@@ -36,8 +37,7 @@ _SQUARE_ALPHA = 0.2
 @functools.partial(jax.jit, static_argnames=("name", "settings", "norm"))
 def _attack_batch(fn, x, y, attack_key, indices, active, eps, *, name, settings, norm):
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(attack_key, indices)
-  _, still_correct = registry.run(name, settings, fn, x, y, keys, active, eps, norm=norm)
-  return still_correct
+  return registry.run(name, settings, fn, x, y, keys, active, eps, norm=norm)
 
 
 @jax.jit
@@ -54,9 +54,21 @@ def _clean_batch(fn, x, y):
   return _common.predicted_correct(logits, y), zero_grad, probs_like
 
 
-def _batches(indices: np.ndarray, batch_size: int):
-  """``(chunk, padded, mask)``: a batch's indices, padded to ``batch_size``, and the real rows."""
-  for padded, _, mask in data.eval_batches(indices, indices, batch_size):
+def _batches(indices: np.ndarray, batch_size: int, mesh):
+  """``(chunk, padded, mask)`` over ``indices`` in batches of at most ``batch_size`` rows.
+
+  The rows are split evenly over the fewest batches (each padded to a multiple of
+  the device count), so that a chain attack on the few points still robust does
+  not compute ``batch_size`` rows: 29 points with ``batch_size=40`` make one batch
+  of 29 rows (on one device), not 40. Padding rows repeat index 0 and are masked.
+  """
+  n = len(indices)
+  if n == 0:
+    return
+  n_batches = -(-n // batch_size)
+  rows = -(-n // n_batches)
+  pad_to = parallel.padded_batch_size(rows, mesh)
+  for padded, _, mask in data.eval_batches(indices, indices, rows, pad_to=pad_to):
     yield padded[mask], padded, mask
 
 
@@ -73,46 +85,67 @@ def evaluate_robustness(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     version: str | None = None,
     individual: bool = False,
+    randomized: bool = False,
     mesh: jax.sharding.Mesh | None = None,
     warning_margin: float = 0.5,
+    progress_dir: str | None = None,
+    keep_adversarial: bool = False,
+    log=None,
 ) -> dict[str, Any]:
   """Accuracy under attack of ``logits_fn`` on ``(x, y)``, all accuracies in percent.
 
   ``"clean"``, ``"fgsm"`` and ``"pgd20"`` are measured on their own. The
-  chain attacks (``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``, ``"square"``)
-  run in the given order, each only on the points that the chain has not
-  broken yet, and ``per_attack`` then holds the robust accuracy after each of
-  them (as AutoAttack reports it); with ``individual=True`` each runs on all
-  correctly classified points and ``per_attack`` holds its own accuracy.
-  ``robust_accuracy`` is the share of points that no attack broke.
+  chain attacks (``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``, ``"fab"``,
+  ``"fab-t"``, ``"square"``) run in the given order, each only on the points
+  that the chain has not broken yet, and ``per_attack`` then holds the robust
+  accuracy after each of them (as AutoAttack reports it); with
+  ``individual=True`` each runs on all correctly classified points and
+  ``per_attack`` holds its own accuracy. ``robust_accuracy`` is the share of
+  points that no attack broke.
 
   Args:
     logits_fn: ``x -> logits``, the model in eval mode. Passing
       ``jax.tree_util.Partial(model.apply, variables)`` keeps the weights out
-      of the compiled program.
+      of the compiled program. With ``randomized``, ``(x, key) -> logits``.
     x: NHWC images in ``[0, 1]`` (NumPy or JAX); y: integer labels.
     attacks: names among :data:`dale_jax.attacks.ATTACKS`. With ``version``,
       only the reference attacks (``"clean"``, ``"fgsm"``, ``"pgd20"``).
     norm, eps: the threat model.
-    batch_size: points per attack call (bounds memory); rounded up to a
-      multiple of the device count.
+    batch_size: most points per attack call (bounds memory), rounded up to a
+      multiple of the device count; an attack's points are split evenly over
+      the fewest such batches.
     seed: seed of every random draw.
     settings: per-attack overrides of :func:`dale_jax.attacks.default_settings`
       (or of the version's settings), e.g. ``{"square": {"n_queries": 1000}}``.
-    version: AutoAttack's chain by name (``"standard"`` or ``"plus"``,
-      :func:`dale_jax.attacks.chain.version`), run after ``attacks``.
+    version: AutoAttack's chain by name (``"standard"``, ``"plus"`` or
+      ``"rand"``, :func:`dale_jax.attacks.chain.version`), run after ``attacks``.
     individual: run each chain attack on every correct point.
+    randomized: ``logits_fn`` is a randomised defence that draws its
+      randomness from a key. Every batch of every attack gets its own key
+      (from the seed), APGD draws afresh at every query and averages its
+      gradient over ``eot_iter`` draws (``version="rand"``: 20); a point's
+      draws then depend on its batch, unlike the attacks' own draws.
     mesh: a mesh with a ``"data"`` axis to shard batches over; by default
       :func:`dale_jax.parallel.make_mesh` (all devices).
     warning_margin: accuracy gap (points) that triggers an ordering warning.
+    progress_dir: keep the finished batches of every attack here
+      (:mod:`dale_jax.attacks.progress`); a rerun with the same model, data
+      and settings loads them and attacks only the rest, ending with the same
+      numbers as an uninterrupted run.
+    keep_adversarial: also return ``x_adv`` (the first adversarial example
+      found for each point, ``x`` where none was) and ``broken_by`` (the name
+      of the attack that broke each point, ``""`` for robust points and
+      ``"clean"`` for misclassified ones) as NumPy arrays.
+    log: optional ``str -> None`` for progress lines.
 
   Returns:
     A dict with ``clean_accuracy``, ``robust_accuracy``, ``per_attack``
     (name -> accuracy), ``per_attack_kind`` (name -> ``"individual"`` or
     ``"cumulative"``), ``ensemble`` (its label), ``eps``, ``norm``,
     ``n_examples``, ``attack_settings``, ``zero_gradient_share``,
-    ``attack_seconds`` (wall time of each attack, compilation included) and
-    ``warnings`` (sanity flags of gradient masking).
+    ``attack_seconds`` (wall time of each attack, compilation included; summed
+    over the runs that computed its batches) and ``warnings`` (sanity flags of
+    gradient masking).
   """
   attacks = tuple(attacks)
   if version is not None:
@@ -129,8 +162,15 @@ def evaluate_robustness(
   _common.check_inputs(x, y, norm, eps)
   _common.check_positive_int("batch_size", batch_size)
   x = np.asarray(x, np.float32)
-  fn = _common.as_pytree_fn(logits_fn)
-  n_classes = int(jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)).shape[-1])
+  if randomized:
+    fn = jax.tree_util.Partial(logits_fn) if not isinstance(
+        logits_fn, jax.tree_util.Partial) else logits_fn
+    probe = lambda xs: fn(xs, jax.random.key(0))  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    fn = _common.as_pytree_fn(logits_fn)
+    probe = fn
+  n_classes = int(jax.eval_shape(
+      probe, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)).shape[-1])
   if version is not None:
     chain_names, resolved, _ = chain_lib.version(version, norm, eps, n_classes)
     resolved.update(registry.resolve_settings(attacks, eps, None))
@@ -142,11 +182,8 @@ def evaluate_robustness(
           **resolved[name], **changes}}))
   else:
     resolved = registry.resolve_settings(attacks, eps, settings)
-  if "square" in attacks:
-    if x.ndim != 4:
-      raise ValueError(f"square needs NHWC images, got x of shape {x.shape}")
-    if norm == "l1":
-      raise ValueError("square is implemented for norm 'linf' and 'l2', not 'l1'")
+  if "square" in attacks and x.ndim != 4:
+    raise ValueError(f"square needs NHWC images, got x of shape {x.shape}")
 
   y = np.asarray(y, np.int32)
   n = x.shape[0]
@@ -157,31 +194,53 @@ def evaluate_robustness(
   fn = jax.device_put(fn, parallel.replicated(mesh))
   sharding = parallel.batch_sharded(mesh)
   batch_size = parallel.padded_batch_size(min(batch_size, n), mesh)
+  seed_key = jax.random.key(seed)
+  model_key = jax.random.fold_in(seed_key, 1 << 20)
+
+  def model_at(k: int, start: int):
+    """The model for batch ``start`` of pass ``k`` (0: clean); a fixed draw when randomised."""
+    if not randomized:
+      return fn
+    return _common.Randomized(fn, jax.random.fold_in(jax.random.fold_in(model_key, k), start))
 
   def put(*arrays):
     return tuple(jax.device_put(jnp.asarray(a), sharding) for a in arrays)
+
+  for name in ("apgd-t", "fab-t"):
+    if name in resolved:
+      resolved[name]["n_target_classes"] = min(resolved[name]["n_target_classes"], n_classes - 1)
+
+  progress = None
+  if progress_dir is not None:
+    description = dict(
+        attacks=attacks, settings=resolved, eps=float(eps), norm=norm, seed=int(seed),
+        batch_size=batch_size, devices=mesh.size, individual=bool(individual),
+        randomized=bool(randomized), n_examples=int(n))
+    key = progress_lib.fingerprint({"x": x, "y": y, "weights": fn}, description)
+    progress = progress_lib.Progress(progress_dir, key, description)
+    done = progress.n_done()
+    if done and log:
+      log(f"resuming from {progress.dir}: {done} attack batches already done")
 
   # Clean pass.
   correct = np.zeros(n, bool)
   zero_grad = np.zeros(n, bool)
   probs_like = False
-  for chunk, padded, _ in _batches(np.arange(n), batch_size):
-    c, z, p = _clean_batch(fn, *put(x[padded], y[padded]))
+  for chunk, padded, _ in _batches(np.arange(n), batch_size, mesh):
+    c, z, p = _clean_batch(model_at(0, int(chunk[0])), *put(x[padded], y[padded]))
     correct[chunk] = np.asarray(c)[:len(chunk)]
     zero_grad[chunk] = np.asarray(z)[:len(chunk)]
     probs_like |= bool(p)
-  for name in ("apgd-t", "fab-t"):
-    if name in resolved:
-      resolved[name]["n_target_classes"] = min(resolved[name]["n_target_classes"], n_classes - 1)
 
-  seed_key = jax.random.key(seed)
   seconds: dict[str, float] = {}
   broken: dict[str, np.ndarray] = {}
   per_attack: dict[str, float] = {}
   kind: dict[str, str] = {}
+  x_adv = x.copy() if keep_adversarial else None
+  broken_by = np.where(correct, "", "clean").astype(object) if keep_adversarial else None
   chain = correct.copy()
   chain_started = False
-  for name in attacks:
+  for k, name in enumerate(attacks):
     if name == "clean":
       per_attack[name] = _percent(correct)
       kind[name] = "individual"
@@ -189,16 +248,33 @@ def evaluate_robustness(
     in_chain = name in chain_lib.ENSEMBLE
     active = chain if in_chain and not individual else correct
     kind[name] = "cumulative" if in_chain and not individual and chain_started else "individual"
-    started = time.perf_counter()
     still = np.zeros(n, bool)
     attack_key = registry.attack_key(seed_key, name)
     frozen = registry.freeze(resolved[name])
-    for chunk, padded, mask in _batches(np.nonzero(active)[0], batch_size):
-      out = _attack_batch(fn, *put(x[padded], y[padded]), attack_key, *put(padded, mask), eps,
-                          name=name, settings=frozen, norm=norm)
-      still[chunk] = np.asarray(out)[:len(chunk)]
+    seconds[name] = 0.0
+    for b, (chunk, padded, mask) in enumerate(_batches(np.nonzero(active)[0], batch_size, mesh)):
+      record = progress.load(k, name, b) if progress else None
+      if record is None or not np.array_equal(record.indices, chunk):
+        started = time.perf_counter()
+        adv, out = _attack_batch(model_at(k + 1, int(chunk[0])), *put(x[padded], y[padded]),
+                                 attack_key, *put(padded, mask), eps, name=name,
+                                 settings=frozen, norm=norm)
+        out = np.asarray(out)[:len(chunk)]
+        lost = ~out
+        record = progress_lib.BatchRecord(
+            chunk, out, np.asarray(adv)[:len(chunk)][lost],
+            time.perf_counter() - started)
+        if progress:
+          progress.save(k, name, b, record)
+      still[chunk] = record.still_correct
+      seconds[name] += record.seconds
+      if keep_adversarial:
+        first = record.indices[~record.still_correct]
+        new = broken_by[first] == ""
+        x_adv[first[new]] = record.adv[new]
+        broken_by[first[new]] = name
+    seconds[name] = round(seconds[name], 3)
     broken[name] = active & ~still
-    seconds[name] = round(time.perf_counter() - started, 3)
     if in_chain:
       chain &= ~broken[name]
       chain_started = True
@@ -221,16 +297,64 @@ def evaluate_robustness(
       "norm": norm,
       "n_examples": int(n),
       "seed": int(seed),
+      "randomized": bool(randomized),
       "attack_settings": {k: v for k, v in resolved.items() if v},
       "zero_gradient_share": _percent(zero_grad & correct),
       "attack_seconds": seconds,
   }
   result["warnings"] = _sanity_warnings(result, broken, correct, probs_like, warning_margin)
+  if randomized and version != "rand":
+    result["warnings"].append(
+        "the model is randomised: each attack saw one fixed draw per batch; AutoAttack's "
+        "evaluation of randomised defences is version='rand' (EOT over 20 draws)")
+  if version == "rand" and not randomized:
+    result["warnings"].append(
+        "version 'rand' on a deterministic model: EOT averages identical gradients, so this "
+        "is APGD-CE and APGD-DLR; 'standard' is the evaluation of a deterministic model")
+  if keep_adversarial:
+    result["x_adv"] = x_adv
+    result["broken_by"] = broken_by.astype(str)
   return result
+
+
+_THREAT_MODELS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+
+
+def robustbench_model_info(result: Mapping[str, Any], *, dataset: str, architecture: str,
+                           name: str | None = None) -> dict[str, Any]:
+  """The report in RobustBench's model-info shape (``model_info/<dataset>/<threat>/<name>.json``).
+
+  ``clean_acc`` and ``autoattack_acc`` are percentages written with two decimals,
+  as RobustBench's own ``update_json`` writes them; ``autoattack_acc`` is set only
+  when the chain that ran is exactly "AutoAttack (standard)", the one evaluation
+  RobustBench accepts (otherwise ``None``, and ``footnote`` says what ran). The
+  fields RobustBench leaves to the author (link, authors, venue, reported) are
+  ``None``; ``threat_model``, ``n_examples``, ``autoattack_version`` and
+  ``seed`` are added.
+  """
+  label = result.get("ensemble")
+  standard = label == chain_lib.AUTOATTACK_LABEL
+  footnote = None
+  if not standard:
+    footnote = f"not AutoAttack (standard): {label}" if label else "no AutoAttack chain ran"
+  return {
+      "link": None, "name": name, "authors": None, "additional_data": False,
+      "number_forward_passes": 1, "dataset": dataset, "venue": None,
+      "architecture": architecture, "eps": result["eps"],
+      "clean_acc": f"{result['clean_accuracy']:.2f}", "reported": None,
+      "autoattack_acc": f"{result['ensemble_accuracy']:.2f}" if standard else None,
+      "footnote": footnote, "threat_model": _THREAT_MODELS[result["norm"]],
+      "n_examples": result["n_examples"],
+      "autoattack_version": label[len("AutoAttack ("):-1] if label and label.startswith(
+          "AutoAttack (") and label.endswith(")") else None,
+      "seed": result.get("seed"),
+  }
 
 
 def _percent(mask: np.ndarray) -> float:
   return round(float(100.0 * np.mean(mask)), 6)
+
+
 def _sanity_warnings(result, broken, correct, probs_like, margin) -> list[str]:
   """Flags that suggest gradient masking or a misconfigured evaluation."""
   warnings = []

@@ -271,21 +271,13 @@ def square_batch(fn, x, y, key, active, eps, *, norm, n_queries, p_init, restart
   keys = _common.example_keys(key, x.shape[0])
   acc = _common.predicted_correct(fn(x), y) & active
 
-  def one_run(carry, r):
-    adv, acc = carry
+  def one_run(r, acc):
+    x_best, _ = single_run(
+        fn, x, y, _common.fold_keys(keys, r), acc, eps, norm=norm, n_queries=n_queries,
+        p_init=p_init, loss=loss, rescale_schedule=rescale_schedule)
+    return x_best, _common.predicted_correct(fn(x_best), y)
 
-    def attack(_):
-      x_best, _ = single_run(
-          fn, x, y, _common.fold_keys(keys, r), acc, eps, norm=norm, n_queries=n_queries,
-          p_init=p_init, loss=loss, rescale_schedule=rescale_schedule)
-      correct = _common.predicted_correct(fn(x_best), y)
-      broken = acc & ~correct
-      return jnp.where(_common.bcast(broken, x), x_best, adv), acc & correct
-
-    return jax.lax.cond(jnp.any(acc), attack, lambda _: (adv, acc), None), None
-
-  (adv, acc), _ = jax.lax.scan(one_run, (x, acc), jnp.arange(restarts))
-  return jax.lax.stop_gradient(adv), acc
+  return _common.attack_runs(one_run, x, acc, restarts)
 
 
 _square_jit = jax.jit(square_batch, static_argnames=(

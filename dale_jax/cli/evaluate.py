@@ -2,6 +2,7 @@
 
   dale-eval --workdir=runs/x --version=standard --n_examples=1000 --batch_size=256
   dale-eval --workdir=runs/x --version=custom --attacks=clean,apgd-ce,fab-t
+  dale-eval --workdir=runs/x --save_adversarial
 
 Restores the run's latest checkpoint, attacks the first ``n_examples`` test
 images (all by default) at the run's evaluation threat model (``--eps`` and
@@ -9,15 +10,32 @@ images (all by default) at the run's evaluation threat model (``--eps`` and
 table. ``--version=standard`` runs AutoAttack's standard chain (APGD-CE, APGD-T,
 FAB-T, Square; each only on the points the previous ones did not break) after
 the ``--attacks`` (by default clean and PGD-20); ``plus`` is AutoAttack's
-"plus" chain; ``custom`` runs exactly ``--attacks``.
+"plus" chain; ``rand`` is APGD-CE and APGD-DLR with EOT over 20 draws (meant
+for randomised defences; the trained models are deterministic, so it reduces
+to APGD-CE and APGD-DLR and says so); ``custom`` runs exactly ``--attacks``.
+
+The report also holds the result in RobustBench's model-info shape (key
+``robustbench``, and ``<workdir>/model_info.json``). ``--save_adversarial``
+writes ``<workdir>/adversarial.npz``: ``x_adv`` (the first adversarial example
+found for every point, the clean image where none was), ``y``, ``indices``
+(positions in the split) and ``broken_by`` (the attack that broke each point).
+
+Progress is kept per attack and batch in ``<workdir>/robustness_progress/``: a
+killed dale-eval, rerun with the same flags, continues where it stopped and
+ends with the numbers of an uninterrupted run. The folder is removed once the
+report is written.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
 
 from dale_jax import attacks
 from dale_jax import host_memory
@@ -27,6 +45,9 @@ from dale_jax import validation
 from dale_jax.cli import _errors
 
 OUTPUT = rundir.ROBUSTNESS
+MODEL_INFO = rundir.MODEL_INFO
+ADVERSARIAL = rundir.ADVERSARIAL
+PROGRESS = rundir.ROBUSTNESS_PROGRESS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a finished dale-train run.")
 _ATTACKS = flags.DEFINE_list(
@@ -34,7 +55,7 @@ _ATTACKS = flags.DEFINE_list(
     "Attacks to run, in order: with --version=custom any of "
     f"{', '.join(attacks.ATTACKS)}; otherwise clean, fgsm, pgd20, run before the chain.")
 _VERSION = flags.DEFINE_enum(
-    "version", "standard", ["standard", "plus", "custom"],
+    "version", "standard", ["standard", "plus", "rand", "custom"],
     "AutoAttack's chain by name (as AutoAttack(version=...)), or custom: --attacks only.")
 _N_EXAMPLES = flags.DEFINE_integer("n_examples", 0, "Evaluate the first N examples (0: all).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Examples per attack call.")
@@ -47,6 +68,8 @@ _APGD_STEPS = flags.DEFINE_integer("apgd_steps", 100, "Iterations of APGD-CE/APG
 _SQUARE_QUERIES = flags.DEFINE_integer("square_queries", 5000, "Queries of the Square attack.")
 _INDIVIDUAL = flags.DEFINE_boolean(
     "individual", False, "Run every ensemble attack on all points and report each alone.")
+_SAVE_ADVERSARIAL = flags.DEFINE_boolean(
+    "save_adversarial", False, f"Also write the adversarial examples to <workdir>/{ADVERSARIAL}.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -117,12 +140,27 @@ def main(argv):
   settings = {k: v for k, v in attack_settings(_APGD_STEPS.value, _SQUARE_QUERIES.value).items()
               if k in running}
 
+  progress_dir = rundir.path(workdir, PROGRESS)
   result = attacks.evaluate_robustness(
       logits_fn, x, y, attacks=names, norm=norm, eps=eps, batch_size=_BATCH_SIZE.value,
-      seed=_SEED.value, settings=settings, version=version, individual=_INDIVIDUAL.value)
+      seed=_SEED.value, settings=settings, version=version, individual=_INDIVIDUAL.value,
+      progress_dir=progress_dir, keep_adversarial=_SAVE_ADVERSARIAL.value,
+      log=lambda line: print(f"dale-eval: {line}", file=sys.stderr, flush=True))
   result.update(model=str(config.model.name), dataset=str(config.dataset),
                 algorithm=str(config.algorithm), split=_SPLIT.value, workdir=workdir)
+  if _SAVE_ADVERSARIAL.value:
+    x_adv, broken_by = result.pop("x_adv"), result.pop("broken_by")
+    file = rundir.path(workdir, ADVERSARIAL)
+    with open(file + ".tmp", "wb") as f:
+      np.savez_compressed(f, x_adv=x_adv, y=np.asarray(y), indices=np.arange(len(y)),
+                          broken_by=broken_by)
+    os.replace(file + ".tmp", file)
+  result["robustbench"] = attacks.robustbench_model_info(
+      result, dataset=str(config.dataset), architecture=str(config.model.name),
+      name=os.path.basename(os.path.normpath(workdir)))
+  rundir.write_json(rundir.path(workdir, MODEL_INFO), result["robustbench"], indent=2)
   rundir.write_json(rundir.path(workdir, OUTPUT), result, indent=2)
+  shutil.rmtree(progress_dir, ignore_errors=True)
   print(table(result))
 
 
