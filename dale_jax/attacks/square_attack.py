@@ -19,6 +19,13 @@ one ``s x s`` square (per channel a random sign) to ``x +- eps``.
 L2: the start is a grid of ``h // 5`` squares holding the pattern ``eta`` of
 nested rectangles; every proposal moves the mass of one square into another
 random square and redistributes the budget left in the ball.
+L1: the same grid and moves with the L1 pattern (rectangles weighted by
+``1 / (n + 1)^4`` instead of ``1 / (n + 1)^2``, halves and whole normalised in
+L1); the window that receives the mass gets the L1 budget left in the ball,
+``max(eps - ||delta||_1, 0) + c ||delta_windows||_1`` per channel (``c``
+channels, as the reference broadcasts it), and the start and every proposal
+are projected onto the L1 ball of radius ``eps (1 - 1e-6)`` intersected with
+``[0, 1]`` (exact Euclidean projection, :func:`dale_jax.threat.project_l1_box`).
 
 Details follow ``autoattack/square.py`` except that each example draws its
 own square positions, signs and pattern orientations (as the authors'
@@ -36,10 +43,15 @@ import numpy as np
 import optax
 
 from dale_jax import potentials
+from dale_jax import threat
 from dale_jax.attacks import _common
 
 LOSSES = ("margin", "ce")
+NORMS = ("linf", "l2", "l1")
 _TINY = 1e-12
+# The reference projects L1 points onto a ball shrunk by this share, so that the
+# rounding of ``x + delta`` does not carry them outside the eps-ball.
+_L1_SHRINK = 1e-6
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -83,25 +95,40 @@ def margin_and_loss(logits, y, loss):
   return margin, -optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-# ----------------------------------------------------------------------------- L2 pattern
+# ----------------------------------------------------------------------------- L2 and L1 pattern
 
-# _SUMS[k] = sum_{n < k} 1 / (n + 1)^2
 _MAX_SIDE = 4096
+# The rectangles of eta(s) are weighted by 1 / (n + 1)^power.
+_ETA_POWER = {"l2": 2, "l1": 4}
 
 
-def _inverse_square_sums(n):
-  return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n + 1) ** 2)]).astype(np.float32)
+def _weight_sums(n, norm):
+  """``sums[k] = sum_{n' < k} w(n') - C`` for ``k <= n``, ``w(n) = 1 / (n + 1)^q``, float32.
+
+  Only differences ``sums[N] - sums[m]`` are used, so the constant ``C`` is
+  free; it sets the rounding. L1's weights fall so fast that with ``C = 0`` its
+  border values (``~1 / (3 m^3)``, 1e-4 and less) would be differences of
+  numbers near ``pi^4 / 90`` and lose three to four digits; ``C = sum_{n' < n}
+  w(n')`` stores minus the tails, which keeps them to float32 precision. L2
+  keeps ``C = 0`` (its border values ``1 / N^2`` lose at most ~1e-5 relative),
+  so that its results stay what they were.
+  """
+  terms = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** _ETA_POWER[norm]
+  if norm == "l1":
+    return -np.concatenate([np.cumsum(terms[::-1])[::-1], [0.0]]).astype(np.float32)
+  return np.concatenate([[0.0], np.cumsum(terms)]).astype(np.float32)
 
 
-def _eta_local(r, c, s):
+def _eta_local(r, c, s, norm="l2"):
   """Unnormalised halves of ``eta(s)`` at local coordinates ``(r, c)`` inside the square.
 
   ``eta`` stacks ``rect(s // 2, s)`` above ``-rect(s - s // 2, s)``, where
-  ``rect(a, b)[i, j] = sum_{n >= max(|i - a // 2|, |j - b // 2|)}^{N-1} 1/(n+1)^2``
+  ``rect(a, b)[i, j] = sum_{n >= max(|i - a // 2|, |j - b // 2|)}^{N-1} 1/(n+1)^q``
   with ``N = max(a // 2, b // 2) + 1``: nested rectangles around the centre
-  weighted by ``1 / (n + 1)^2``. Returns ``(value, top)``.
+  weighted by ``1 / (n + 1)^q``, ``q = 2`` for L2 and ``q = 4`` for L1.
+  Returns ``(value, top)``.
   """
-  sums = jnp.asarray(_inverse_square_sums(_MAX_SIDE))
+  sums = jnp.asarray(_weight_sums(_MAX_SIDE, norm))
   h1 = s // 2
   top = r < h1
   rows = jnp.where(top, h1, s - h1)
@@ -113,11 +140,19 @@ def _eta_local(r, c, s):
   return value, top
 
 
-def _placed_eta(vh, vw, s, transpose, height, width):
+def _pattern_norm(v, norm):
+  """L2 or L1 norm of ``(batch, h, w)`` patterns over the image axes."""
+  if norm == "l1":
+    return jnp.sum(jnp.abs(v), axis=(1, 2), keepdims=True)
+  return jnp.sqrt(jnp.sum(v**2, axis=(1, 2), keepdims=True))
+
+
+def _placed_eta(vh, vw, s, transpose, height, width, norm="l2"):
   """``eta(s)`` placed at rows ``vh..vh+s`` and columns ``vw..vw+s``; ``(batch, h, w, 1)``.
 
   ``vh, vw, transpose`` are per example; ``s`` is a (traced) scalar. Each half
-  of ``eta`` and then the whole pattern have unit L2 norm.
+  of ``eta`` and then the whole pattern have unit norm (L2 or L1, ``norm``), as
+  the reference's ``eta_rectangles`` and ``eta`` normalise them.
   """
   rows = jnp.arange(height)[None, :, None]
   cols = jnp.arange(width)[None, None, :]
@@ -126,12 +161,12 @@ def _placed_eta(vh, vw, s, transpose, height, width):
   inside = (r >= 0) & (r < s) & (c >= 0) & (c < s)
   t = transpose[:, None, None]
   r, c = jnp.where(t, c, r), jnp.where(t, r, c)
-  value, top = _eta_local(jnp.clip(r, 0, s - 1), jnp.clip(c, 0, s - 1), s)
+  value, top = _eta_local(jnp.clip(r, 0, s - 1), jnp.clip(c, 0, s - 1), s, norm)
   value = jnp.where(inside, value, 0.0)
-  norm_top = jnp.sqrt(jnp.sum(jnp.where(top, value, 0.0) ** 2, axis=(1, 2), keepdims=True))
-  norm_bot = jnp.sqrt(jnp.sum(jnp.where(top, 0.0, value) ** 2, axis=(1, 2), keepdims=True))
+  norm_top = _pattern_norm(jnp.where(top, value, 0.0), norm)
+  norm_bot = _pattern_norm(jnp.where(top, 0.0, value), norm)
   value = jnp.where(top, value / norm_top, -value / norm_bot)
-  value = value / jnp.sqrt(jnp.sum(value**2, axis=(1, 2), keepdims=True))
+  value = value / _pattern_norm(value, norm)
   return value[..., None]
 
 
@@ -141,6 +176,19 @@ def _l2_normalize(v):
 
 def _l2_norm(v, axis=(1, 2, 3)):
   return jnp.sqrt(jnp.sum(v**2, axis=axis, keepdims=True))
+
+
+def _l1_norm(v, axis=(1, 2, 3)):
+  return jnp.sum(jnp.abs(v), axis=axis, keepdims=True)
+
+
+def _project_l1(x, delta, eps):
+  """``x + delta`` projected onto the L1 ball of radius ``eps (1 - 1e-6)`` and ``[0, 1]``.
+
+  The reference adds ``L1_projection(x, delta, eps (1 - 1e-6))``, the
+  correction to ``delta`` that gives this Euclidean projection.
+  """
+  return x + threat.project_l1_box(delta, x, eps * (1.0 - _L1_SHRINK))
 
 
 def _window(vh, vw, s, height, width):
@@ -164,6 +212,7 @@ def _corner(key, side, s):
 
 
 def _init(keys, x, eps, norm):
+  """The start: Linf stripes, or (L2, L1) a grid of ``eta`` squares with random signs."""
   _, height, width, channels = x.shape
   if norm == "linf":
     stripes = _common.per_example(lambda k: _signs(k, (1, width, channels)), keys)
@@ -185,8 +234,11 @@ def _init(keys, x, eps, norm):
       transpose, signs = _common.per_example(draw, _common.fold_keys(keys, n))
       n += 1
       pattern = _placed_eta(jnp.zeros_like(transpose, jnp.int32), jnp.zeros_like(
-          transpose, jnp.int32), s, transpose, s, s)
+          transpose, jnp.int32), s, transpose, s, s, norm)
       delta = delta.at[:, vh:vh + s, vw:vw + s, :].add(pattern * signs)
+  if norm == "l1":
+    # Not rescaled: the projection alone brings the grid into the ball.
+    return _project_l1(x, delta, eps)
   return jnp.clip(x + _l2_normalize(delta) * eps, 0.0, 1.0)
 
 
@@ -203,7 +255,8 @@ def _proposal_linf(keys, x, x_best, eps, s):
   return jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0.0, 1.0)
 
 
-def _proposal_l2(keys, x, x_best, eps, s):
+def _draw_two_windows(keys, x, s):
+  """Per example: corners of the two windows, the pattern's orientation, channel signs."""
   _, height, width, channels = x.shape
 
   def draw(k):
@@ -212,7 +265,12 @@ def _proposal_l2(keys, x, x_best, eps, s):
             _corner(k[3], width, s), jax.random.bernoulli(k[4]),
             _signs(k[5], (1, 1, channels)))
 
-  vh, vw, vh2, vw2, transpose, signs = _common.per_example(draw, keys)
+  return _common.per_example(draw, keys)
+
+
+def _proposal_l2(keys, x, x_best, eps, s):
+  _, height, width, channels = x.shape
+  vh, vw, vh2, vw2, transpose, signs = _draw_two_windows(keys, x, s)
   delta = x_best - x
   window_1 = _window(vh, vw, s, height, width)
   window_2 = _window(vh2, vw2, s, height, width)
@@ -227,13 +285,42 @@ def _proposal_l2(keys, x, x_best, eps, s):
   return jnp.clip(x + _l2_normalize(delta) * eps, 0.0, 1.0)
 
 
+def _proposal_l1(keys, x, x_best, eps, s):
+  """Moves the mass of window 2 into window 1 (the reference's L1 branch).
+
+  Per channel ``k``, window 1 gets ``eta(s) * sign_k + delta_W1 / ||delta_W1||_1``
+  rescaled to L1 norm ``(max(eps - ||delta||_1, 0) / c + ||delta_{W1 u W2}||_1) c``
+  (window norms per channel, the image norm over all channels: the reference's
+  broadcasting, which for ``c > 1`` hands each channel more than its share and
+  leaves the cut to the projection). Window 2 outside window 1 is zeroed, and
+  the result projected onto the L1 ball and the box.
+  """
+  _, height, width, channels = x.shape
+  vh, vw, vh2, vw2, transpose, signs = _draw_two_windows(keys, x, s)
+  delta = x_best - x
+  window_1 = _window(vh, vw, s, height, width)
+  window_2 = _window(vh2, vw2, s, height, width)
+  norms_window_1 = _l1_norm(jnp.where(window_1, delta, 0.0), axis=(1, 2))
+  norms_image = _l1_norm(delta)
+  norms_windows = _l1_norm(jnp.where(window_1 | window_2, delta, 0.0), axis=(1, 2))
+  new = (_placed_eta(vh, vw, s, transpose, height, width, "l1") * signs
+         + jnp.where(window_1, delta, 0.0) / (_TINY + norms_window_1))
+  budget = (jnp.maximum(eps - norms_image, 0.0) / channels + norms_windows) * channels
+  new = new / (_TINY + _l1_norm(new, axis=(1, 2))) * budget
+  delta = jnp.where(window_1, new, jnp.where(window_2, 0.0, delta))
+  return _project_l1(x, delta, eps)
+
+
+_PROPOSALS = {"linf": _proposal_linf, "l2": _proposal_l2, "l1": _proposal_l1}
+
+
 def single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init, loss,
                rescale_schedule):
   """One Square run on the ``active`` points; returns ``(x_best, margin_min)``."""
   _, height, width, channels = x.shape
   sizes = jnp.asarray(square_sizes(
       n_queries, p_init, height, width, channels, norm, rescale_schedule))
-  proposal = _proposal_linf if norm == "linf" else _proposal_l2
+  proposal = _PROPOSALS[norm]
 
   x_best = _init(_common.fold_keys(keys, 0), x, eps, norm)
   x_best = jnp.where(_common.bcast(active, x), x_best, x)
@@ -266,8 +353,8 @@ def single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init, loss,
 def square_batch(fn, x, y, key, active, eps, *, norm, n_queries, p_init, restarts, loss,
                  rescale_schedule):
   """Traceable Square on one batch (the body of :func:`square`); returns ``(x_adv, still_correct)``."""
-  if norm not in ("linf", "l2"):
-    raise ValueError(f"square is implemented for norm 'linf' and 'l2', got {norm!r}")
+  if norm not in NORMS:
+    raise ValueError(f"square's norm must be one of {NORMS}, got {norm!r}")
   keys = _common.example_keys(key, x.shape[0])
   acc = _common.predicted_correct(fn(x), y) & active
 
@@ -310,7 +397,7 @@ def square(
     x: clean NHWC images in ``[0, 1]``.
     y: integer labels.
     key: one PRNG key, or one per example.
-    norm: ``"linf"`` or ``"l2"``.
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``.
     eps: radius of the threat model.
     n_queries: iterations per restart (one model query each, plus one at the start).
     p_init: initial share of pixels a square covers, in ``(0, 1]``.
@@ -326,8 +413,9 @@ def square(
   _common.check_inputs(x, y, norm, eps)
   if x.ndim != 4:
     raise ValueError(f"square needs NHWC images, got x of shape {x.shape}")
-  if norm == "l2" and min(x.shape[1:3]) < 10:
-    raise ValueError(f"square with norm='l2' needs images of at least 10x10, got {x.shape}")
+  # The L2 and L1 start tiles the image with squares of side h // 5 (at least 2).
+  if norm in ("l2", "l1") and min(x.shape[1:3]) < 10:
+    raise ValueError(f"square with norm={norm!r} needs images of at least 10x10, got {x.shape}")
   _common.check_positive_int("n_queries", n_queries)
   _common.check_positive_int("restarts", restarts)
   if not 0.0 < p_init <= 1.0:
