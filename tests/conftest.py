@@ -8,8 +8,11 @@ the right way, which needs a model whose gradients mean something.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
+import shutil
+import tempfile
 from typing import Callable, NamedTuple
 
 import jax
@@ -19,6 +22,15 @@ import optax
 import pytest
 
 NUM_CLASSES = 10
+
+# One persistent XLA compilation cache for the session, inherited by the dale-train and
+# dale-eval processes that the tests start: they compile the same steps again and
+# again. The programs are the same; only the compile time is saved.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="dale_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 # On CI (CI=true) every test must run: a cross-check that skips because an optional
 # package failed to install would let a wrong number pass unseen.

@@ -1,9 +1,11 @@
-"""The training job: data parallelism, resume after SIGKILL, config errors, NaN stop."""
+"""The training job: data parallelism, resume after SIGKILL, config errors, NaN stop.
+
+Two processes against one: tests/test_layouts.py (the records of a two-process run).
+"""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,24 +55,6 @@ def test_eight_devices_match_one(one_device_params, tmp_path):
   assert proc.returncode == 0, log
   devices, params = _params(tmp_path / "p.npz")
   assert devices == 8 and one_device_params[0] == 1
-  _assert_same_params(one_device_params[1], params)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_two_processes_match_one(one_device_params, tmp_path):
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [_run_worker(tmp_path / "p.npz", 1, address, 2, i) for i in range(2)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), logs
-  devices, params = _params(tmp_path / "p.npz")
-  assert devices == 2
   _assert_same_params(one_device_params[1], params)
 
 

@@ -6,8 +6,7 @@ reference (``AutoAttack(model, norm, eps, version)``, fra31/auto-attack) by name
 * ``standard``: APGD-CE (one run of 100 steps), APGD-T (9 target classes), FAB-T
   (9 target classes), Square (5,000 queries). For L1: APGD-CE with 5 restarts and
   APGD-T with 5 target classes, both with the large-radius schedule
-  (``use_largereps``), then FAB-T; Square for L1 is not implemented here, so the
-  L1 chain is labelled "AutoAttack (standard) without Square".
+  (``use_largereps``), then FAB-T and Square.
 * ``plus``: APGD-CE and APGD-DLR with 5 restarts, FAB with 5 restarts, Square,
   APGD-T, FAB-T.
 * ``rand``, for randomised defences: APGD-CE and APGD-DLR (one run each) with
@@ -55,7 +54,6 @@ def version(name: str, norm: str, eps: float, n_classes: int = 10
     names = AUTOATTACK_STANDARD
     changes = {"apgd-t": {"n_target_classes": 9}, "fab-t": {"n_target_classes": 9}}
     if norm == "l1":
-      names = ("apgd-ce", "apgd-t", "fab-t")
       changes["apgd-ce"] = {"restarts": 5, "use_largereps": True}
       changes["apgd-t"] = {"n_target_classes": 5, "use_largereps": True}
   elif name == "plus":
@@ -70,8 +68,6 @@ def version(name: str, norm: str, eps: float, n_classes: int = 10
       settings[target_attack]["n_target_classes"] = min(
           settings[target_attack]["n_target_classes"], n_classes - 1)
   label = f"AutoAttack ({name})"
-  if name == "standard" and norm == "l1":
-    label += " without Square"
   return names, settings, label
 
 

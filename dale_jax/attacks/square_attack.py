@@ -276,7 +276,7 @@ def _proposal_l2(keys, x, x_best, eps, s):
   window_2 = _window(vh2, vw2, s, height, width)
   norms_window_1 = _l2_norm(jnp.where(window_1, delta, 0.0), axis=(1, 2))
   norms_image = _l2_norm(delta)
-  norms_windows = _l2_norm(jnp.where(window_1 | window_2, delta, 0.0))
+  norms_windows = _l2_norm(jnp.where(window_1 | window_2, delta, 0.0), axis=(1, 2))  # per channel
   new = (_placed_eta(vh, vw, s, transpose, height, width) * signs
          + jnp.where(window_1, delta, 0.0) / (_TINY + norms_window_1))
   budget = jnp.maximum(eps**2 - norms_image**2, 0.0) / channels + norms_windows**2

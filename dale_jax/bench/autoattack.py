@@ -57,9 +57,14 @@ def run_torch(net, x: np.ndarray, y: np.ndarray, *, norm: str, eps: float, n_cla
   return {"seconds": seconds, "accuracy": accuracy}
 
 
-def compare(workdir: str, *, n_examples: int, batch_size: int, norm: str | None = None,
-            eps: float | None = None, log=print) -> list[dict[str, Any]]:
-  """Rows ``{framework, pass, attack, seconds, accuracy, points_per_s}`` and a total per pass."""
+def compare(workdir: str, *, n_examples: int, batch_size: int, repeats: int = 1,
+            norm: str | None = None, eps: float | None = None, log=print
+            ) -> list[dict[str, Any]]:
+  """Rows ``{framework, run, attack, seconds, accuracy}``, a total per run and the speed-up.
+
+  dale_jax runs once cold (compiling), then ``repeats`` times warm, interleaved with
+  ``repeats`` torchattacks runs; seconds are medians over the repeats.
+  """
   import torch  # pylint: disable=import-outside-toplevel
 
   from dale_jax import attacks  # pylint: disable=import-outside-toplevel
@@ -81,23 +86,36 @@ def compare(workdir: str, *, n_examples: int, batch_size: int, norm: str | None 
 
   rows = []
 
-  def add(framework, label, seconds, accuracy):
+  def add(framework, label, runs):
+    """One row per attack (median seconds over ``runs``) and a total (median of the totals)."""
     for name in ORDER:
-      rows.append(dict(framework=framework, run=label, attack=name, seconds=seconds[name],
-                       accuracy=accuracy[name]))
-    total = sum(seconds[n] for n in ORDER)
+      rows.append(dict(framework=framework, run=label, attack=name,
+                       seconds=float(np.median([r["seconds"][name] for r in runs])),
+                       accuracy=runs[0]["accuracy"][name]))
+    total = float(np.median([sum(r["seconds"][n] for n in ORDER) for r in runs]))
     rows.append(dict(framework=framework, run=label, attack="total", seconds=total,
-                     accuracy=accuracy[ORDER[-1]], points_per_s=len(x) / total))
+                     accuracy=runs[0]["accuracy"][ORDER[-1]], points_per_s=len(x) / total))
+    return total
 
-  for label in ("cold (compiles)", "warm"):
-    log(f"dale_jax, {label} ...")
+  def ours():
     report = attacks.evaluate_robustness(logits_fn, x, y, attacks=("clean",), version="standard",
                                          norm=norm, eps=eps, batch_size=batch_size)
-    add("dale_jax", label, report["attack_seconds"], report["per_attack"])
-  log("torchattacks ...")
-  theirs = run_torch(net, x, y, norm=norm, eps=eps, n_classes=dataset.num_classes,
-                     batch_size=batch_size)
-  add("torchattacks", "eager", theirs["seconds"], theirs["accuracy"])
+    return {"seconds": report["attack_seconds"], "accuracy": report["per_attack"]}
+
+  log("dale_jax, cold (compiles) ...")
+  add("dale_jax", "cold (compiles)", [ours()])
+  warm, theirs = [], []
+  for r in range(repeats):  # interleaved, so that both see the same machine
+    log(f"dale_jax, warm, repeat {r + 1} of {repeats} ...")
+    warm.append(ours())
+    log(f"torchattacks, repeat {r + 1} of {repeats} ...")
+    theirs.append(run_torch(net, x, y, norm=norm, eps=eps, n_classes=dataset.num_classes,
+                            batch_size=batch_size))
+  label = f"median of {repeats}"
+  jax_total = add("dale_jax", f"warm, {label}", warm)
+  torch_total = add("torchattacks", f"eager, {label}", theirs)
+  rows.append(dict(framework="dale_jax / torchattacks", run=label, attack="total",
+                   speedup=torch_total / jax_total))
   return rows
 
 
@@ -105,6 +123,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   lines = ["| framework | run | attack | seconds | robust accuracy (%) | points/s |",
            "|---|---|---|---|---|---|"]
   for r in rows:
+    if "speedup" in r:
+      lines.append(f"| {r['framework']} | {r['run']} | speed-up | {r['speedup']:.2f}x | | |")
+      continue
     pps = f"{r['points_per_s']:.1f}" if "points_per_s" in r else ""
     lines.append(f"| {r['framework']} | {r['run']} | {r['attack']} | {r['seconds']:.1f} | "
                  f"{r['accuracy']:.2f} | {pps} |")

@@ -98,11 +98,12 @@ def _autoattack(args, log) -> list[dict]:
   if not args.workdir or not rundir.has_config(args.workdir):
     _errors.fail("dale-bench", f"--task=autoattack needs --workdir of a finished dale-train run, "
                  f"got {args.workdir!r}")
-  if args.n_examples < 1 or len(args.batch_size) != 1:
-    _errors.fail("dale-bench", "--task=autoattack takes --n-examples >= 1 and one --batch-size")
+  if args.n_examples < 1 or len(args.batch_size) != 1 or args.repeats < 1:
+    _errors.fail("dale-bench", "--task=autoattack takes --n-examples >= 1, --repeats >= 1 and "
+                 "one --batch-size")
   try:
     rows = autoattack.compare(args.workdir, n_examples=args.n_examples,
-                              batch_size=args.batch_size[0], log=log)
+                              batch_size=args.batch_size[0], repeats=args.repeats, log=log)
   except (ValueError, RuntimeError) as e:
     _errors.fail("dale-bench", e)
   for row in rows:

@@ -1,8 +1,8 @@
-"""Square for the L1 threat model: pattern and proposal against float64 NumPy, invariants.
+"""Square's L1 and L2 proposals and the L1 pattern against float64 NumPy; L1 invariants.
 
-The agreement of the whole attack with the reference ``autoattack/square.py``
+The agreement of the whole L1 attack with the reference ``autoattack/square.py``
 (robust accuracy on the same model and points) is a measurement, not a test: the
-reference package is not on PyPI. The numbers are in the commit that added L1.
+reference package is not on PyPI. The numbers are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -73,6 +73,73 @@ def _proposal_l1_np(x, x_best, eps, s, vh, vw, vh2, vw2, transpose, signs):
   delta[:, :, vh2:vh2 + s, vw2:vw2 + s] = 0.0
   delta[:, :, vh:vh + s, vw:vw + s] = new
   return delta[0]
+
+
+def _eta_l2_np(s):
+  """The reference ``eta(s)`` of the L2 Square attack, written with loops (float64)."""
+  def rect(a, b):
+    d = np.zeros((a, b))
+    r0, c0 = a // 2, b // 2
+    for n in range(max(a // 2 + 1, b // 2 + 1)):
+      d[max(r0, 0):min(r0 + 2 * n + 1, a), max(c0, 0):min(c0 + 2 * n + 1, b)] += 1.0 / (n + 1)**2
+      r0 -= 1
+      c0 -= 1
+    return d / np.sqrt((d**2).sum())
+
+  e = np.zeros((s, s))
+  e[:s // 2] = rect(s // 2, s)
+  e[s // 2:] = -rect(s - s // 2, s)
+  return e / np.sqrt((e**2).sum())
+
+
+def _proposal_l2_np(x, x_best, eps, s, vh, vw, vh2, vw2, transpose, signs):
+  """The reference's L2 proposal for one example, NCHW (float64): the ``'L2'`` loop body.
+
+  Window norms are per channel (sums over the last two axes), the image norm over
+  all channels, as in ``attack_single_run``.
+  """
+  c = x.shape[0]
+  delta = (x_best - x).astype(np.float64)[None]
+  mask_1 = np.zeros_like(delta)
+  mask_1[:, :, vh:vh + s, vw:vw + s] = 1.0
+  mask_2 = np.zeros_like(delta)
+  mask_2[:, :, vh2:vh2 + s, vw2:vw2 + s] = 1.0
+  norms_window_1 = np.sqrt((delta[:, :, vh:vh + s, vw:vw + s]**2).sum(axis=(-2, -1),
+                                                                       keepdims=True))
+  norms_image = np.sqrt((delta**2).reshape(1, -1).sum(-1)).reshape(1, 1, 1, 1)
+  norms_windows = np.sqrt(((delta * np.maximum(mask_1, mask_2))**2).sum(axis=(-2, -1),
+                                                                         keepdims=True))
+  eta = _eta_l2_np(s).T if transpose else _eta_l2_np(s)
+  new = np.ones((1, c, s, s)) * (eta[None, None] * signs.reshape(1, c, 1, 1))
+  new += delta[:, :, vh:vh + s, vw:vw + s] / (1e-12 + norms_window_1)
+  new = new / (1e-12 + np.sqrt((new**2).sum(axis=(-2, -1), keepdims=True))) * np.sqrt(
+      np.maximum(eps**2 - norms_image**2, 0.0) / c + norms_windows**2)
+  delta[:, :, vh2:vh2 + s, vw2:vw2 + s] = 0.0
+  delta[:, :, vh:vh + s, vw:vw + s] = new
+  delta = delta / (np.sqrt((delta**2).sum()) + 1e-12)
+  return np.clip(x + delta[0] * eps, 0.0, 1.0)
+
+
+_proposal_l2 = jax.jit(square_attack._proposal_l2)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("s", [3, 7])
+def test_square_l2_proposal_matches_reference_on_three_channels(s):
+  n, h, w, c, eps = 5, 12, 12, 3, 1.0
+  rng = np.random.RandomState(s)
+  x = rng.rand(n, h, w, c).astype(np.float32)
+  raw = rng.randn(n, h, w, c) * rng.choice([0.01, 0.1, 1.0], (n, 1, 1, 1))
+  raw = raw / np.sqrt((raw**2).sum(axis=(1, 2, 3), keepdims=True)) * eps
+  x_best = np.clip(x + raw, 0, 1).astype(np.float32)
+  keys = jax.random.split(jax.random.key(s), n)
+  got = np.asarray(_proposal_l2(keys, jnp.asarray(x), jnp.asarray(x_best), eps, s))
+  draws = [np.asarray(a) for a in square_attack._draw_two_windows(  # pylint: disable=protected-access
+      keys, jnp.asarray(x), s)]
+  for i in range(n):
+    vh, vw, vh2, vw2, transpose, signs = (a[i] for a in draws)
+    want = _proposal_l2_np(x[i].transpose(2, 0, 1), x_best[i].transpose(2, 0, 1), eps, s,
+                           vh, vw, vh2, vw2, transpose, signs.reshape(-1)).transpose(1, 2, 0)
+    np.testing.assert_allclose(got[i], want, atol=2e-5, err_msg=f"example {i}")
 
 
 # ----------------------------------------------------------------------------- model
