@@ -33,3 +33,23 @@ def test_every_algorithm_takes_a_finite_step(name):
   assert max(jax.tree.leaves(moved)) > 0
   if algorithms.ALGORITHMS[name].uses_dual:
     assert "dual variable" in meters and meters["dual variable"] >= 0
+
+
+@pytest.mark.parametrize("name", ["PGD", "Gaussian_DALE_PD"])
+def test_l1_ball_training_takes_a_finite_step(name):
+  """PGD-L1 and DALE-L1: --config.sampler.norm=l1 with an L1 radius."""
+  c = configs.base_config("mnist_digits", name)
+  c.batch_size = 8
+  c.sampler.update(norm="l1", eps=10.0, step_size=1.0, steps=2)
+  c.eval.update(norm="l1", eps=10.0)
+  configs.validate(c)
+  mesh = parallel.make_mesh()
+  state = train.create_train_state(c, jax.random.key(0), (28, 28, 1), 10)
+  step = train.make_train_step(c, 10, mesh=mesh)
+  rng = np.random.RandomState(0)
+  batch = {"image": rng.uniform(size=(8, 28, 28, 1)).astype(np.float32),
+           "label": rng.randint(0, 10, size=(8,)).astype(np.int32)}
+  state, meters = step(state, parallel.shard_batch(batch, mesh))
+  meters = jax.device_get(meters)
+  assert all(np.isfinite(v) for v in meters.values()), meters
+  assert meters["robust loss" if name == "Gaussian_DALE_PD" else "Loss"] > 0

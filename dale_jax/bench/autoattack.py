@@ -38,7 +38,7 @@ def run_torch(net, x: np.ndarray, y: np.ndarray, *, norm: str, eps: float, n_cla
   import torch  # pylint: disable=import-outside-toplevel
   import torchattacks  # pylint: disable=import-outside-toplevel
 
-  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  xt = torch.from_numpy(np.array(x.transpose(0, 3, 1, 2)))  # a writable copy
   yt = torch.from_numpy(y.astype(np.int64))
   with torch.no_grad():
     robust = (net(xt).argmax(-1) == yt).numpy()
