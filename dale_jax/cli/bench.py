@@ -2,11 +2,12 @@
 
   dale-bench --algorithm=Gaussian_DALE_PD --model=mnist_cnn --batch-size=64,256 \
       --steps=20 --framework=both --json
-  dale-bench --task=autoattack --workdir=runs/quickstart --n-examples=500 --batch-size=250
+  dale-bench --task=autoattack --workdir=runs/quickstart --n-examples=40 --batch-size=40 \
+      --repeats=3
 
 ``--task=autoattack`` times AutoAttack's standard version in dale_jax and in
-torchattacks on a finished run's weights and test points, attack by attack
-(:mod:`dale_jax.bench.autoattack`).
+torchattacks on a finished run's weights and test points, attack by attack, the
+median of ``--repeats`` interleaved runs (:mod:`dale_jax.bench.autoattack`).
 
 Times the full step (sampler loop, primal and dual update) after warm-up; see
 :mod:`dale_jax.bench.runner`. ``--framework`` is ``jax``, ``torch`` (eager),
