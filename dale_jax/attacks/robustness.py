@@ -5,7 +5,10 @@ over the ``data`` mesh axis, runs the reference attacks on every correctly class
 point and the chain attacks on the points still robust, and flags the patterns of
 gradient masking that AutoAttack's authors list (a weaker attack beating a stronger
 one, the black-box Square attack breaking points every white-box attack missed,
-probabilities passed as logits, all-zero input gradients).
+probabilities passed as logits, all-zero input gradients). With a progress directory
+it keeps every finished batch (:mod:`dale_jax.attacks.progress`), so a killed
+evaluation resumes; :func:`robustbench_model_info` writes the result in RobustBench's
+shape.
 """
 
 from __future__ import annotations
