@@ -285,6 +285,107 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert 1e-4 * np.abs(reference).max() < error < 0.1 * np.abs(reference).max()
 
 
+def _bf16(a):
+  """``a`` rounded to bfloat16 (round to nearest even), as float64."""
+  return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
+def _conv3x3_np(x, kernel):
+  """VALID 3x3 convolution, NHWC x HWIO, float64."""
+  h, w = x.shape[1] - 2, x.shape[2] - 2
+  return sum(np.einsum("bhwc,co->bhwo", x[:, i:i + h, j:j + w], kernel[i, j])
+             for i in range(3) for j in range(3))
+
+
+def _mnist_cnn_np(params, x, r):
+  """advbench's MNIST CNN in float64; ``r`` rounds the operands of every layer."""
+  p = {k: {n: np.asarray(v, np.float64) for n, v in layer.items()} for k, layer in params.items()}
+  h = r(_relu(_conv3x3_np(r(x), r(p["conv1"]["kernel"])) + p["conv1"]["bias"]))
+  h = r(_relu(_conv3x3_np(h, r(p["conv2"]["kernel"])) + p["conv2"]["bias"]))
+  b, hh, ww, c = h.shape
+  h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4)).reshape(b, -1)
+  h = r(_relu(h @ r(p["fc1"]["kernel"]) + p["fc1"]["bias"]))
+  return h @ r(p["fc2"]["kernel"]) + p["fc2"]["bias"]
+
+
+def test_mnist_cnn_bfloat16_rounds_operands_and_accumulates_in_float32():
+  """bfloat16 MnistCNN = the float64 network whose layer inputs and kernels are rounded
+  to bfloat16 (products summed exactly, bias added unrounded), up to float32 sums."""
+  model = MnistCNN(dtype=jnp.bfloat16)
+  x = _images(3, (28, 28, 1))
+  variables = init_variables(model, jax.random.key(0), (28, 28, 1))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  logits = jax.jit(model.apply)(variables, x)
+  assert logits.dtype == jnp.float32
+  x64 = np.asarray(x, np.float64)
+  rounded = _mnist_cnn_np(variables["params"], x64, _bf16)
+  exact = _mnist_cnn_np(variables["params"], x64, lambda a: a)
+  scale = np.abs(exact).max()
+  # float32 accumulation can move an activation across a bfloat16 rounding boundary,
+  # one 2^-8 step at a few places; the rounding itself moves the logits ~50x more.
+  error = np.abs(np.asarray(logits, np.float64) - rounded).max()
+  assert error < 2e-4 * scale
+  assert np.abs(rounded - exact).max() > 20 * error
+
+
+def test_mixed_precision_gradients_are_bfloat16_products_of_the_rounded_cotangent():
+  """The custom VJPs: ``da = r(g) r(b)^T``, ``db = r(a)^T r(g)`` and the conv's input
+  gradient (transposed window sum) against float64, each rounded once to bfloat16."""
+  from dale_jax.models.mnist_cnn import _mixed_conv, _mixed_matmul
+
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(4, 5, 48)), rng.normal(size=(48, 16))
+  g = rng.normal(size=(4, 5, 16))
+  bf = lambda v: jnp.asarray(v, jnp.bfloat16)
+  out, vjp = jax.vjp(_mixed_matmul, bf(a), bf(b))
+  da, db = vjp(jnp.asarray(g, jnp.float32))
+  assert out.dtype == jnp.float32 and da.dtype == db.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out, _bf16(a) @ _bf16(b), rtol=1e-5, atol=1e-5)
+  # One bfloat16 rounding of the float64 value: a relative error of at most 2^-9.
+  tol = dict(rtol=2**-8, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(da, np.float64), _bf16(_bf16(g) @ _bf16(b).T), **tol)
+  np.testing.assert_allclose(np.asarray(db, np.float64),
+                             _bf16(_bf16(a).reshape(-1, 48).T @ _bf16(g).reshape(-1, 16)), **tol)
+
+  x, kernel = rng.normal(size=(2, 8, 8, 3)), rng.normal(size=(3, 3, 3, 4))
+  g = rng.normal(size=(2, 6, 6, 4))
+  out, vjp = jax.vjp(lambda x, k: _mixed_conv(x, k, 3), bf(x), bf(kernel.reshape(27, 4)))
+  dx, dk = vjp(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(out, _conv3x3_np(_bf16(x), _bf16(kernel)), rtol=1e-5, atol=1e-5)
+  rg, rk = _bf16(g), _bf16(kernel)
+  want_dx = np.zeros_like(x)
+  for i in range(3):
+    for j in range(3):
+      want_dx[:, i:i + 6, j:j + 6] += np.einsum("bhwo,co->bhwc", rg, rk[i, j])
+  want_dk = np.stack([np.einsum("bhwc,bhwo->co", _bf16(x)[:, i:i + 6, j:j + 6], rg)
+                      for i in range(3) for j in range(3)]).reshape(27, 4)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), _bf16(want_dx), **tol)
+  np.testing.assert_allclose(np.asarray(dk, np.float64), _bf16(want_dk), **tol)
+
+
+def test_mnist_cnn_bfloat16_gradients_follow_float32():
+  """Parameter and input gradients of the bfloat16 model: float32 and near the float32
+  model's. Rounding the cotangent at every layer moves them by 0.1% (fc2) to 10% (the
+  input) in norm here, as much as torch's autocast does (``tests/test_bench.py``
+  compares the two); a wrong custom VJP (a transposed kernel, a missing window) is
+  off by O(1)."""
+  x = _images(4, (28, 28, 1))
+  y = jnp.arange(4) % 10
+  variables = init_variables(MnistCNN(), jax.random.key(0), (28, 28, 1))
+
+  def grads(dtype):
+    def loss(params, x):
+      logits = MnistCNN(dtype=dtype).apply({"params": params}, x)
+      return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).sum()
+    return jax.jit(jax.grad(loss, (0, 1)))(variables["params"], x)
+
+  got, want = grads(jnp.bfloat16), grads(jnp.float32)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g, np.float64).ravel(), np.asarray(w, np.float64).ravel()
+    assert np.linalg.norm(g - w) < 0.2 * np.linalg.norm(w)
+
+
 def test_axis_name_averages_batch_statistics_over_the_axis():
   """Two groups of 2 under vmap(axis_name='data') == one batch of 4 without the axis."""
   model = ResNet(num_classes=10, stage_sizes=(1, 1), width=4)
