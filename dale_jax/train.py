@@ -43,11 +43,20 @@ Array = jax.Array
 # Construction.
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  kwargs = {}
-  if config.model.dtype != "float32":
-    kwargs["dtype"] = getattr(jnp, config.model.dtype)
+def create_model(config: ml_collections.ConfigDict, num_classes: int, dtype: str | None = None):
+  """``config.model`` computing in ``dtype`` (default ``config.model.dtype``).
+
+  The parameters are float32 whatever the compute dtype, so one set of weights
+  serves a bfloat16 training step and a float32 evaluation.
+  """
+  dtype = dtype or config.model.dtype
+  kwargs = {} if dtype == "float32" else {"dtype": getattr(jnp, dtype)}
   return get_model(config.model.name, num_classes, **kwargs)
+
+
+def eval_dtype(config: ml_collections.ConfigDict) -> str:
+  """The compute dtype of the evaluators: ``config.eval.dtype``, float32 by default."""
+  return config.eval.get("dtype", "float32")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -214,7 +223,7 @@ def make_eval_step(config: ml_collections.ConfigDict, num_classes: int, mesh=Non
   mesh = mesh or parallel.make_mesh()
   settings = config.eval.to_dict()
   evaluators = {n: evaluation.make_evaluator(n, settings) for n in config.eval.evaluators}
-  step = functools.partial(eval_step, model=create_model(config, num_classes),
+  step = functools.partial(eval_step, model=create_model(config, num_classes, eval_dtype(config)),
                            evaluators=evaluators)
   repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(step, in_shardings=(repl, sharded, repl), out_shardings=repl)
@@ -519,7 +528,7 @@ def load_trained(workdir: str):
     raise MissingCheckpointError(f"no checkpoint in {workdir}/checkpoints: is it the workdir "
                                  "of a dale-train run that saved one?")
   state, _ = _restore(manager, state)
-  model = create_model(config, dataset.num_classes)
+  model = create_model(config, dataset.num_classes, eval_dtype(config))
   variables = state.variables
   apply = functools.partial(model.apply, train=False)
   return config, jax.tree_util.Partial(apply, variables), dataset

@@ -1,38 +1,73 @@
-"""Every algorithm trains: one compiled step moves the parameters and keeps meters finite."""
+"""Every algorithm trains: one compiled step moves the parameters and keeps meters finite.
+
+In bfloat16 too (``config.model.dtype``): the compute is bfloat16, but everything
+the step carries from one step to the next (parameters, optimizer state, the dual
+variable, BatchNorm statistics) stays float32.
+"""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dale_jax import algorithms, configs, parallel, train
 
 
+def _one_step(c, input_shape=(28, 28, 1)):
+  """``(params before, state after, meters)`` of one compiled step on a random batch."""
+  configs.validate(c)
+  mesh = parallel.make_mesh()
+  state = train.create_train_state(c, jax.random.key(0), input_shape, 10)
+  before = jax.tree.map(np.asarray, state.params)
+  step = train.make_train_step(c, 10, mesh=mesh)
+  rng = np.random.RandomState(0)
+  batch = {"image": rng.uniform(size=(c.batch_size, *input_shape)).astype(np.float32),
+           "label": rng.randint(0, 10, size=(c.batch_size,)).astype(np.int32)}
+  state, meters = step(state, parallel.shard_batch(batch, mesh))
+  return before, state, jax.device_get(meters)
+
+
+def _float_dtypes(tree):
+  return {str(x.dtype) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
-def test_every_algorithm_takes_a_finite_step(name):
+def test_every_algorithm_takes_a_finite_step(name, dtype):
   c = configs.base_config("mnist_digits", name)
   c.batch_size = 8
+  c.model.dtype = dtype
   if "steps" in c.sampler:
     c.sampler.steps = 1
   if c.draws > 1:
     c.draws = 2
   if name == "RandSmoothing":
     c.sampler.num_samples = 2
-  configs.validate(c)
-  mesh = parallel.make_mesh()
-  state = train.create_train_state(c, jax.random.key(0), (28, 28, 1), 10)
-  before = jax.tree.map(np.asarray, state.params)
-  step = train.make_train_step(c, 10, mesh=mesh)
-  rng = np.random.RandomState(0)
-  batch = {"image": rng.uniform(size=(8, 28, 28, 1)).astype(np.float32),
-           "label": rng.randint(0, 10, size=(8,)).astype(np.int32)}
-  state, meters = step(state, parallel.shard_batch(batch, mesh))
-  meters = jax.device_get(meters)
+  before, state, meters = _one_step(c)
   assert "Loss" in meters and all(np.isfinite(v) for v in meters.values()), meters
   assert int(state.step) == 1
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(b) - a).max(), before, state.params)
   assert max(jax.tree.leaves(moved)) > 0
   if algorithms.ALGORITHMS[name].uses_dual:
     assert "dual variable" in meters and meters["dual variable"] >= 0
+  assert _float_dtypes((state.params, state.opt_state, state.dual_state)) == {"float32"}
+
+
+def test_bfloat16_batchnorm_model_keeps_float32_state(monkeypatch):
+  """ResNet-18 (BatchNorm) in bfloat16: statistics, parameters and momentum stay float32."""
+  create_model = train.create_model  # ResNet-18 at width 4 instead of 64, to compile fast.
+  monkeypatch.setattr(train, "create_model", lambda *a, **k: create_model(*a, **k).clone(width=4))
+  c = configs.base_config("cifar10", "Gaussian_DALE_PD")
+  c.batch_size = 4
+  c.model.dtype = "bfloat16"
+  c.sampler.steps = 1
+  before, state, meters = _one_step(c, (32, 32, 3))
+  assert all(np.isfinite(v) for v in meters.values()), meters
+  assert jax.tree.leaves(state.batch_stats)
+  assert _float_dtypes((state.params, state.batch_stats, state.opt_state,
+                        state.dual_state)) == {"float32"}
+  moved = jax.tree.map(lambda a, b: np.abs(np.asarray(b) - a).max(), before, state.params)
+  assert max(jax.tree.leaves(moved)) > 0
 
 
 @pytest.mark.parametrize("name", ["PGD", "Gaussian_DALE_PD"])
@@ -42,14 +77,6 @@ def test_l1_ball_training_takes_a_finite_step(name):
   c.batch_size = 8
   c.sampler.update(norm="l1", eps=10.0, step_size=1.0, steps=2)
   c.eval.update(norm="l1", eps=10.0)
-  configs.validate(c)
-  mesh = parallel.make_mesh()
-  state = train.create_train_state(c, jax.random.key(0), (28, 28, 1), 10)
-  step = train.make_train_step(c, 10, mesh=mesh)
-  rng = np.random.RandomState(0)
-  batch = {"image": rng.uniform(size=(8, 28, 28, 1)).astype(np.float32),
-           "label": rng.randint(0, 10, size=(8,)).astype(np.int32)}
-  state, meters = step(state, parallel.shard_batch(batch, mesh))
-  meters = jax.device_get(meters)
+  _, _, meters = _one_step(c)
   assert all(np.isfinite(v) for v in meters.values()), meters
   assert meters["robust loss" if name == "Gaussian_DALE_PD" else "Loss"] > 0

@@ -43,7 +43,7 @@ BAD = {
     "eval.eps": -1.0, "eval.pgd_steps": 0, "eval.pgd_step_size": -3.0,
     "eval.cvar_t_step_size": -1.0, "eval.cvar_beta": 0.0, "eval.cvar_draws": 0,
     "eval.cvar_steps": -1, "eval.augmented_draws": 0, "eval.augmented_betas": (0.1, 1.0),
-    "eval.apgd_steps": 0, "eval.square_queries": 0,
+    "eval.apgd_steps": 0, "eval.square_queries": 0, "eval.dtype": "float16",
     "parallel.coordinator_address": 5, "parallel.num_processes": 0, "parallel.process_id": -1,
 }
 
