@@ -169,6 +169,55 @@ def test_torch_reference_step_equals_jax_step(algorithm):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("algorithm", ["ERM", "Gaussian_DALE_PD"])
+def test_torch_autocast_step_agrees_with_jax_bfloat16_step(algorithm):
+  """dale_jax's bfloat16 step against torch's under ``autocast(bfloat16)``.
+
+  Both round the inputs and weights of every convolution and matmul to bfloat16 and
+  accumulate in float32; autocast also rounds each layer's output (with its bias)
+  to bfloat16, where dale_jax adds the bias in float32 and then rounds. For ERM that
+  extra rounding per layer leaves the two SGD moves 0.5% apart in norm (measured),
+  while each is 10% from its own float32 move: the 2% bound tells the same bfloat16
+  arithmetic from a merely nearby one. With a sampler the moves are not compared: its
+  sign steps flip on the near-zero input gradients of the blank border, so the
+  perturbations differ by whole steps there. The dual update sees only the clean loss
+  of the pre-update model, a forward pass: its two moves of ``nu`` are 3e-4 apart
+  (relative, measured), the size of bfloat16's effect on the loss.
+  """
+  torch = require("torch")
+  from dale_jax.bench import torch_reference as tr
+
+  torch.manual_seed(0)
+  config = _noise_free_config(algorithm, batch_size=8)
+  model = MnistCNN(dropout_rates=(0.0, 0.0), dtype=jnp.bfloat16)
+  variables = init_variables(model, jax.random.PRNGKey(1), (28, 28, 1))
+  state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), 10)
+  state = state.replace(params=variables["params"])
+  step = jax.jit(functools.partial(train.train_step, model=model,
+                                   algorithm=train.algorithm_for(config)))
+  x, y = _digits_like(8)
+  new_state, _ = step(state, {"image": jnp.asarray(x), "label": jnp.asarray(y)})
+
+  torch_model = tr.load_flax_variables(tr.MnistCNN(dropout_rates=(0.0, 0.0)), variables).train()
+  torch_step = tr.TrainStep(tr.Autocast(torch_model, torch.bfloat16), config)
+  start = None
+  if config.sampler.get("name") == "langevin_gaussian":
+    start = tr.to_nchw(_jax_sampler_start(state, config, x))
+  torch_step(tr.to_nchw(x), torch.from_numpy(y).long(), start=start)
+  if algorithm == "ERM":
+    got = tr.flax_variables(torch_model)["params"]
+    for g, w, w0 in zip(jax.tree.leaves(got), jax.tree.leaves(new_state.params),
+                        jax.tree.leaves(variables["params"])):
+      move_got = np.asarray(g, np.float64) - np.asarray(w0)
+      move_want = np.asarray(w, np.float64) - np.asarray(w0)
+      assert np.linalg.norm(move_got - move_want) < 0.02 * np.linalg.norm(move_want)
+  else:
+    nu0 = float(state.dual_state.nu)
+    np.testing.assert_allclose(float(torch_step.nu) - nu0, float(new_state.dual_state.nu) - nu0,
+                               rtol=2e-3)
+
+
+@pytest.mark.torch
 def test_torch_weights_round_trip_and_give_the_same_logits():
   torch = require("torch")
   from dale_jax.bench import torch_reference as tr

@@ -49,7 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from dale_jax import host_memory
 from dale_jax import validation
@@ -57,6 +57,7 @@ from dale_jax.bench import ALGORITHMS
 
 FRAMEWORKS = ("jax", "torch", "torch-compile")
 MODELS = ("mnist_cnn", "resnet18")
+PRECISIONS = ("float32", "bfloat16")
 _PROTOCOL = "@@dale-bench "
 
 
@@ -79,6 +80,10 @@ class Options:
       device the sampler perturbs at a time; 0 = the whole batch; ``None`` = the
       config's default for the platform, see :func:`dale_jax.train.sampler_chunk_size`).
     seed: seed of the weights and the synthetic batch.
+    precision: ``float32``, or ``bfloat16``: ``jax`` runs with
+      ``config.model.dtype = "bfloat16"``, the torch workers under
+      ``torch.autocast(dtype=torch.bfloat16)`` (float32 weights, optimizer and
+      losses on both sides).
   """
 
   algorithm: str = "Gaussian_DALE_PD"
@@ -91,10 +96,12 @@ class Options:
   width: int = 64
   sampler_chunk: int | None = None
   seed: int = 0
+  precision: str = "float32"
 
   def validate(self) -> None:
     validation.one_of("algorithm", self.algorithm, ALGORITHMS)
     validation.one_of("model", self.model, MODELS)
+    validation.one_of("precision", self.precision, PRECISIONS)
     for name in ("batch_size", "steps", "repeats", "devices", "width"):
       validation.integer(name, getattr(self, name), minimum=1)
     validation.integer("warmup", self.warmup, minimum=0)
@@ -123,6 +130,7 @@ def make_config(options: Options):
   config.schedule.scales = ()
   config.data.augment = False  # Both sides time the same step, without augmentation.
   config.sampler_chunk_size = options.sampler_chunk
+  config.model.dtype = options.precision
   return config
 
 
@@ -277,7 +285,10 @@ class _TorchWorker:
     batch = synthetic_batch(options)
     self.x = tr.to_nchw(batch["image"]).to(dev)
     self.y = torch.from_numpy(batch["label"]).long().to(dev)
-    self.train_step = tr.TrainStep(torch.compile(model) if compile_model else model, config)
+    model = torch.compile(model) if compile_model else model
+    if options.precision != "float32":
+      model = tr.Autocast(model, getattr(torch, options.precision))
+    self.train_step = tr.TrainStep(model, config)
     self.flops = None
     self.compile_s = 0.0
     if compile_model:
@@ -413,14 +424,23 @@ def _worker_env(devices: int) -> dict:
 
 
 def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top: int = 0,
-        log=None) -> list[dict]:
-  """Benchmarks ``frameworks`` on ``options``; one result dict per framework.
+        precisions: Sequence[str] | None = None, log=None) -> list[dict]:
+  """Benchmarks ``frameworks`` on ``options``; one result dict per framework and precision.
+
+  ``precisions`` (default: ``options.precision`` alone) runs every framework at each
+  of them, all workers interleaved in the same repeats, so that a bfloat16 step can be
+  compared with a float32 one of the same run. Each result has ``speedup_vs_torch``
+  (against eager torch at the same precision) and, when float32 torch ran,
+  ``speedup_vs_torch_float32``.
 
   ``log(message)`` is called with progress lines (e.g. ``print`` to stderr).
-  With ``profile_top > 0`` the ``jax`` result also lists the XLA ops that took
+  With ``profile_top > 0`` the ``jax`` results also list the XLA ops that took
   the most time (see :mod:`dale_jax.bench.profile`).
   """
-  options.validate()
+  precisions = list(dict.fromkeys(precisions or [options.precision]))
+  settings = {p: dataclasses.replace(options, precision=p) for p in precisions}
+  for o in settings.values():
+    o.validate()
   frameworks = list(dict.fromkeys(frameworks))
   for f in frameworks:
     if f not in FRAMEWORKS:
@@ -428,48 +448,55 @@ def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top
   if options.devices > 1 and frameworks != ["jax"]:
     raise ValueError("devices > 1 simulates JAX host devices; run it with framework 'jax' only")
   log = log or (lambda message: None)
+  keys = [(f, p) for p in precisions for f in frameworks]
+  name = lambda key: key[0] if len(precisions) == 1 else f"{key[0]} {key[1]}"
   workers, ready = {}, {}
   try:
-    for f in frameworks:
-      log(f"starting {f} (compile and {options.warmup} warm-up steps)")
-      workers[f] = _Worker(f, options, _worker_env(options.devices if f == "jax" else 1))
-      ready[f] = workers[f].read()
-    times = {f: [] for f in frameworks}
+    for key in keys:
+      f, p = key
+      log(f"starting {name(key)} (compile and {options.warmup} warm-up steps)")
+      workers[key] = _Worker(f, settings[p], _worker_env(options.devices if f == "jax" else 1))
+      ready[key] = workers[key].read()
+    times = {key: [] for key in keys}
     for r in range(options.repeats):
-      for f in frameworks:
-        times[f].append(workers[f].ask(cmd="run", steps=options.steps)["seconds"])
+      for key in keys:
+        times[key].append(workers[key].ask(cmd="run", steps=options.steps)["seconds"])
       log(f"repeat {r + 1}/{options.repeats}: " + ", ".join(
-          f"{f} {options.batch_size * options.steps / times[f][-1]:.0f} img/s" for f in frameworks))
-    peaks = [w.ask(cmd="peak") for w in workers.values()]
+          f"{name(k)} {options.batch_size * options.steps / times[k][-1]:.0f} img/s" for k in keys))
+    peaks = [workers[k].ask(cmd="peak") for k in keys if k[1] == precisions[0]]
     peak = max(p["gflops"] for p in peaks)
     bf16_peak = max((p["bf16_gflops"] for p in peaks if "bf16_gflops" in p), default=None)
     profiles = {}
-    if profile_top and "jax" in workers:
-      profiles["jax"] = workers["jax"].ask(cmd="profile", steps=3, top=profile_top)["ops"]
-    memory = {f: workers[f].ask(cmd="finish") for f in frameworks}
+    if profile_top:
+      for key in keys:
+        if key[0] == "jax":
+          profiles[key] = workers[key].ask(cmd="profile", steps=3, top=profile_top)["ops"]
+    memory = {key: workers[key].ask(cmd="finish") for key in keys}
   finally:
     for w in workers.values():
       w.close()
-  flops = next((ready[f]["flops"] for f in frameworks if ready[f]["flops"]), None)
-  results = []
-  for f in frameworks:
-    images = [options.batch_size * options.steps / t for t in times[f]]
-    step_s = statistics.median(times[f]) / options.steps
+  results = {}
+  for key in keys:
+    f, p = key
+    flops = next((ready[k]["flops"] for k in keys if k[1] == p and ready[k]["flops"]), None)
+    images = [options.batch_size * options.steps / t for t in times[key]]
+    step_s = statistics.median(times[key]) / options.steps
     result = {
         "framework": f,
         "algorithm": options.algorithm,
         "model": options.model,
         "batch_size": options.batch_size,
-        "devices": ready[f]["devices"],
+        "devices": ready[key]["devices"],
+        "precision": p,
         "images_per_sec": round(statistics.median(images), 1),
         "images_per_sec_min": round(min(images), 1),
         "images_per_sec_max": round(max(images), 1),
         "step_ms": round(step_s * 1e3, 2),
-        "compile_s": round(ready[f]["compile_s"], 2),
-        **memory[f],
-        "device": ready[f]["device"],
-        "malloc": ready[f]["malloc"],
-        "sampler_chunk": ready[f]["sampler_chunk"],
+        "compile_s": round(ready[key]["compile_s"], 2),
+        **memory[key],
+        "device": ready[key]["device"],
+        "malloc": ready[key]["malloc"],
+        "sampler_chunk": ready[key]["sampler_chunk"],
         "repeats": options.repeats,
         "steps": options.steps,
     }
@@ -481,28 +508,31 @@ def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top
       if bf16_peak:
         result["bf16_matmul_peak_gflops"] = round(bf16_peak, 1)
         result["share_of_bf16_peak"] = round(flops / step_s / 1e9 / bf16_peak, 4)
-    if f in profiles:
-      result["top_ops"] = profiles[f]
-    results.append(result)
-  if "torch" in frameworks:
-    base = next(r for r in results if r["framework"] == "torch")["images_per_sec"]
-    for r in results:
-      r["speedup_vs_torch"] = round(r["images_per_sec"] / base, 3)
-  return results
+    if key in profiles:
+      result["top_ops"] = profiles[key]
+    results[key] = result
+  for (f, p), r in results.items():
+    if ("torch", p) in results:
+      r["speedup_vs_torch"] = round(r["images_per_sec"] / results["torch", p]["images_per_sec"], 3)
+    if p != "float32" and ("torch", "float32") in results:
+      r["speedup_vs_torch_float32"] = round(
+          r["images_per_sec"] / results["torch", "float32"]["images_per_sec"], 3)
+  return list(results.values())
 
 
 def format_table(results: list[dict]) -> str:
   """A small fixed-width table of :func:`run`'s results."""
-  head = ("framework", "dev", "batch", "img/s [min-max]", "step ms", "compile s", "peak MiB",
-          "% peak", "vs torch")
+  head = ("framework", "precision", "dev", "batch", "img/s [min-max]", "step ms", "compile s",
+          "peak MiB", "% peak", "vs torch", "vs torch fp32")
   rows = [head]
   for r in results:
     rows.append((
-        r["framework"], str(r["devices"]), str(r["batch_size"]),
+        r["framework"], r.get("precision", "float32"), str(r["devices"]), str(r["batch_size"]),
         f"{r['images_per_sec']:.0f} [{r['images_per_sec_min']:.0f}-{r['images_per_sec_max']:.0f}]",
         f"{r['step_ms']:.1f}", f"{r['compile_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
         f"{100 * r['share_of_peak']:.1f}" if "share_of_peak" in r else "-",
-        f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"))
+        f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-",
+        f"{r['speedup_vs_torch_float32']:.2f}x" if "speedup_vs_torch_float32" in r else "-"))
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
   lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))

@@ -110,6 +110,25 @@ class ResNet(nn.Module):
     return self.linear(out)
 
 
+class Autocast(nn.Module):
+  """``module`` run under ``torch.autocast(dtype)``, returning float32 outputs.
+
+  The way PyTorch users train in mixed precision: parameters, gradients, optimizer
+  state and the losses stay float32, autocast runs convolutions and matmuls in
+  ``dtype`` (bfloat16 needs no gradient scaling: it has float32's exponent range).
+  """
+
+  def __init__(self, module: nn.Module, dtype: torch.dtype = torch.bfloat16):
+    super().__init__()
+    self.module = module
+    self.dtype = dtype
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+      out = self.module(x)
+    return out.float()
+
+
 def make_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
   """``mnist_cnn`` or ``resnet18`` (``kwargs`` as in the Flax models, e.g. ``width=8``)."""
   if name == "mnist_cnn":

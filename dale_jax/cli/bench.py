@@ -13,6 +13,10 @@ Times the full step (sampler loop, primal and dual update) after warm-up; see
 :mod:`dale_jax.bench.runner`. ``--framework`` is ``jax``, ``torch`` (eager),
 ``torch-compile``, a comma-separated list of these, or ``both`` (all three).
 ``--devices=1,2,4`` adds JAX runs on that many simulated host devices (scaling).
+``--precision=bfloat16`` times every framework in bfloat16 (dale_jax's
+``config.model.dtype``, torch's ``autocast``); ``--precision=float32,bfloat16`` runs
+both precisions interleaved in one run, each row with its speed-up against eager
+torch at its own precision and against eager torch in float32.
 With ``--json`` each result is one JSON object per line; otherwise a table.
 The torch side needs the ``bench`` extra (``pip install -e .[bench]``).
 """
@@ -35,6 +39,15 @@ def _int_list(text: str) -> list[int]:
     raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
   if not values or min(values) < 1:
     raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+  return values
+
+
+def _precisions(text: str) -> list[str]:
+  values = [v.strip() for v in text.split(",") if v.strip()]
+  bad = [v for v in values if v not in runner.PRECISIONS]
+  if not values or bad:
+    raise argparse.ArgumentTypeError(
+        f"expected a comma-separated list of {', '.join(runner.PRECISIONS)}, got {text!r}")
   return values
 
 
@@ -71,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="JAX: the sampler perturbs N examples per device at a time "
                       "(config sampler_chunk_size; 0 = the whole batch; default: the "
                       "config's choice for the platform, 32 on a CPU, 0 on a GPU)")
+  p.add_argument("--precision", type=_precisions, default=["float32"],
+                 help="compute dtype(s) of every framework, comma-separated: float32, bfloat16 "
+                 "(dale_jax's model.dtype; torch.autocast); several run interleaved in one run")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--profile", type=int, default=0, metavar="N",
                  help="also list the N most expensive XLA ops of the JAX step")
@@ -128,7 +144,8 @@ def main(argv=None) -> list[dict]:
           repeats=args.repeats, warmup=args.warmup, devices=devices, width=args.width,
           sampler_chunk=args.sampler_chunk, seed=args.seed)
       try:
-        rows = runner.run(options, frameworks, profile_top=args.profile, log=log)
+        rows = runner.run(options, frameworks, profile_top=args.profile,
+                          precisions=args.precision, log=log)
       except (ValueError, RuntimeError) as e:
         _errors.fail("dale-bench", e)
       results += rows
