@@ -346,5 +346,26 @@ def test_bench_rejects_bad_options_before_starting_workers():
     runner.run(runner.Options(sampler_chunk=-1), ["jax"])
   with pytest.raises(ValueError, match="warmup must be an integer >= 0, got True"):
     runner.run(runner.Options(warmup=True), ["jax"])
+  with pytest.raises(ValueError, match="precision must be one of"):
+    runner.run(runner.Options(), ["jax"], precisions=["float32", "float16"])
   for chunk in (None, 0, 16):  # The accepted values.
     runner.Options(sampler_chunk=chunk).validate()
+
+
+def test_bench_precision_flag_and_table(capsys):
+  from dale_jax.cli import bench
+
+  assert bench.parse_args(["--precision=float32,bfloat16"]).precision == ["float32", "bfloat16"]
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--precision=float16"])
+  assert "float32, bfloat16, got 'float16'" in capsys.readouterr().err
+  row = dict(framework="jax", devices=1, batch_size=64, images_per_sec=200.0,
+             images_per_sec_min=190.0, images_per_sec_max=210.0, step_ms=320.0, compile_s=5.0,
+             peak_rss_mib=1000.0)
+  table = runner.format_table([
+      {**row, "precision": "float32", "speedup_vs_torch": 1.0},
+      {**row, "precision": "bfloat16", "speedup_vs_torch": 0.78, "speedup_vs_torch_float32": 1.24}])
+  lines = table.splitlines()
+  assert "vs torch fp32" in lines[0]
+  assert lines[2].split()[:2] == ["jax", "float32"] and lines[2].split()[-2:] == ["1.00x", "-"]
+  assert lines[3].split()[:2] == ["jax", "bfloat16"] and lines[3].split()[-2:] == ["0.78x", "1.24x"]

@@ -207,3 +207,31 @@ def test_evaluate_split_counts_every_example_once(problem, batch_size):
   expected.update(_scored("FGSM", _np_logits(params, _np_pgd(params, x, y, EPS, 1)), y))
   _assert_matches(result, expected)
   assert len(list(data.eval_batches(x, y, batch_size))) == -(-len(x) // batch_size)
+
+
+def test_records_of_a_bfloat16_model_are_computed_in_float32():
+  """``model.dtype=bfloat16`` trains in bfloat16, but the evaluation step computes in
+  ``eval.dtype`` (float32 by default): the same records as the float32 model's, which
+  ``eval.dtype=bfloat16`` changes."""
+  from dale_jax import configs
+  from dale_jax.models import init_variables
+  from dale_jax.models.mnist_cnn import MnistCNN
+
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(6, 28, 28, 1)).astype(np.float32)
+  y = rng.integers(0, 10, 6).astype(np.int32)
+  variables = init_variables(MnistCNN(), jax.random.key(0), (28, 28, 1))
+  mesh = parallel.make_mesh()
+
+  def records(model_dtype, eval_dtype):
+    c = configs.base_config("mnist_digits", "ERM")
+    c.model.dtype, c.eval.dtype, c.eval.evaluators = model_dtype, eval_dtype, ("Clean",)
+    configs.validate(c)
+    return train.evaluate_split(train.make_eval_step(c, 10, mesh), variables, x, y,
+                                jax.random.key(0), batch_size=6, mesh=mesh)
+
+  reference = records("float32", "float32")
+  assert records("bfloat16", "float32") == reference
+  low = records("bfloat16", "bfloat16")
+  assert low["Clean-Loss"] != reference["Clean-Loss"]
+  np.testing.assert_allclose(low["Clean-Loss"], reference["Clean-Loss"], rtol=0.02)
