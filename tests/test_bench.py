@@ -133,16 +133,19 @@ def _assert_trees_close(got, want, rtol, atol):
                                                        rtol=rtol, atol=atol), got, want)
 
 
-@pytest.mark.torch
-@pytest.mark.parametrize("algorithm",
-                         ["ERM", "PGD", "TRADES", "Gaussian_DALE_PD", "KL_DALE_PD"])
-def test_torch_reference_step_equals_jax_step(algorithm):
-  torch = require("torch")
+def _both_steps(algorithm: str, precision: str = "float32"):
+  """One noise-free step of dale_jax and of the torch reference from the same weights.
+
+  Returns ``(initial variables, jax state before, jax state after, torch step, torch
+  model)``; in bfloat16 the torch model runs under ``torch.autocast``.
+  """
+  import torch
   from dale_jax.bench import torch_reference as tr
 
   torch.manual_seed(0)
   config = _noise_free_config(algorithm, batch_size=8)
-  model = MnistCNN(dropout_rates=(0.0, 0.0))  # Dropout masks cannot be shared.
+  # Dropout masks cannot be shared.
+  model = MnistCNN(dropout_rates=(0.0, 0.0), dtype=getattr(jnp, precision))
   variables = init_variables(model, jax.random.PRNGKey(1), (28, 28, 1))
   state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), 10)
   state = state.replace(params=variables["params"])
@@ -152,12 +155,23 @@ def test_torch_reference_step_equals_jax_step(algorithm):
   new_state, _ = step(state, {"image": jnp.asarray(x), "label": jnp.asarray(y)})
 
   torch_model = tr.load_flax_variables(tr.MnistCNN(dropout_rates=(0.0, 0.0)), variables).train()
-  torch_step = tr.TrainStep(torch_model, config)
+  run = torch_model if precision == "float32" else tr.Autocast(torch_model, torch.bfloat16)
+  torch_step = tr.TrainStep(run, config)
   start = None
   if config.sampler.get("name") in ("langevin_gaussian", "trades_kl"):
     start = tr.to_nchw(_jax_sampler_start(state, config, x))
   torch_step(tr.to_nchw(x), torch.from_numpy(y).long(), start=start)
+  return variables, state, new_state, torch_step, torch_model
 
+
+@pytest.mark.torch
+@pytest.mark.parametrize("algorithm",
+                         ["ERM", "PGD", "TRADES", "Gaussian_DALE_PD", "KL_DALE_PD"])
+def test_torch_reference_step_equals_jax_step(algorithm):
+  require("torch")
+  from dale_jax.bench import torch_reference as tr
+
+  variables, _, new_state, torch_step, torch_model = _both_steps(algorithm)
   got = tr.flax_variables(torch_model)["params"]
   # One SGD step moves each weight by ~lr * grad; compare the moves, not just the weights.
   delta_want = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new_state.params,
@@ -184,26 +198,10 @@ def test_torch_autocast_step_agrees_with_jax_bfloat16_step(algorithm):
   of the pre-update model, a forward pass: its two moves of ``nu`` are 3e-4 apart
   (relative, measured), the size of bfloat16's effect on the loss.
   """
-  torch = require("torch")
+  require("torch")
   from dale_jax.bench import torch_reference as tr
 
-  torch.manual_seed(0)
-  config = _noise_free_config(algorithm, batch_size=8)
-  model = MnistCNN(dropout_rates=(0.0, 0.0), dtype=jnp.bfloat16)
-  variables = init_variables(model, jax.random.PRNGKey(1), (28, 28, 1))
-  state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), 10)
-  state = state.replace(params=variables["params"])
-  step = jax.jit(functools.partial(train.train_step, model=model,
-                                   algorithm=train.algorithm_for(config)))
-  x, y = _digits_like(8)
-  new_state, _ = step(state, {"image": jnp.asarray(x), "label": jnp.asarray(y)})
-
-  torch_model = tr.load_flax_variables(tr.MnistCNN(dropout_rates=(0.0, 0.0)), variables).train()
-  torch_step = tr.TrainStep(tr.Autocast(torch_model, torch.bfloat16), config)
-  start = None
-  if config.sampler.get("name") == "langevin_gaussian":
-    start = tr.to_nchw(_jax_sampler_start(state, config, x))
-  torch_step(tr.to_nchw(x), torch.from_numpy(y).long(), start=start)
+  variables, state, new_state, torch_step, torch_model = _both_steps(algorithm, "bfloat16")
   if algorithm == "ERM":
     got = tr.flax_variables(torch_model)["params"]
     for g, w, w0 in zip(jax.tree.leaves(got), jax.tree.leaves(new_state.params),
