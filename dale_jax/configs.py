@@ -123,8 +123,10 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
       apgd_steps=100, square_queries=5000,
       # Compute dtype of the evaluation; float32 whatever model.dtype trains in.
       dtype="float32"))
+  # Multi-host: auto=True reads the cluster's environment (jax.distributed.initialize()
+  # without arguments: Slurm, Cloud TPU, ...); or the three explicit fields.
   c.parallel = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=1, process_id=0))
+      coordinator_address="", num_processes=1, process_id=0, auto=False))
   return c
 
 
@@ -278,6 +280,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
     v.require(p.num_processes == 1 or p.coordinator_address.rpartition(":")[2].isdigit(),
               "parallel.coordinator_address", "'host:port' when parallel.num_processes > 1",
               p.coordinator_address)
+    v.boolean("parallel.auto", p.auto)
+    v.require(not p.auto or (p.num_processes == 1 and not p.coordinator_address),
+              "parallel.auto", "False when parallel.num_processes or coordinator_address is "
+              "set (the cluster's environment or the explicit fields, not both)", p.auto)
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:

@@ -15,21 +15,37 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dale_jax import validation
+
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 1,
+                           process_id: int = 0, *, auto: bool = False) -> None:
   """``jax.distributed.initialize`` for multi-host runs; a no-op for one process.
 
-  On CPU the collectives go over gloo, so several processes on one machine (or
-  on hosts without accelerators) can train together.
+  With ``auto`` it is called without arguments: JAX reads the coordinator, the
+  process count and this process's id from the cluster's environment (Slurm's
+  ``SLURM_*`` variables of an ``srun`` task, Cloud TPU's metadata, Open MPI's,
+  ...). Otherwise the three explicit values are used. On CPU the collectives go
+  over gloo, so several processes on one machine (or on hosts without
+  accelerators) can train together.
   """
-  if num_processes <= 1:
+  if not auto and num_processes <= 1:
     return
   # Only the CPU client reads this; it must be set before the backend starts.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  if not auto:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return
+  try:
+    jax.distributed.initialize()
+  except ValueError as e:  # No cluster environment found: JAX asks for the arguments.
+    raise validation.InvalidArgument(
+        "parallel.auto", rest="found no cluster environment to read (Slurm task, Cloud TPU, "
+        "Open MPI, ...): run under srun or on a TPU pod, or set parallel.coordinator_address, "
+        f"num_processes and process_id ({e})") from None
 
 
 def make_mesh() -> Mesh:

@@ -377,7 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config = resolve_config(config)
   parallel.initialize_distributed(config.parallel.coordinator_address,
-                                  config.parallel.num_processes, config.parallel.process_id)
+                                  config.parallel.num_processes, config.parallel.process_id,
+                                  auto=config.parallel.get("auto", False))
   configs.validate(config, num_devices=jax.device_count())
   mesh = parallel.make_mesh()
   dataset = data_lib.load(config.dataset, data_dir=config.data.data_dir,

@@ -88,6 +88,50 @@ def test_two_processes_write_the_record_of_one_process(tmp_path):
   assert two["Train"] == pytest.approx(one["Train"], rel=1e-6)
 
 
+_AUTO_WORKER = """
+import jax
+from dale_jax import parallel
+parallel.initialize_distributed(auto=True)
+from jax.experimental import multihost_utils
+ids = multihost_utils.process_allgather(jax.numpy.array([jax.process_index()]))
+print("layout", jax.process_count(), jax.process_index(), jax.device_count(), ids.ravel().tolist())
+"""
+
+
+def _slurm_job_id() -> int:
+  """A job id whose coordinator port (JAX: ``61440 + id % 4096``) is free here."""
+  for job_id in range(4096 * 7 + os.getpid() % 4096, 4096 * 8 + os.getpid() % 4096):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", 61440 + job_id % 4096))
+      except OSError:
+        continue
+    return job_id
+  raise RuntimeError("no free port in JAX's Slurm range")
+
+
+@pytest.mark.multiprocess
+def test_parallel_auto_reads_a_slurm_task_environment():
+  """``parallel.auto``: two ``srun`` tasks on one node, faked by their SLURM_* variables,
+  find their coordinator and each other over gloo; without them the error names the field."""
+  clean = {k: v for k, v in _env(1).items() if not k.startswith("SLURM_")}
+  slurm = dict(SLURM_JOB_ID=str(_slurm_job_id()), SLURM_STEP_NODELIST="localhost",
+               SLURM_NTASKS="2", SLURM_STEP_NUM_NODES="1")
+  procs = [subprocess.Popen([sys.executable, "-c", _AUTO_WORKER], text=True,
+                            env=dict(clean, **slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
+  layouts = [next(line for line in log.splitlines() if line.startswith("layout")) for log in logs]
+  assert layouts == ["layout 2 0 2 [0, 1]", "layout 2 1 2 [0, 1]"]
+
+  alone = subprocess.run([sys.executable, "-c", _AUTO_WORKER], env=clean, text=True,
+                         capture_output=True, timeout=300, check=False)
+  assert alone.returncode != 0
+  assert "InvalidArgument: parallel.auto found no cluster environment" in alone.stderr
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   """A one-device run trained to about 75% clean accuracy, so that few test images

@@ -45,6 +45,7 @@ BAD = {
     "eval.cvar_steps": -1, "eval.augmented_draws": 0, "eval.augmented_betas": (0.1, 1.0),
     "eval.apgd_steps": 0, "eval.square_queries": 0, "eval.dtype": "float16",
     "parallel.coordinator_address": 5, "parallel.num_processes": 0, "parallel.process_id": -1,
+    "parallel.auto": "yes",
 }
 
 
@@ -100,6 +101,13 @@ def test_coordinator_without_a_port_is_refused_for_several_processes():
   config = _untyped("PGD")
   config.parallel.num_processes, config.parallel.coordinator_address = 2, "localhost"
   with pytest.raises(validation.InvalidArgument, match=r"^config\.parallel\.coordinator_address"):
+    configs.validate(config)
+
+
+def test_auto_and_explicit_multi_host_fields_are_refused_together():
+  config = _untyped("PGD")
+  config.parallel.update(auto=True, num_processes=2, coordinator_address="localhost:1234")
+  with pytest.raises(validation.InvalidArgument, match=r"^config\.parallel\.auto must be False"):
     configs.validate(config)
 
 
