@@ -37,6 +37,11 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
+# submitit binds its log handlers to sys.stdout/sys.stderr when it is imported, which
+# inside a test are pytest's capture streams, closed before submitit's last messages
+# (job objects log when they are collected at exit): keep it from configuring logging.
+os.environ.setdefault("SUBMITIT_LOG_LEVEL", "NOCONFIG")
+
 # On CI (CI=true) every test must run: a cross-check that skips because an optional
 # package failed to install would let a wrong number pass unseen.
 ON_CI = os.environ.get("CI", "").lower() == "true"

@@ -494,3 +494,66 @@ def test_tiny_quickstart_sweep_then_collect_reports_the_records(tmp_path, capsys
   plots = out_dir / "plots" / "mnist_digits"
   for name in ("accuracy_curves.png", "pareto.png", "primal_dual_Gaussian_DALE_PD.png"):
     assert (plots / name).read_bytes()[:4] == b"\x89PNG"
+
+  # The same runs through submitit (its local executor: a process per job; its debug
+  # executor: in this process) write the same records.
+  require("submitit")
+  for launcher, alg in (("submitit-local", "ERM"), ("submitit-debug", "ERM")):
+    other = tmp_path / launcher
+    argv_other = [a for a in argv if not a.startswith(("--output_dir", "--algorithms"))]
+    assert sweep_cli.main([*argv_other, f"--output_dir={other}", f"--algorithms={alg}",
+                           f"--launcher={launcher}"]) == 0, capsys.readouterr().out
+    assert "[1/1] done: quickstart/" in capsys.readouterr().out
+    got, want = [[{k: r[k] for k in ("Epoch", "Train", "Test", "hparams")} for r in map(
+        json.loads, (d / "quickstart" / alg / "h0_t0" / "results.jsonl").read_text().splitlines())]
+                 for d in (other, out_dir)]
+    assert got == want
+    assert sweep_cli.main([*argv_other, f"--output_dir={other}", f"--algorithms={alg}",
+                           f"--launcher={launcher}"]) == 0  # done: nothing submitted
+    assert "0 to launch" in capsys.readouterr().out
+
+
+def test_slurm_launcher_writes_the_sbatch_array_of_the_sweep(tmp_path, monkeypatch):
+  """``--launcher=slurm``'s job array, submitted to a stand-in ``sbatch`` on PATH."""
+  require("submitit")
+  from dale_jax.research import cluster
+
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+  (bin_dir / "sbatch").write_text(
+      f"#!/bin/sh\ncp \"$1\" {tmp_path}/submitted.sh\necho Submitted batch job 4242\n")
+  for f in ("srun", "sbatch"):
+    (bin_dir / f).chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  jobs = sweep.make_jobs(algorithms=["ERM", "PGD"], datasets=["quickstart"], n_hparams=1,
+                         n_trials=1, output_dir=str(tmp_path / "sweep"))
+  options = cluster.SlurmOptions(partition="gpu", account="lab", time_min=120, nodes=2,
+                                 tasks_per_node=4, gpus_per_node=4, cpus_per_task=8,
+                                 mem_gb=64, array_parallelism=1, sbatch=("qos=high",))
+  handles = cluster.launch(jobs, options, output_dir=str(tmp_path / "sweep"), wait=False,
+                           out=io.StringIO())
+  assert [h.job_id for h in handles] == ["4242_0", "4242_1"]
+  script = (tmp_path / "submitted.sh").read_text()
+  folder = tmp_path / "sweep" / cluster.SUBMITIT_DIR
+  for line in ("--partition=gpu", "--account=lab", "--time=120", "--nodes=2",
+               "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64GB",
+               "--array=0-1%1", "--qos=high", "--job-name=dale-sweep",
+               f"--output={folder}/%A_%a_0_log.out",
+               "--signal=USR2@90"):  # submitit's cue to requeue before the time limit
+    assert f"#SBATCH {line}\n" in script, (line, script)
+  # Eight tasks per run: each trains with --config.parallel.auto=True.
+  assert handles[0].submission().function.command == [
+      *jobs[0].command, "--config.parallel.auto=True"]
+
+
+def test_slurm_options_are_checked_before_anything_is_submitted(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    sweep_cli.main(["--datasets=quickstart", "--algorithms=ERM", f"--output_dir={tmp_path}",
+                    "--launcher=slurm", "--slurm_time_min=0"])
+  assert "--slurm_time_min must be an integer >= 1, got 0" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    sweep_cli.main(["--datasets=quickstart", "--algorithms=ERM", f"--output_dir={tmp_path}",
+                    "--launcher=slurm", "--slurm_sbatch=qos"])
+  assert "--slurm_sbatch must be 'key=value' strings" in capsys.readouterr().err
+  assert not (tmp_path / "quickstart").exists()

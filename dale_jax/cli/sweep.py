@@ -11,6 +11,17 @@ a ``done`` file) are skipped, incomplete ones resume from their checkpoint
 as a shell script. Any ``--config.<field>=<value>`` flag is passed to every run.
 On GPUs, ``--n_workers=N`` runs N processes, each pinned to one GPU through
 ``CUDA_VISIBLE_DEVICES`` (``--device_env``, ``--devices``).
+
+``--launcher=slurm`` submits the runs to Slurm through submitit instead (one job
+array; ``pip install -e .[cluster]``), with the ``--slurm_*`` flags as executor
+parameters, and waits for them; see :mod:`dale_jax.research.cluster`. Example::
+
+  dale-sweep --datasets=quickstart --algorithms=ERM,Gaussian_DALE_PD --n_trials=2 \\
+      --output_dir=/shared/sweep --launcher=slurm --slurm_partition=gpu \\
+      --slurm_gpus_per_node=1 --slurm_time_min=120 --slurm_sbatch=qos=high
+
+``--launcher=submitit-local`` (each job a local process) and ``submitit-debug``
+(in this process) run the same path without a cluster.
 """
 
 from __future__ import annotations
@@ -22,7 +33,11 @@ import shutil
 from typing import Sequence
 
 from dale_jax.cli import _errors
+from dale_jax.research import cluster
 from dale_jax.research import sweep
+
+LAUNCHERS = {"local": None, "slurm": "slurm", "submitit-local": "local",
+             "submitit-debug": "debug"}
 
 
 def _split_list(values: Sequence[str]) -> list[str]:
@@ -65,6 +80,29 @@ def _parser() -> argparse.ArgumentParser:
                       help="delete runs without 'done' (checkpoints included) and rerun them")
   parser.add_argument("--dry_run", action="store_true",
                       help="print the commands as a shell script and exit")
+  parser.add_argument("--launcher", default="local", choices=list(LAUNCHERS),
+                      help="local: a pool of --n_workers child processes; slurm: one Slurm "
+                      "job per run through submitit; submitit-local / submitit-debug: "
+                      "submitit's executors without a cluster")
+  slurm = parser.add_argument_group("Slurm (--launcher=slurm; submitit executor parameters)")
+  defaults = cluster.SlurmOptions()
+  slurm.add_argument("--slurm_partition", default=None)
+  slurm.add_argument("--slurm_account", default=None)
+  slurm.add_argument("--slurm_time_min", type=int, default=defaults.time_min,
+                     help="time limit of each job in minutes; a preempted or timed-out "
+                     "job is requeued and resumes from its checkpoint")
+  slurm.add_argument("--slurm_nodes", type=int, default=defaults.nodes)
+  slurm.add_argument("--slurm_tasks_per_node", type=int, default=defaults.tasks_per_node,
+                     help="processes per node; more than one task in all trains each run "
+                     "over all of them (--config.parallel.auto=True)")
+  slurm.add_argument("--slurm_gpus_per_node", type=int, default=defaults.gpus_per_node)
+  slurm.add_argument("--slurm_cpus_per_task", type=int, default=None)
+  slurm.add_argument("--slurm_mem_gb", type=float, default=None)
+  slurm.add_argument("--slurm_array_parallelism", type=int,
+                     default=defaults.array_parallelism,
+                     help="at most this many of the sweep's jobs run at once")
+  slurm.add_argument("--slurm_sbatch", action="append", default=[], metavar="KEY=VALUE",
+                     help="a further #SBATCH option, e.g. qos=high (repeatable)")
   parser.add_argument("--train_command", default=None,
                       help="command that trains one run (default: "
                       f"'{shlex.join(sweep.DEFAULT_TRAIN_COMMAND)}')")
@@ -123,6 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
 
+  slurm_options = cluster.SlurmOptions(
+      partition=args.slurm_partition, account=args.slurm_account,
+      time_min=args.slurm_time_min, nodes=args.slurm_nodes,
+      tasks_per_node=args.slurm_tasks_per_node, gpus_per_node=args.slurm_gpus_per_node,
+      cpus_per_task=args.slurm_cpus_per_task, mem_gb=args.slurm_mem_gb,
+      array_parallelism=args.slurm_array_parallelism, sbatch=tuple(args.slurm_sbatch))
+  if LAUNCHERS[args.launcher]:
+    try:
+      slurm_options.validate()
+    except ValueError as e:
+      parser.error(f"--slurm_{e}")
+
   counts = sweep.summarize(jobs)
   to_launch = sweep.select_jobs(jobs, resume_incomplete=args.resume_incomplete,
                                 clean_incomplete=args.clean_incomplete)
@@ -142,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not to_launch:
     return 0
 
+  if LAUNCHERS[args.launcher]:
+    outcomes = cluster.launch(to_launch, slurm_options, output_dir=args.output_dir,
+                              cluster=LAUNCHERS[args.launcher],
+                              clean_incomplete=args.clean_incomplete)
+    return _report(outcomes)
   n_workers = min(args.n_workers, len(to_launch))
   device_env = _device_env(args.device_env, args.n_workers)
   devices = _devices(args.devices, device_env, args.n_workers)
@@ -150,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             device_env=device_env, clean_incomplete=args.clean_incomplete)
   except ValueError as e:
     parser.error(str(e))
+  return _report(outcomes)
+
+
+def _report(outcomes: Sequence[sweep.Outcome]) -> int:
   failed = [o for o in outcomes if not o.ok]
   print(f"# {len(outcomes) - len(failed)} of {len(outcomes)} runs finished"
         + (f"; failed: {', '.join(o.job.name for o in failed)}" if failed else ""))
