@@ -107,8 +107,8 @@ def _mixed_conv(x: jax.Array, kernel: jax.Array, size: int) -> jax.Array:
   As :func:`_mixed_matmul`, except that the input gradient sums the patches'
   gradient over the windows in float32 and rounds once at the end. XLA:CPU has no
   bfloat16 arithmetic for that sum: it computes every slice, pad and add of a
-  bfloat16 array in float32 between two conversions, which made the sum eight
-  times slower than in float32.
+  bfloat16 array in float32 between two conversions, so a bfloat16 sum costs
+  more than a float32 one (docs/performance.md).
   """
   return jnp.matmul(_patches(x, size), kernel, preferred_element_type=jnp.float32)
 
