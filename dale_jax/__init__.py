@@ -3,6 +3,7 @@
 The public API::
 
   from dale_jax import samplers, potentials, losses, dual, threat   # pure building blocks
+  from dale_jax import perturbations                                # rotations, shifts, SE(2)
   from dale_jax import algorithms, models, data, evaluation         # what a run is made of
   from dale_jax import attacks                                      # APGD, Square, AutoAttack-style ensemble
   from dale_jax import train, configs                               # the training job
@@ -16,6 +17,7 @@ from dale_jax import dual
 from dale_jax import evaluation
 from dale_jax import losses
 from dale_jax import models
+from dale_jax import perturbations
 from dale_jax import potentials
 from dale_jax import samplers
 from dale_jax import threat

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from dale_jax import dual as dual_lib
 from dale_jax import losses
+from dale_jax import perturbations
 from dale_jax import potentials
 from dale_jax import samplers
 from dale_jax import validation
@@ -234,6 +235,10 @@ ALGORITHMS: Mapping[str, _Spec] = {
     "KL_DALE_PD": _Spec(lambda **kw: _dale(robust="kl", **kw), True, "trades_kl",
                         dual=_STEP_DUAL),
     "DALE": _Spec(_dale, True, "langevin", dual=_EPOCH_DUAL),
+    # The advbench fork's samplers over perturbation sets: the worst of k uniform draws,
+    # and DALE with a Metropolis-Hastings chain in place of the Langevin sampler.
+    "Worst_Of_K": _Spec(_adversarial_ce, False, "worst_of_k"),
+    "MH_DALE_PD": _Spec(_dale, True, "metropolis_hastings", dual=_STEP_DUAL),
 }
 
 
@@ -245,6 +250,7 @@ def make_algorithm(
     name: str,
     *,
     sampler: Mapping[str, Any] | None = None,
+    perturbation: Mapping[str, Any] | None = None,
     loss: Mapping[str, Any] | None = None,
     dual: Mapping[str, Any] | None = None,
     draws: int = 1,
@@ -255,6 +261,9 @@ def make_algorithm(
   Args:
     name: one of :data:`ALGORITHMS`.
     sampler: the ``sampler`` section (``name`` + the factory's keyword arguments).
+    perturbation: the ``perturbation`` section: the set the sampler runs over
+      (:func:`dale_jax.perturbations.make_perturbation`; ``None`` or ``name="lp"``:
+      the sampler's own ``(norm, eps)`` ball).
     loss: keyword hyperparameters of the algorithm's loss (e.g. ``beta``).
     dual: ``{step_size, margin, init_value, every}`` with ``every`` ``"step"``
       or ``"epoch"``.
@@ -267,7 +276,8 @@ def make_algorithm(
     loss_fn = spec.loss(**dict(loss or {}))
   except TypeError as e:
     raise ValueError(f"loss section does not fit algorithm {name!r}: {e}") from None
-  sample = samplers.make_sampler(sampler or {}) if spec.uses_sampler else None
+  pset = perturbations.make_perturbation(perturbation)
+  sample = samplers.make_sampler(sampler or {}, pset) if spec.uses_sampler else None
   dual_tx = None
   if spec.uses_dual:
     dual = dict(dual or {})

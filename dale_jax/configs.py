@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from dale_jax import algorithms
+from dale_jax import perturbations
 from dale_jax import samplers
 from dale_jax import threat
 from dale_jax import validation
@@ -43,6 +44,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
             langevin=dict(eps=0.3, step_size=1e-3, steps=7, temperature=1e-2),
             smooth_adv=dict(eps=0.3, step_size=0.1, steps=7, sigma=0.5, num_samples=10),
             uniform=dict(eps=0.3),
+            worst_of_k=dict(eps=0.3, k=10),
+            metropolis_hastings=dict(eps=0.3, steps=10, proposal_std=0.1, temperature=1e-2),
         ),
         losses=dict(TRADES=dict(beta=1.0)),
         eval=dict(eps=0.3, pgd_steps=10, pgd_step_size=0.1),
@@ -59,6 +62,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
             langevin=dict(eps=0.031, step_size=1e-5, steps=10, temperature=1e-3),
             smooth_adv=dict(eps=0.031, step_size=2 / 255, steps=10, sigma=0.12, num_samples=10),
             uniform=dict(eps=0.031),
+            worst_of_k=dict(eps=0.031, k=10),
+            metropolis_hastings=dict(eps=0.031, steps=10, proposal_std=0.01, temperature=1e-3),
         ),
         losses=dict(TRADES=dict(beta=6.0)),
         eval=dict(eps=8 / 255, pgd_steps=20, pgd_step_size=0.003),
@@ -72,6 +77,9 @@ SCHEDULES = {
     "cifar10": dict(num_epochs=115, boundaries=(55, 75, 90), scales=(0.1, 0.01, 0.001)),
     "svhn": dict(num_epochs=115, boundaries=(), scales=()),
 }
+
+
+_PERTURBATION = dict(name="lp", angle=30.0, shift=(3.0, 3.0), padding="zeros", linf_eps=0.0)
 
 
 def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
@@ -101,6 +109,11 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict(
       dict(name=spec.sampler, norm="linf", **family["samplers"][spec.sampler])
       if spec.sampler else {})
+  # The set the sampler runs over: "lp" is the sampler's (norm, eps) ball; rotation,
+  # translation and se2 sample the transformation's parameters (step sizes and noise
+  # then in units of each parameter's radius), linf_eps > 0 adds an Linf ball after
+  # the warp. See dale_jax.perturbations.
+  c.perturbation = ml_collections.ConfigDict(_PERTURBATION)
   c.draws = spec.draws
   # Examples per device that the sampler perturbs at a time; 0: the whole batch;
   # None: train.CPU_SAMPLER_CHUNK on CPUs (the chunk stays in cache), the whole
@@ -121,6 +134,9 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
       cvar_t_step_size=0.5, cvar_beta=0.05, cvar_draws=10, cvar_steps=10,
       augmented_draws=100, augmented_betas=(0.1, 0.05, 0.01),
       apgd_steps=100, square_queries=5000,
+      # The Grid and Worst-of-K evaluators: the set they search (a geometric one), the
+      # grid's points per axis (one count for all axes, or one per axis) and k.
+      perturbation=dict(_PERTURBATION, name="se2"), grid_points=(5, 5, 5), worst_of_k=10,
       # Compute dtype of the evaluation; float32 whatever model.dtype trains in.
       dtype="float32"))
   # Multi-host: auto=True reads the cluster's environment (jax.distributed.initialize()
@@ -253,10 +269,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
               "finite numbers > 0", s.scales)
 
     spec = algorithms.ALGORITHMS[config.algorithm]
+    section = config.get("perturbation")
+    section = None if section is None else section.to_dict()
+    pset = perturbations.make_perturbation(section)
     if spec.uses_sampler:
-      samplers.make_sampler(config.sampler.to_dict())
+      samplers.make_sampler(config.sampler.to_dict(), pset)
     try:
       algorithms.make_algorithm(config.algorithm, sampler=config.sampler.to_dict(),
+                                perturbation=section,
                                 loss=config.loss.to_dict(), dual=config.dual.to_dict(),
                                 draws=config.draws)
     except v.InvalidArgument:
@@ -300,6 +320,12 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
                 "apgd_steps", "square_queries"):
     v.integer(f"eval.{field}", e[field], minimum=1)
   v.integer("eval.cvar_steps", e.cvar_steps, minimum=0)
+  if "perturbation" in e:  # runs written before the spatial evaluators have none
+    v.integer("eval.worst_of_k", e.worst_of_k, minimum=1)
+    with v.prefixed("eval"):
+      pset = perturbations.make_perturbation(e.perturbation.to_dict())
+      if pset is not None:
+        pset.grid(e.grid_points)
   v.integer("eval.max_examples", e.max_examples, minimum=0)
   v.positive("eval.pgd_step_size", e.pgd_step_size)
   v.nonnegative("eval.cvar_t_step_size", e.cvar_t_step_size)

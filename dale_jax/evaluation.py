@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from dale_jax import losses
+from dale_jax import perturbations
 from dale_jax import potentials
 from dale_jax import samplers
 from dale_jax import threat
+from dale_jax import validation
 
 Array = jax.Array
 Evaluator = Callable[[Array, Callable, Array, Array, Array], dict]
@@ -96,6 +98,60 @@ def augmented(s: Mapping[str, Any]) -> Evaluator:
   return evaluate
 
 
+def _eval_set(s: Mapping[str, Any]) -> perturbations.PerturbationSet:
+  """The ``eval.perturbation`` set; ``lp`` is the evaluation's ``(norm, eps)`` ball."""
+  with validation.prefixed("eval"):
+    pset = perturbations.make_perturbation(s["perturbation"])
+  return perturbations.lp_ball(s["norm"], s["eps"]) if pset is None else pset
+
+
+def _searched(prefix: str, candidates: Callable[[Array, Array], Array],
+              pset: perturbations.PerturbationSet) -> Evaluator:
+  """An example counts as robust when the model is right on *every* candidate
+  perturbation; the loss is the highest CE over them. ``candidates(key, x)`` returns
+  the ``count`` deltas, stacked on a leading axis, and they are tried one at a time."""
+
+  def evaluate(key, logits_fn, x, y, mask):
+    def one(carry, delta):
+      right, worst = carry
+      logits = logits_fn(pset.apply(x, delta))
+      return (right & (jnp.argmax(logits, -1) == y),
+              jnp.maximum(worst, potentials.cross_entropy(logits, y))), None
+
+    init = (jnp.ones(y.shape, bool), jnp.full(y.shape, -jnp.inf, jnp.float32))
+    (right, worst), _ = jax.lax.scan(one, init, candidates(key, x))
+    return {f"{prefix}-Accuracy": jnp.sum(right & mask),
+            f"{prefix}-Loss": jnp.sum(jnp.where(mask, worst, 0.0))}
+
+  return evaluate
+
+
+def grid(s: Mapping[str, Any]) -> Evaluator:
+  """The exhaustive grid attack over a geometric set (Engstrom et al. 2019): every
+  combination of ``eval.grid_points`` values per parameter, ends included; robust
+  accuracy is the share of examples classified right at every grid point."""
+  pset = _eval_set(s)
+  with validation.prefixed("eval"):
+    points = pset.grid(s["grid_points"])
+
+  def candidates(key, x):
+    return jnp.broadcast_to(points[:, None, :], (points.shape[0], x.shape[0], points.shape[1]))
+
+  return _searched("Grid", candidates, pset)
+
+
+def worst_of_k(s: Mapping[str, Any]) -> Evaluator:
+  """``eval.worst_of_k`` uniform draws from ``eval.perturbation`` per example; robust
+  when right on all of them (``lp``: draws from the ``(norm, eps)`` ball)."""
+  pset = _eval_set(s)
+  k = s["worst_of_k"]
+
+  def candidates(key, x):
+    return jax.vmap(lambda j: pset.uniform(jax.random.fold_in(key, j), x))(jnp.arange(k))
+
+  return _searched("Worst-of-K", candidates, pset)
+
+
 def _attack(prefix: str, name: str, **fields: str) -> Callable[[Mapping[str, Any]], Evaluator]:
   """An evaluator from :mod:`dale_jax.attacks`, with ``fields`` mapping the attack's
   settings to ``eval`` config fields (e.g. ``steps="apgd_steps"``)."""
@@ -122,6 +178,9 @@ EVALUATORS: dict[str, Callable[[Mapping[str, Any]], Evaluator]] = {
     "FAB-T": _attack("FAB-T", "fab-t"),
     "Square": _attack("Square", "square", n_queries="square_queries"),
     "AutoAttack": _attack("AutoAttack", "autoattack"),
+    # Spatial robustness over eval.perturbation (rotations, translations, SE(2)).
+    "Grid": grid,
+    "Worst-of-K": worst_of_k,
 }
 
 

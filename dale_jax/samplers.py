@@ -14,6 +14,14 @@ step depends on that example only: step sizes mean the same at any batch size.
 The loop is a ``lax.fori_loop`` and the result is under ``stop_gradient``, so no
 gradient flows from a sampler into the model parameters.
 
+Every factory also takes a ``perturbation`` (:mod:`dale_jax.perturbations`): a
+rotation, translation or SE(2) set, possibly followed by an Linf ball. The same
+parts then run on the set's parameters ``delta`` (:func:`ascent_over`): the
+objective is evaluated at ``apply(x, delta)``, the update steps ``delta`` and the
+projection is the set's. Without one (the default) the sampler's ``(norm, eps)``
+ball is run in input space, as above. :func:`worst_of_k` and
+:func:`metropolis_hastings` are gradient-free and take any set.
+
 PGD is the Gaussian Langevin sampler with zero noise (:func:`pgd` calls
 :func:`langevin_gaussian`), FGSM is one PGD step of size eps. A new sampler is a
 few lines::
@@ -35,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dale_jax import perturbations as perturbations_lib
 from dale_jax import potentials
 from dale_jax import threat
 from dale_jax import validation
@@ -46,6 +55,8 @@ Init = Callable[[Array, Array], Array]
 Objective = Callable[[Array, Array], Array]
 ObjectiveBuilder = Callable[[LogitsFn, Array, Array], Objective]
 Update = Callable[[Array, Array, Array], Array]
+PerturbationSet = perturbations_lib.PerturbationSet
+STARTS = ("identity", "gaussian", "uniform")
 
 
 # ----------------------------------------------------------------------------
@@ -257,6 +268,87 @@ def ascent(
   return sample
 
 
+def _tree_update(update: Update, key: Array, delta, grad):
+  """``update`` on every leaf of a pytree perturbation, each leaf with its own key."""
+  leaves, tree = jax.tree.flatten(delta)
+  keys = jax.random.split(key, len(leaves))
+  grads = tree.flatten_up_to(grad)
+  return jax.tree.unflatten(tree, [update(k, d, g) for k, d, g in zip(keys, leaves, grads)])
+
+
+def start(kind: str, perturbation: PerturbationSet, init_std: float = 0.0) -> Init:
+  """The start of a loop over ``perturbation``'s parameters: its identity, the identity
+  plus ``init_std * N(0, I)`` (in the set's units), or a uniform draw from the set."""
+  validation.one_of("start", kind, STARTS)
+  _check_nonnegative("init_std", init_std)
+
+  def init(key, x):
+    if kind == "uniform":
+      return perturbation.uniform(key, x)
+    delta = perturbation.identity(x)
+    if kind == "identity" or not init_std:
+      return delta
+    leaves, tree = jax.tree.flatten(delta)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [d + init_std * jax.random.normal(k, d.shape, d.dtype)
+                                     for k, d in zip(keys, leaves)])
+
+  return init
+
+
+def ascent_over(
+    perturbation: PerturbationSet,
+    *,
+    init: Init,
+    objective: ObjectiveBuilder,
+    update: Update,
+    steps: int,
+) -> Sampler:
+  """:func:`ascent` on the parameters of ``perturbation``.
+
+  ``delta_0 = P(init(x))``, ``delta_{k+1} = P(update(delta_k, grad_delta sum_i
+  f_i(apply(x, delta_k))))`` with ``P`` the set's projection; returns
+  ``apply(x, delta_steps)``. ``init`` returns a ``delta`` (see :func:`start`) and
+  ``update`` acts on each leaf of it; build it with ``perturbation.norm``.
+  """
+  _check_count("steps", steps, 0)
+
+  def sample(key: Array, logits_fn: LogitsFn, x: Array, y: Array) -> Array:
+    check_inputs(logits_fn, x, y)
+    init_key, loop_key = jax.random.split(key)
+    f = objective(logits_fn, x, y)
+    grad_fn = jax.grad(lambda d, k: jnp.sum(f(k, perturbation.apply(x, d))))
+    delta = perturbation.project(init(init_key, x), x)
+
+    def body(i, delta):
+      grad_key, update_key = jax.random.split(jax.random.fold_in(loop_key, i))
+      grad = grad_fn(delta, grad_key)
+      return perturbation.project(_tree_update(update, update_key, delta, grad), x)
+
+    delta = jax.lax.fori_loop(0, steps, body, delta)
+    return jax.lax.stop_gradient(perturbation.apply(x, delta))
+
+  return sample
+
+
+def _loop(perturbation: PerturbationSet | None, *, start_kind: str, init_std: float,
+          objective: ObjectiveBuilder, update: Callable[[str], Update], steps: int, norm: str,
+          eps: float, init: Init | None = None) -> Sampler:
+  """The loop of a named sampler: in input space for the ``(norm, eps)`` ball, over
+  the parameters of ``perturbation`` otherwise. ``update(norm)`` builds the step;
+  ``init``, when given, replaces the ``start_kind`` rule (in the loop's own space)."""
+  validation.one_of("start", start_kind, STARTS)
+  threat.check_threat(norm, eps)
+  if perturbation is None:
+    if init is None:
+      init = {"identity": lambda: init_identity, "gaussian": lambda: init_gaussian(init_std),
+              "uniform": lambda: init_uniform(norm, eps)}[start_kind]()
+    return ascent(init=init, objective=objective, update=update(norm), steps=steps, norm=norm,
+                  eps=eps)
+  return ascent_over(perturbation, init=init or start(start_kind, perturbation, init_std),
+                     objective=objective, update=update(perturbation.norm), steps=steps)
+
+
 def in_chunks(sampler: Sampler, chunk_size: int, groups: int = 1) -> Sampler:
   """Runs ``sampler`` on chunks of ``chunk_size`` examples, one chunk after another.
 
@@ -349,22 +441,22 @@ def langevin_gaussian(
     norm: str = "linf",
     init_std: float = 0.001,
     potential: str = "log_one_minus_p",
+    start: str = "gaussian",
     init: Init | None = None,
+    perturbation: PerturbationSet | None = None,
 ) -> Sampler:
   """advbench's Langevin-Gaussian sampler (Gaussian_DALE):
 
   start at ``x + init_std * N(0, I)``, then
   ``x' <- P(x' + eta * sign(grad log(1 - p_y)) + c * N(0, I))``.
-  ``init`` overrides the start rule (PGD uses it).
+  ``start`` picks another start (``identity``: ``x``; ``uniform``: in the ball), or
+  ``init`` gives the rule itself (an :data:`Init`; over a ``perturbation``, one
+  that returns its ``delta``, see :func:`start`).
   """
-  return ascent(
-      init=init_gaussian(init_std) if init is None else init,
-      objective=potential_objective(_potential(potential)),
-      update=signed_step(step_size, norm, noise_scale),
-      steps=steps,
-      norm=norm,
-      eps=eps,
-  )
+  return _loop(perturbation, start_kind=start, init_std=init_std,
+               objective=potential_objective(_potential(potential)),
+               update=lambda n: signed_step(step_size, n, noise_scale),
+               steps=steps, norm=norm, eps=eps, init=init)
 
 
 def langevin_laplacian(
@@ -376,17 +468,14 @@ def langevin_laplacian(
     norm: str = "linf",
     init_std: float = 0.001,
     potential: str = "log_one_minus_p",
+    perturbation: PerturbationSet | None = None,
 ) -> Sampler:
   """advbench's Langevin-Laplacian sampler (Laplacian_DALE):
   ``x' <- P(x' + eta * sign(grad + c * Laplace(0, 1)))``, start ``x + init_std * N``."""
-  return ascent(
-      init=init_gaussian(init_std),
-      objective=potential_objective(_potential(potential)),
-      update=laplace_signed_step(step_size, norm, noise_scale),
-      steps=steps,
-      norm=norm,
-      eps=eps,
-  )
+  return _loop(perturbation, start_kind="gaussian", init_std=init_std,
+               objective=potential_objective(_potential(potential)),
+               update=lambda n: laplace_signed_step(step_size, n, noise_scale),
+               steps=steps, norm=norm, eps=eps)
 
 
 def langevin(
@@ -398,20 +487,17 @@ def langevin(
     norm: str = "linf",
     init_std: float = 0.0,
     potential: str = "log_one_minus_p",
+    perturbation: PerturbationSet | None = None,
 ) -> Sampler:
   """The paper's Algorithm 1 sampler: unsigned Langevin steps on ``(1/T) log g``.
 
   ``delta <- P(delta + eta * grad (1/T) log g + sqrt(2 eta) N(0, I))`` with
   ``log g = log(1 - p_y)`` by default; starts at ``delta = 0`` as in the paper.
   """
-  return ascent(
-      init=init_gaussian(init_std),
-      objective=potential_objective(_potential(potential)),
-      update=langevin_step(step_size, temperature),
-      steps=steps,
-      norm=norm,
-      eps=eps,
-  )
+  return _loop(perturbation, start_kind="gaussian", init_std=init_std,
+               objective=potential_objective(_potential(potential)),
+               update=lambda n: langevin_step(step_size, temperature),
+               steps=steps, norm=norm, eps=eps)
 
 
 def pgd(
@@ -423,6 +509,7 @@ def pgd(
     random_start: bool = False,
     restarts: int = 1,
     potential: str = "cross_entropy",
+    perturbation: PerturbationSet | None = None,
 ) -> Sampler:
   """Projected gradient ascent on cross-entropy: :func:`langevin_gaussian` with zero noise.
 
@@ -436,38 +523,38 @@ def pgd(
       noise_scale=0.0,
       norm=norm,
       potential=potential,
-      init=init_uniform(norm, eps) if random_start else init_identity,
+      start="uniform" if random_start else "identity",
+      perturbation=perturbation,
   )
   return with_restarts(sampler, restarts, _potential(potential))
 
 
 def fgsm(
-    *, eps: float, norm: str = "linf", random_start: bool = False, step_size: float | None = None
+    *, eps: float, norm: str = "linf", random_start: bool = False, step_size: float | None = None,
+    perturbation: PerturbationSet | None = None,
 ) -> Sampler:
   """FGSM: one PGD step of size ``eps`` from ``x``.
 
   With ``random_start`` it is "fast adversarial training" (Wong et al. 2020):
   a uniform start in the ball and one step of ``1.25 eps`` unless ``step_size``
-  is given.
+  is given. Over a geometric ``perturbation`` (radius 1 in its units) the step
+  is 1, or 1.25 from a random start.
   """
   threat.check_threat(norm, eps)  # before eps is used as the step size and blamed as one
+  radius = eps if perturbation is None else 1.0
   if step_size is None:
-    step_size = 1.25 * eps if random_start else eps
-  return pgd(eps=eps, step_size=step_size, steps=1, norm=norm, random_start=random_start)
+    step_size = 1.25 * radius if random_start else radius
+  return pgd(eps=eps, step_size=step_size, steps=1, norm=norm, random_start=random_start,
+             perturbation=perturbation)
 
 
 def trades_kl(
-    *, eps: float, step_size: float, steps: int, norm: str = "linf", init_std: float = 0.001
+    *, eps: float, step_size: float, steps: int, norm: str = "linf", init_std: float = 0.001,
+    perturbation: PerturbationSet | None = None,
 ) -> Sampler:
   """TRADES' attack: from ``x + 0.001 N``, sign steps on ``KL(p(x) || p(x'))``."""
-  return ascent(
-      init=init_gaussian(init_std),
-      objective=kl_objective(),
-      update=signed_step(step_size, norm),
-      steps=steps,
-      norm=norm,
-      eps=eps,
-  )
+  return _loop(perturbation, start_kind="gaussian", init_std=init_std, objective=kl_objective(),
+               update=lambda n: signed_step(step_size, n), steps=steps, norm=norm, eps=eps)
 
 
 def smooth_adv(
@@ -478,28 +565,140 @@ def smooth_adv(
     sigma: float,
     num_samples: int,
     norm: str = "linf",
+    perturbation: PerturbationSet | None = None,
 ) -> Sampler:
   """SmoothAdv (Salman et al. 2019) as advbench runs it: from ``x``, sign steps on
   ``-log mean_k softmax_y(f(x' + sigma xi_k))``."""
-  return ascent(
-      init=init_identity,
-      objective=smoothed_objective(sigma, num_samples),
-      update=signed_step(step_size, norm),
-      steps=steps,
-      norm=norm,
-      eps=eps,
-  )
+  return _loop(perturbation, start_kind="identity", init_std=0.0,
+               objective=smoothed_objective(sigma, num_samples),
+               update=lambda n: signed_step(step_size, n), steps=steps, norm=norm, eps=eps)
 
 
-def uniform(*, eps: float, norm: str = "linf") -> Sampler:
-  """One uniform draw in the eps-ball, clipped to ``[0, 1]`` (CVaR, data augmentation)."""
+def uniform(*, eps: float, norm: str = "linf",
+            perturbation: PerturbationSet | None = None) -> Sampler:
+  """One uniform draw in the eps-ball, clipped to ``[0, 1]`` (CVaR, data augmentation),
+  or from ``perturbation``."""
   threat.check_threat(norm, eps)
 
   def sample(key, logits_fn, x, y):
     check_inputs(logits_fn, x, y)
-    return jax.lax.stop_gradient(threat.uniform(key, x, norm=norm, eps=eps))
+    if perturbation is None:
+      return jax.lax.stop_gradient(threat.uniform(key, x, norm=norm, eps=eps))
+    return jax.lax.stop_gradient(perturbation.apply(x, perturbation.uniform(key, x)))
 
   return sample
+
+
+def _the_set(perturbation: PerturbationSet | None, norm: str, eps: float) -> PerturbationSet:
+  return perturbations_lib.lp_ball(norm, eps) if perturbation is None else perturbation
+
+
+def worst_of_k(
+    *,
+    eps: float,
+    k: int,
+    norm: str = "linf",
+    potential: str = "cross_entropy",
+    perturbation: PerturbationSet | None = None,
+) -> Sampler:
+  """Worst-of-k (Engstrom et al. 2019; the advbench fork's ``Worst_Of_K``): ``k``
+  uniform draws from the set, each example keeping its highest-``potential`` draw.
+
+  Draw ``j`` is ``perturbation.uniform(fold_in(key, j), x)``; ties keep the earlier
+  draw. One forward pass per draw, no gradient.
+  """
+  _check_count("k", k, 1)
+  pset = _the_set(perturbation, norm, eps)
+  score_fn = _potential(potential)
+
+  def sample(key, logits_fn, x, y):
+    check_inputs(logits_fn, x, y)
+
+    def draw(j):
+      x_j = pset.apply(x, pset.uniform(jax.random.fold_in(key, j), x))
+      return x_j, score_fn(logits_fn(x_j), y)
+
+    def body(j, carry):
+      best_x, best = carry
+      x_j, s = draw(j)
+      better = s > best
+      return jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), x_j, best_x), jnp.where(
+          better, s, best)
+
+    best_x, _ = jax.lax.fori_loop(1, k, body, draw(0))
+    return jax.lax.stop_gradient(best_x)
+
+  return sample
+
+
+def metropolis_hastings(
+    *,
+    eps: float,
+    steps: int,
+    proposal_std: float,
+    temperature: float = 1.0,
+    norm: str = "linf",
+    potential: str = "log_one_minus_p",
+    perturbation: PerturbationSet | None = None,
+) -> Sampler:
+  r"""Random-walk Metropolis-Hastings over the perturbation set (the fork's MH-DALE).
+
+  Per example, a chain whose stationary density on the set ``Delta`` is
+
+  .. math:: \pi(\delta) \propto \exp(U(\delta) / T)\, 1[\delta \in \Delta],
+     \qquad U(\delta) = \text{potential}(f(\text{apply}(x, \delta)), y),
+
+  so with ``U = log(1 - p_y)`` the law is the paper's ``(1 - p_y)^{1/T}``. The
+  chain starts from a uniform draw; each step proposes ``delta' = delta + s xi``,
+  ``xi ~ N(0, I)`` (``s = proposal_std``, in the set's units: fractions of the
+  radius for a geometric set), a symmetric proposal, and accepts it with
+  probability
+
+  .. math:: \alpha = \min\left(1, \exp\left(\frac{U(\delta') - U(\delta)}{T}\right)\right)
+
+  when ``delta'`` lies in the set (``alpha = 0`` outside it). Returns the chain's
+  state after ``steps`` steps, applied to ``x``. One forward pass per step, no
+  gradient.
+  """
+  _check_count("steps", steps, 0)
+  _check_positive("proposal_std", proposal_std)
+  _check_positive("temperature", temperature)
+  pset = _the_set(perturbation, norm, eps)
+  log_target = _potential(potential)
+
+  def sample(key, logits_fn, x, y):
+    check_inputs(logits_fn, x, y)
+    u_of = lambda d: log_target(logits_fn(pset.apply(x, d)), y).astype(jnp.float32)
+    start_key, chain_key = jax.random.split(key)
+    delta = pset.uniform(start_key, x)
+
+    def body(i, carry):
+      delta, u = carry
+      prop_key, accept_key = jax.random.split(jax.random.fold_in(chain_key, i))
+      leaves, tree = jax.tree.flatten(delta)
+      keys = jax.random.split(prop_key, len(leaves))
+      proposal = jax.tree.unflatten(tree, [
+          d + proposal_std * jax.random.normal(k, d.shape, d.dtype) for k, d in zip(keys, leaves)])
+      inside = _inside(pset, proposal, x)
+      u_prop = u_of(proposal)
+      log_alpha = jnp.where(inside, (u_prop - u) / temperature, -jnp.inf)
+      accept = jnp.log(jax.random.uniform(accept_key, u.shape)) < log_alpha
+      delta = jax.tree.map(
+          lambda p, d: jnp.where(accept.reshape((-1,) + (1,) * (d.ndim - 1)), p, d),
+          proposal, delta)
+      return delta, jnp.where(accept, u_prop, u)
+
+    delta, _ = jax.lax.fori_loop(0, steps, body, (delta, u_of(delta)))
+    return jax.lax.stop_gradient(pset.apply(x, delta))
+
+  return sample
+
+
+def _inside(pset: PerturbationSet, delta, x: Array) -> Array:
+  """``(batch,)``: whether ``delta`` lies in the set (its projection moves it by < 1e-6)."""
+  moved = jax.tree.map(lambda p, d: jnp.max(jnp.abs(p - d).reshape(d.shape[0], -1), axis=1),
+                       pset.project(delta, x), delta)
+  return jnp.max(jnp.stack(jax.tree.leaves(moved)), axis=0) < 1e-6
 
 
 SAMPLERS: Mapping[str, Callable[..., Sampler]] = {
@@ -511,11 +710,17 @@ SAMPLERS: Mapping[str, Callable[..., Sampler]] = {
     "trades_kl": trades_kl,
     "smooth_adv": smooth_adv,
     "uniform": uniform,
+    "worst_of_k": worst_of_k,
+    "metropolis_hastings": metropolis_hastings,
 }
 
 
-def make_sampler(config: Mapping[str, Any]) -> Sampler:
+def make_sampler(config: Mapping[str, Any],
+                 perturbation: PerturbationSet | None = None) -> Sampler:
   """Builds a sampler from a config section ``{name: ..., **hyperparameters}``.
+
+  ``perturbation`` is the set it runs over (:func:`dale_jax.perturbations.make_perturbation`
+  of the config's ``perturbation`` section); ``None``: the section's ``(norm, eps)`` ball.
 
   Raises:
     ValueError: for an unknown ``name`` (listing the valid ones) or a field the
@@ -526,10 +731,11 @@ def make_sampler(config: Mapping[str, Any]) -> Sampler:
   if name not in SAMPLERS:
     raise validation.InvalidArgument("sampler.name", f"one of {sorted(SAMPLERS)}", name)
   factory = SAMPLERS[name]
-  accepted = [p for p in inspect.signature(factory).parameters if p != "init"]
+  accepted = [p for p in inspect.signature(factory).parameters
+              if p not in ("perturbation", "init")]
   unknown = sorted(set(config) - set(accepted))
   if unknown:
     raise validation.InvalidArgument(
         f"sampler.{unknown[0]}", rest=f"is not a field of sampler {name!r}; accepted: {accepted}")
   with validation.prefixed("sampler"):
-    return factory(**config)
+    return factory(**config, perturbation=perturbation)

@@ -98,6 +98,12 @@ def sampler_chunk_size(config: ml_collections.ConfigDict, platform: str | None =
   return CPU_SAMPLER_CHUNK if (platform or jax.default_backend()) == "cpu" else 0
 
 
+def perturbation_section(config: ml_collections.ConfigDict) -> dict | None:
+  """The config's ``perturbation`` section as a dict (``None`` in configs without one)."""
+  section = config.get("perturbation")
+  return None if section is None else section.to_dict()
+
+
 def algorithm_for(config: ml_collections.ConfigDict, steps_per_epoch: int = 1,
                   num_devices: int = 1, platform: str | None = None):
   """The config's algorithm, its sampler in chunks of :func:`sampler_chunk_size`.
@@ -106,7 +112,8 @@ def algorithm_for(config: ml_collections.ConfigDict, steps_per_epoch: int = 1,
   per device), ``platform`` their kind (default: JAX's default backend).
   """
   algorithm = algorithms_lib.make_algorithm(
-      config.algorithm, sampler=config.sampler.to_dict(), loss=config.loss.to_dict(),
+      config.algorithm, sampler=config.sampler.to_dict(),
+      perturbation=perturbation_section(config), loss=config.loss.to_dict(),
       dual=config.dual.to_dict(), draws=config.draws, steps_per_epoch=steps_per_epoch)
   chunk = sampler_chunk_size(config, platform)
   if chunk and algorithm.sampler is not None:

@@ -60,7 +60,7 @@ def _reference(name, loss_cfg, clean, adv, y, nu):
     a = adv[0]
   if name == "ERM":
     return ce_clean, None
-  if name in ("ERM_DataAug", "FGSM", "PGD", "RandSmoothing"):
+  if name in ("ERM_DataAug", "FGSM", "PGD", "RandSmoothing", "Worst_Of_K"):
     return ce_adv, None
   if name == "TRADES":
     ce = ce_clean if loss_cfg["ce_on"] == "clean" else _ce(a, y).mean()
@@ -82,7 +82,7 @@ def _reference(name, loss_cfg, clean, adv, y, nu):
     return cvar, None
   if name in ("Gaussian_DALE", "Laplacian_DALE"):
     return _ce(a, y).mean() + loss_cfg["nu_fixed"] * ce_clean, None
-  if name in ("Gaussian_DALE_PD", "DALE"):
+  if name in ("Gaussian_DALE_PD", "DALE", "MH_DALE_PD"):
     return _ce(a, y).mean() + nu * ce_clean, ce_clean
   if name == "Gaussian_DALE_PD_Reverse":
     return ce_clean + nu * _ce(a, y).mean(), _ce(a, y).mean()

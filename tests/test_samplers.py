@@ -47,6 +47,9 @@ def _kwargs(name: str, norm: str) -> tuple[Callable, dict]:
       "smooth_adv": (samplers.smooth_adv,
                      dict(step_size=step, steps=3, sigma=0.25, num_samples=4)),
       "uniform": (samplers.uniform, {}),
+      "worst_of_k": (samplers.worst_of_k, dict(k=3)),
+      "metropolis_hastings": (samplers.metropolis_hastings,
+                              dict(steps=3, proposal_std=0.05, temperature=0.1)),
   }
   factory, kw = table[name]
   return factory, dict(common, **kw)
@@ -54,7 +57,7 @@ def _kwargs(name: str, norm: str) -> tuple[Callable, dict]:
 
 VARIANTS = ["pgd", "pgd_random_start", "pgd_restarts", "fgsm", "fgsm_random_start",
             "langevin_gaussian", "langevin_laplacian", "langevin", "trades_kl", "smooth_adv",
-            "uniform"]
+            "uniform", "worst_of_k", "metropolis_hastings"]
 # Samplers whose output does not depend on the key.
 DETERMINISTIC = {"pgd", "fgsm"}
 # The samplers' float64 references are written for the Linf and L2 balls; the L1 ball's
