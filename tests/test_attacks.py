@@ -570,11 +570,11 @@ def test_fab_t_matches_torchattacks_and_stays_in_the_ball(trained, norm, eps):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
-def test_standard_autoattack_matches_torchattacks(trained, norm, eps):
+# L2 on 100 points: a third of them survive to Square's 5,000 queries on both sides.
+@pytest.mark.parametrize("norm,eps,n", [("linf", 0.1, 200), ("l2", 1.0, 100)])
+def test_standard_autoattack_matches_torchattacks(trained, norm, eps, n):
   torchattacks = require("torchattacks")
   _, params, logits_fn, x, y = trained
-  n = 200
   x, y = x[:n], y[:n]
   net, xt, yt = _torch_data(params, x, y)
   ours = attacks.evaluate_robustness(logits_fn, x, y, attacks=("clean",), version="standard",
@@ -595,4 +595,4 @@ def test_standard_autoattack_matches_torchattacks(trained, norm, eps):
   theirs = 100 * (net(chain(xt, yt)).argmax(-1) == yt).float().mean().item()
   print(f"AutoAttack (standard) {norm} eps={eps}: ours {ours['ensemble_accuracy']:.2f}%, "
         f"torchattacks {theirs:.2f}%")
-  assert abs(ours["ensemble_accuracy"] - theirs) <= 1.0
+  assert abs(ours["ensemble_accuracy"] - theirs) <= 200.0 / n  # two examples

@@ -1,8 +1,8 @@
 """Every algorithm trains: one compiled step moves the parameters and keeps meters finite.
 
-In bfloat16 too (``config.model.dtype``): the compute is bfloat16, but everything
-the step carries from one step to the next (parameters, optimizer state, the dual
-variable, BatchNorm statistics) stays float32.
+In bfloat16 too (``config.model.dtype``, one algorithm of each kind of step): the
+compute is bfloat16, but everything the step carries from one step to the next
+(parameters, optimizer state, the dual variable, BatchNorm statistics) stays float32.
 """
 
 import jax
@@ -31,8 +31,22 @@ def _float_dtypes(tree):
   return {str(x.dtype) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
+# tests/test_bench.py checks these algorithms' float32 step against PyTorch's, update
+# by update, which is stronger than finite and moved.
+_CHECKED_AGAINST_TORCH = {"ERM", "PGD", "TRADES", "Gaussian_DALE_PD", "KL_DALE_PD"}
+# bfloat16 on one algorithm of each kind of step: no sampler, a sampler of the CE, the
+# clean and KL terms, several draws with a per-step dual, the per-epoch dual.
+_BFLOAT16 = ("ERM", "PGD", "TRADES", "CVaR_SGD_PD", "DALE")
+_STEP_CASES = ([(n, "float32") for n in sorted(set(algorithms.ALGORITHMS) - _CHECKED_AGAINST_TORCH)]
+               + [(n, "bfloat16") for n in _BFLOAT16])
+
+
+def test_every_algorithm_is_stepped_in_float32_somewhere():
+  assert {n for n, d in _STEP_CASES if d == "float32"} | _CHECKED_AGAINST_TORCH == set(
+      algorithms.ALGORITHMS)
+
+
+@pytest.mark.parametrize("name,dtype", _STEP_CASES)
 def test_every_algorithm_takes_a_finite_step(name, dtype):
   c = configs.base_config("mnist_digits", name)
   c.batch_size = 8
@@ -67,6 +81,20 @@ def test_bfloat16_batchnorm_model_keeps_float32_state(monkeypatch):
   assert jax.tree.leaves(state.batch_stats)
   assert _float_dtypes((state.params, state.batch_stats, state.opt_state,
                         state.dual_state)) == {"float32"}
+  moved = jax.tree.map(lambda a, b: np.abs(np.asarray(b) - a).max(), before, state.params)
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize("name,perturbation", [("Gaussian_DALE_PD", "se2"),
+                                               ("MH_DALE_PD", "rotation")])
+def test_training_over_a_geometric_set_takes_a_finite_step(name, perturbation):
+  """--config.perturbation.name=se2: the sampler runs over the warp's parameters."""
+  c = configs.base_config("mnist_digits", name)
+  c.batch_size = 8
+  c.sampler.steps = 2
+  c.perturbation.update(name=perturbation, linf_eps=0.1 if perturbation == "se2" else 0.0)
+  before, state, meters = _one_step(c)
+  assert all(np.isfinite(v) for v in meters.values()), meters
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(b) - a).max(), before, state.params)
   assert max(jax.tree.leaves(moved)) > 0
 
