@@ -602,33 +602,15 @@ def worst_of_k(
     perturbation: PerturbationSet | None = None,
 ) -> Sampler:
   """Worst-of-k (Engstrom et al. 2019; the advbench fork's ``Worst_Of_K``): ``k``
-  uniform draws from the set, each example keeping its highest-``potential`` draw.
+  uniform draws (:func:`uniform`), each example keeping its highest-``potential`` draw.
 
-  Draw ``j`` is ``perturbation.uniform(fold_in(key, j), x)``; ties keep the earlier
+  It is :func:`with_restarts` of one uniform draw: draw ``j`` uses ``fold_in(key, j)``
+  (over a set, ``perturbation.uniform(fold_in(key, j), x)``); ties keep the earlier
   draw. One forward pass per draw, no gradient.
   """
   _check_count("k", k, 1)
-  pset = _the_set(perturbation, norm, eps)
-  score_fn = _potential(potential)
-
-  def sample(key, logits_fn, x, y):
-    check_inputs(logits_fn, x, y)
-
-    def draw(j):
-      x_j = pset.apply(x, pset.uniform(jax.random.fold_in(key, j), x))
-      return x_j, score_fn(logits_fn(x_j), y)
-
-    def body(j, carry):
-      best_x, best = carry
-      x_j, s = draw(j)
-      better = s > best
-      return jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), x_j, best_x), jnp.where(
-          better, s, best)
-
-    best_x, _ = jax.lax.fori_loop(1, k, body, draw(0))
-    return jax.lax.stop_gradient(best_x)
-
-  return sample
+  return with_restarts(uniform(eps=eps, norm=norm, perturbation=perturbation), k,
+                       _potential(potential))
 
 
 def metropolis_hastings(

@@ -9,7 +9,9 @@ rotated sources stay inside the image) a template ``w`` sees
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import require
 from dale_jax import configs, evaluation, perturbations, samplers, validation
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -402,3 +405,47 @@ def test_composition_with_an_linf_ball_is_a_warp_plus_at_most_eps():
       k, logits_fn, x, jnp.zeros(4, jnp.int32)))(jax.random.key(1), x)
   assert float(jnp.min(out)) >= 0 and float(jnp.max(out)) <= 1
   assert not np.allclose(np.asarray(out), np.asarray(x), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------
+# The experiment config and the example.
+
+
+def _load(path, name):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("arg,perturbation,sampler", [
+    ("Gaussian_DALE_PD", "se2", dict(name="langevin_gaussian", start="uniform")),
+    ("PGD,lp", "lp", dict(name="pgd")),
+    ("PGD", "se2", dict(name="pgd", random_start=True)),
+    ("MH_DALE_PD,rotation", "rotation", dict(name="metropolis_hastings")),
+])
+def test_spatial_config_trains_over_its_set_and_evaluates_over_se2(arg, perturbation, sampler):
+  config = _load(_ROOT / "experiments" / "configs" / "spatial.py", "spatial").get_config(arg)
+  configs.validate(config)
+  assert config.perturbation.name == perturbation
+  assert {k: config.sampler[k] for k in sampler} == sampler
+  assert "random_start" not in config.sampler or perturbation != "lp"
+  assert config.eval.perturbation.name == "se2" and tuple(config.eval.grid_points) == (31, 5, 5)
+  assert {"Grid", "Worst-of-K"} <= set(config.eval.evaluators)
+
+
+def test_rotated_digits_example_builds_its_config_and_draws_predictions(tmp_path):
+  require("matplotlib")
+  example = _load(_ROOT / "experiments" / "spatial_digits.py", "spatial_digits")
+  config = example.rotation_config(epochs=2, train_examples=64, test_examples=20)
+  configs.validate(config)
+  assert config.perturbation.name == "rotation" and config.eval.perturbation.name == "rotation"
+  assert tuple(config.schedule.boundaries) == () and config.num_epochs == 2
+  x = _images(9, (6, 28, 28, 1))
+  weights = jnp.asarray(np.random.RandomState(0).randn(784, 10), jnp.float32)
+  path = tmp_path / "rotated.png"
+  example.plot_rotated_digits(lambda z: z.reshape(len(z), -1) @ weights, x, np.arange(6), path)
+  assert path.read_bytes()[:4] == b"\x89PNG"
