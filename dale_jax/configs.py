@@ -324,8 +324,10 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
     v.integer("eval.worst_of_k", e.worst_of_k, minimum=1)
     with v.prefixed("eval"):
       pset = perturbations.make_perturbation(e.perturbation.to_dict())
-      if pset is not None:
+      if pset is not None and "Grid" in e.evaluators:
         pset.grid(e.grid_points)
+      elif pset is not None:
+        perturbations.grid_counts(e.grid_points, len(pset.axes))
   v.integer("eval.max_examples", e.max_examples, minimum=0)
   v.positive("eval.pgd_step_size", e.pgd_step_size)
   v.nonnegative("eval.cvar_t_step_size", e.cvar_t_step_size)

@@ -86,7 +86,7 @@ class PerturbationSet(NamedTuple):
     if not self.parametric or self.name.endswith("+linf"):
       raise validation.InvalidArgument(
           "perturbation.name", f"a geometric set ({', '.join(NAMES[1:])}) for a grid", self.name)
-    counts = _grid_counts(points, len(self.axes))
+    counts = grid_counts(points, len(self.axes))
     axes = [np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1) for n in counts]
     return jnp.asarray(list(itertools.product(*axes)), jnp.float32)
 
@@ -98,7 +98,8 @@ class PerturbationSet(NamedTuple):
     return {a: u[:, i] * r for i, (a, r) in enumerate(zip(self.axes, self.radii))}
 
 
-def _grid_counts(points, k: int) -> tuple[int, ...]:
+def grid_counts(points, k: int) -> tuple[int, ...]:
+  """``points`` as one count per axis of a ``k``-parameter set (an int means all axes)."""
   counts = (points,) * k if validation.is_integer(points) else tuple(points)
   validation.require(len(counts) == k and all(validation.is_integer(n) and n >= 1 for n in counts),
                      "grid_points", f"an integer >= 1 or a tuple of {k} of them (one per axis)",

@@ -449,3 +449,16 @@ def test_rotated_digits_example_builds_its_config_and_draws_predictions(tmp_path
   path = tmp_path / "rotated.png"
   example.plot_rotated_digits(lambda z: z.reshape(len(z), -1) @ weights, x, np.arange(6), path)
   assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grid_needs_a_geometric_set_and_worst_of_k_takes_any():
+  config = configs.base_config("mnist_digits", "ERM")
+  config.eval.perturbation.linf_eps = 0.1  # se2 then an Linf ball: no finite grid
+  config.eval.evaluators = ("Clean", "Worst-of-K")
+  configs.validate(config)
+  config.eval.evaluators = ("Clean", "Grid")
+  with pytest.raises(validation.InvalidArgument, match=r"^config\.eval\.perturbation\.name"):
+    configs.validate(config)
+  config.eval.perturbation.update(name="lp", linf_eps=0.0)
+  with pytest.raises(validation.InvalidArgument, match=r"^config\.eval\.perturbation\.name"):
+    configs.validate(config)
