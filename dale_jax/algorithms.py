@@ -236,9 +236,12 @@ ALGORITHMS: Mapping[str, _Spec] = {
                         dual=_STEP_DUAL),
     "DALE": _Spec(_dale, True, "langevin", dual=_EPOCH_DUAL),
     # The advbench fork's samplers over perturbation sets: the worst of k uniform draws,
-    # and DALE with a Metropolis-Hastings chain in place of the Langevin sampler.
+    # and DALE with a Metropolis-Hastings chain in place of the Langevin sampler (the
+    # robust loss constrained, or, Reverse, the clean loss under a robust constraint).
     "Worst_Of_K": _Spec(_adversarial_ce, False, "worst_of_k"),
     "MH_DALE_PD": _Spec(_dale, True, "metropolis_hastings", dual=_STEP_DUAL),
+    "MH_DALE_PD_Reverse": _Spec(lambda **kw: _dale(objective="clean", **kw), True,
+                                "metropolis_hastings", dual=_STEP_DUAL),
 }
 
 

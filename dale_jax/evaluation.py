@@ -109,7 +109,7 @@ def _searched(prefix: str, candidates: Callable[[Array, Array], Array],
               pset: perturbations.PerturbationSet) -> Evaluator:
   """An example counts as robust when the model is right on *every* candidate
   perturbation; the loss is the highest CE over them. ``candidates(key, x)`` returns
-  the ``count`` deltas, stacked on a leading axis, and they are tried one at a time."""
+  the candidate deltas stacked on a leading axis; they are tried one at a time."""
 
   def evaluate(key, logits_fn, x, y, mask):
     def one(carry, delta):

@@ -84,7 +84,7 @@ def _reference(name, loss_cfg, clean, adv, y, nu):
     return _ce(a, y).mean() + loss_cfg["nu_fixed"] * ce_clean, None
   if name in ("Gaussian_DALE_PD", "DALE", "MH_DALE_PD"):
     return _ce(a, y).mean() + nu * ce_clean, ce_clean
-  if name == "Gaussian_DALE_PD_Reverse":
+  if name in ("Gaussian_DALE_PD_Reverse", "MH_DALE_PD_Reverse"):
     return ce_clean + nu * _ce(a, y).mean(), _ce(a, y).mean()
   if name == "KL_DALE_PD":
     return _kl(clean, a) + nu * ce_clean, ce_clean
