@@ -19,19 +19,15 @@ The library calls it makes are the three a user writes::
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from dale_jax import perturbations, train
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-_EPOCHS = flags.DEFINE_integer("epochs", 8, "Training epochs.")
-_TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 0, "Training digits (0: all 4,000).")
-_TEST_EXAMPLES = flags.DEFINE_integer("test_examples", 0, "Test digits evaluated (0: all 1,000).")
 ANGLES = (-30.0, -15.0, 0.0, 15.0, 30.0)
 
 
@@ -74,16 +70,23 @@ def plot_rotated_digits(logits_fn, x: np.ndarray, y: np.ndarray, path: str, coun
   fig.savefig(path, dpi=100)
 
 
-def main(argv):
-  del argv
-  config = rotation_config(_EPOCHS.value, _TRAIN_EXAMPLES.value, _TEST_EXAMPLES.value)
-  results = train.train_and_evaluate(config, _WORKDIR.value)
-  _, logits_fn, dataset = train.load_trained(_WORKDIR.value)
-  path = os.path.join(_WORKDIR.value, "rotated_digits.png")
+def main(argv=None):
+  # argparse, not absl flags: importing this file next to the dale-* entry points (a
+  # notebook, the tests) must not define their flags twice.
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="run directory")
+  parser.add_argument("--epochs", type=int, default=8, help="training epochs")
+  parser.add_argument("--train_examples", type=int, default=0, help="0: all 4,000 digits")
+  parser.add_argument("--test_examples", type=int, default=0, help="0: all 1,000 digits")
+  args = parser.parse_args(argv)
+  config = rotation_config(args.epochs, args.train_examples, args.test_examples)
+  results = train.train_and_evaluate(config, args.workdir)
+  _, logits_fn, dataset = train.load_trained(args.workdir)
+  path = os.path.join(args.workdir, "rotated_digits.png")
   plot_rotated_digits(logits_fn, dataset.test[0], dataset.test[1], path)
-  print(results)
+  print({k: v for k, v in results.items() if k in ("Epoch", "Test")})
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

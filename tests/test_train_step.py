@@ -34,16 +34,28 @@ def _float_dtypes(tree):
 # tests/test_bench.py checks these algorithms' float32 step against PyTorch's, update
 # by update, which is stronger than finite and moved.
 _CHECKED_AGAINST_TORCH = {"ERM", "PGD", "TRADES", "Gaussian_DALE_PD", "KL_DALE_PD"}
-# bfloat16 on one algorithm of each kind of step: no sampler, a sampler of the CE, the
-# clean and KL terms, several draws with a per-step dual, the per-epoch dual.
-_BFLOAT16 = ("ERM", "PGD", "TRADES", "CVaR_SGD_PD", "DALE")
-_STEP_CASES = ([(n, "float32") for n in sorted(set(algorithms.ALGORITHMS) - _CHECKED_AGAINST_TORCH)]
+# Steps of the same shape as one stepped here or there (same sampler, clean term, draws
+# and dual; only the loss differs, and tests/test_algorithms.py checks every loss against
+# its formula): CLP and MART as ALP, CVaR_SGD_Autograd as CVaR_SGD, MH_DALE_PD_Reverse as
+# MH_DALE_PD.
+_SAME_STEP_AS = {"CLP": "ALP", "MART": "ALP", "CVaR_SGD_Autograd": "CVaR_SGD",
+                 "MH_DALE_PD_Reverse": "MH_DALE_PD"}
+# bfloat16 on one algorithm of each kind of step: no sampler, the clean and KL terms,
+# the per-epoch dual.
+_BFLOAT16 = ("ERM", "TRADES", "DALE")
+_STEP_CASES = ([(n, "float32") for n in sorted(
+    set(algorithms.ALGORITHMS) - _CHECKED_AGAINST_TORCH - set(_SAME_STEP_AS))]
                + [(n, "bfloat16") for n in _BFLOAT16])
 
 
 def test_every_algorithm_is_stepped_in_float32_somewhere():
-  assert {n for n, d in _STEP_CASES if d == "float32"} | _CHECKED_AGAINST_TORCH == set(
-      algorithms.ALGORITHMS)
+  stepped = {n for n, d in _STEP_CASES if d == "float32"} | _CHECKED_AGAINST_TORCH
+  assert set(_SAME_STEP_AS.values()) <= stepped
+  for name, twin in _SAME_STEP_AS.items():
+    spec, other = algorithms.ALGORITHMS[name], algorithms.ALGORITHMS[twin]
+    assert (spec.sampler, spec.needs_clean, spec.draws, spec.dual) == (
+        other.sampler, other.needs_clean, other.draws, other.dual), name
+  assert stepped | set(_SAME_STEP_AS) == set(algorithms.ALGORITHMS)
 
 
 @pytest.mark.parametrize("name,dtype", _STEP_CASES)

@@ -82,11 +82,16 @@ def init_variables(model: nn.Module, key: jax.Array,
     shape = shape[1:]
   if len(shape) != 3:
     raise ValueError(f"input_shape must be (H, W, C) or (N, H, W, C), got {input_shape}")
-  x = jnp.zeros((1,) + shape, jnp.float32)
-  # One compiled program instead of one dispatch per initialiser (slow eagerly).
-  variables = jax.jit(functools.partial(model.init, train=False))({"params": key}, x)
+  variables = _init(model, key, shape)
   return {"params": variables["params"],
           "batch_stats": variables.get("batch_stats", {})}
+
+
+# One compiled program instead of one dispatch per initialiser (slow eagerly), and one
+# per (model, shape): Flax modules hash by their fields, so equal models share it.
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: nn.Module, key: jax.Array, shape: tuple[int, ...]) -> dict[str, Any]:
+  return model.init({"params": key}, jnp.zeros((1,) + shape, jnp.float32), train=False)
 
 
 __all__ = [
