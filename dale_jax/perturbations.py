@@ -310,13 +310,5 @@ def make_perturbation(config: Mapping[str, Any] | None) -> PerturbationSet | Non
     return with_linf(pset, linf_eps) if linf_eps > 0 else pset
 
 
-def describe(pset: PerturbationSet) -> str:
-  """A one-line label, e.g. ``se2(angle 30 deg, shift (3, 3) px)``."""
-  if not pset.parametric:
-    return pset.name
-  parts = [f"{a} {r:g}" + (" deg" if a == "angle" else " px") for a, r in zip(pset.axes, pset.radii)]
-  return f"{pset.name}({', '.join(parts)})"
-
-
 __all__ = ["PerturbationSet", "lp_ball", "rotation", "translation", "se2", "with_linf", "warp",
-           "make_perturbation", "describe", "PADDINGS", "NAMES"]
+           "make_perturbation", "grid_counts", "PADDINGS", "NAMES"]

@@ -589,10 +589,6 @@ def uniform(*, eps: float, norm: str = "linf",
   return sample
 
 
-def _the_set(perturbation: PerturbationSet | None, norm: str, eps: float) -> PerturbationSet:
-  return perturbations_lib.lp_ball(norm, eps) if perturbation is None else perturbation
-
-
 def worst_of_k(
     *,
     eps: float,
@@ -645,7 +641,7 @@ def metropolis_hastings(
   _check_count("steps", steps, 0)
   _check_positive("proposal_std", proposal_std)
   _check_positive("temperature", temperature)
-  pset = _the_set(perturbation, norm, eps)
+  pset = perturbations_lib.lp_ball(norm, eps) if perturbation is None else perturbation
   log_target = _potential(potential)
 
   def sample(key, logits_fn, x, y):
