@@ -1,0 +1,486 @@
+"""The paper's tables, regenerated end to end: train, evaluate, report.
+
+An *experiment* (``experiments/paper/<name>.py``: a dataset config, the
+algorithms, the number of seeds, the training overrides, the published numbers
+to set beside) runs in three stages, each resumable:
+
+* ``train``: the ``dale-sweep`` grid ``<output_dir>/<dataset>/<Algorithm>/h0_t<seed>``
+  (default hyperparameters, trial seeds ``0 .. seeds - 1``). Finished runs are
+  skipped and interrupted ones resume from their checkpoint.
+* ``evaluate``: every finished run is attacked at its evaluation threat model
+  with PGD-20 on the test images and AutoAttack (standard: APGD-CE, APGD-T,
+  FAB-T, Square) on the first ``aa_examples`` of them; the result goes to
+  ``<run>/paper_eval.json``. A run whose file holds the same settings is
+  skipped; AutoAttack keeps its finished batches in ``<run>/paper_eval_progress``.
+* ``report``: the last epoch of every run (``LastStep``), with the evaluation's
+  accuracies added to its test record, gives a table of mean ± std over seeds;
+  the page sets it beside the published numbers, draws the clean-vs-AutoAttack
+  Pareto front and the primal-dual picture of one run, and says what the
+  numbers show.
+
+This module reads and launches runs; only the evaluate stage imports JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from dale_jax import rundir
+from dale_jax.research import collect
+from dale_jax.research import plots
+from dale_jax.research import sweep
+
+STAGES = ("train", "evaluate", "report")
+EVAL_FILE = "paper_eval.json"
+EVAL_PROGRESS = "paper_eval_progress"
+
+# The accuracies of the table, in its column order, with their column titles.
+# Clean, FGSM and PGD-10 come from the run's own last-epoch test record (advbench's
+# evaluators on every test image); PGD-20 and AutoAttack from the evaluate stage.
+COLUMNS = (("Clean-Accuracy", "Clean"), ("FGSM-Accuracy", "FGSM"),
+           ("PGD-Accuracy", "PGD-10"), ("PGD-20-Accuracy", "PGD-20"),
+           ("AutoAttack-Accuracy", "AutoAttack"))
+PGD20 = "PGD-20-Accuracy"
+AUTOATTACK = "AutoAttack-Accuracy"
+
+# The algorithms that solve the constrained problem (DALE and its advbench variants).
+DALE_FAMILY = ("Gaussian_DALE_PD", "KL_DALE_PD", "DALE", "Gaussian_DALE_PD_Reverse",
+               "MH_DALE_PD", "MH_DALE_PD_Reverse", "Gaussian_DALE", "Laplacian_DALE")
+BASELINES = ("PGD", "TRADES", "MART")
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+  """A table of the paper: accuracies (%) by method and column."""
+
+  caption: str
+  columns: tuple[str, ...]
+  rows: Mapping[str, tuple[float, ...]]
+
+
+# From the submission version of the paper (../shared reference notes: the final version
+# may differ). DALE-L: L Langevin steps.
+PUBLISHED = {
+    "mnist": Published(
+        "The paper, MNIST (60,000 training images, four-layer CNN, batch 128), eps = 0.3",
+        ("Clean", "PGD", "FGSM"),
+        {"PGD": (98.1, 93.1, 95.5), "FGSM": (98.3, 0.65, 98.1), "TRADES": (98.9, 94.0, 96.5),
+         "MART": (98.9, 93.5, 96.1), "DALE-1": (99.1, 83.7, 97.7),
+         "DALE-100": (98.8, 97.1, 99.1)}),
+    "cifar10": Published(
+        "The paper, CIFAR-10 (ResNet-18, SGD with momentum, lr 0.01 x0.1 at epochs 75 and "
+        "90, 100 epochs), eps = 8/255",
+        ("Clean", "PGD"),
+        {"PGD": (85.7, 52.4), "TRADES": (85.6, 54.0), "MART": (83.8, 55.2),
+         "DALE-10": (86.4, 54.9)}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One table to regenerate.
+
+  Attributes:
+    name: the experiment's name (``digits``, ``mnist``, ``cifar10``).
+    config: the dataset config, ``<config_dir>/<config>.py``.
+    algorithms: the table's rows, in order.
+    seeds: trial seeds per algorithm.
+    overrides: ``--config.<field>=<value>`` flags of every training run.
+    aa_examples: AutoAttack on the first N test images (0: all).
+    published: key of :data:`PUBLISHED`.
+    primal_dual: the algorithm whose first seed's run the primal-dual figure shows.
+    setting: one sentence on the data, schedule and model, for the page.
+    caveats: what the numbers cannot show, for the page.
+  """
+
+  name: str
+  config: str
+  algorithms: tuple[str, ...]
+  seeds: int
+  overrides: tuple[str, ...] = ()
+  aa_examples: int = 0
+  published: str = "mnist"
+  primal_dual: str = "Gaussian_DALE_PD"
+  setting: str = ""
+  caveats: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """What the evaluate stage runs; a run is re-evaluated when its file holds others."""
+
+  test_examples: int = 0   # PGD-20 on the first N test images (0: all)
+  aa_examples: int = 0     # AutoAttack on the first N (0: all)
+  batch_size: int = 500
+  apgd_steps: int = 100
+  square_queries: int = 5000
+  seed: int = 0
+
+  @property
+  def standard(self) -> bool:
+    """Whether AutoAttack runs with its standard budgets (100 APGD steps, 5,000 queries)."""
+    return self.apgd_steps == 100 and self.square_queries == 5000
+
+
+def check_experiment(experiment: Experiment, settings: EvalSettings) -> None:
+  """Raises ``ValueError`` naming the first field out of range."""
+  if not experiment.algorithms:
+    raise ValueError("algorithms must name at least one algorithm")
+  for name, value, minimum in (("seeds", experiment.seeds, 1),
+                               ("aa_examples", settings.aa_examples, 0),
+                               ("test_examples", settings.test_examples, 0),
+                               ("batch_size", settings.batch_size, 1),
+                               ("apgd_steps", settings.apgd_steps, 1),
+                               ("square_queries", settings.square_queries, 1)):
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+      raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  if experiment.published not in PUBLISHED:
+    raise ValueError(f"published must be one of {sorted(PUBLISHED)}, "
+                     f"got {experiment.published!r}")
+
+
+def jobs(experiment: Experiment, output_dir: str, *, config_dir: str = sweep.DEFAULT_CONFIG_DIR,
+         overrides: Sequence[str] = ()) -> list[sweep.Job]:
+  """The training runs of ``experiment`` (default hyperparameters, one per seed)."""
+  return sweep.make_jobs(algorithms=experiment.algorithms, datasets=[experiment.config],
+                         n_hparams=1, n_trials=experiment.seeds, output_dir=output_dir,
+                         config_dir=config_dir,
+                         overrides=(*experiment.overrides, *overrides))
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(job_list: Sequence[sweep.Job], *, n_workers: int = 1, device_env: str | None = None,
+          out=None) -> list[sweep.Outcome]:
+  """Launches the jobs that are not done; raises ``RuntimeError`` if any fails."""
+  todo = sweep.select_jobs(job_list)
+  counts = sweep.summarize(job_list)
+  _print(out, f"# train: {len(job_list)} runs, {counts[sweep.DONE]} done, "
+              f"{counts[sweep.INCOMPLETE]} to resume, {counts[sweep.NOT_LAUNCHED]} to start")
+  outcomes = sweep.launch(todo, n_workers=n_workers, device_env=device_env, out=out)
+  failed = [o.job.workdir for o in outcomes if not o.ok]
+  if failed:
+    raise RuntimeError(f"{len(failed)} training run(s) failed; their sweep.log says why: "
+                       + ", ".join(failed))
+  return outcomes
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def read_eval(workdir: str) -> dict | None:
+  """The run's ``paper_eval.json``, or ``None``."""
+  path = rundir.path(workdir, EVAL_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def machine() -> dict:
+  """The machine the evaluation runs on: CPU model, cores, accelerator, versions."""
+  import jax  # pylint: disable=import-outside-toplevel
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return {"cpu": cpu, "cores": os.cpu_count(), "platform": device.platform,
+          "device": device.device_kind, "device_count": jax.device_count(),
+          "jax": jax.__version__, "python": platform.python_version()}
+
+
+def evaluate_run(workdir: str, settings: EvalSettings, *, log: Callable[[str], None] | None = None
+                 ) -> dict:
+  """PGD-20 and AutoAttack (standard) on one finished run; writes and returns its record.
+
+  A run whose ``paper_eval.json`` already holds ``settings`` is not evaluated again.
+  """
+  existing = read_eval(workdir)
+  wanted = dataclasses.asdict(settings)
+  if existing is not None and existing.get("settings") == wanted:
+    return existing
+  from dale_jax import attacks  # pylint: disable=import-outside-toplevel
+  from dale_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+
+  start = time.time()
+  config, logits_fn, dataset = train_lib.load_trained(workdir)
+  x, y = dataset.test
+  if settings.test_examples:
+    x, y = x[:settings.test_examples], y[:settings.test_examples]
+  n_aa = min(settings.aa_examples or len(y), len(y))
+  norm, eps = str(config.eval.norm), float(config.eval.eps)
+  common = dict(norm=norm, eps=eps, batch_size=settings.batch_size, seed=settings.seed)
+  pgd = attacks.evaluate_robustness(logits_fn, x, y, attacks=("clean", "pgd20"), **common)
+  chain = attacks.evaluate_robustness(
+      logits_fn, x[:n_aa], y[:n_aa], attacks=("clean",), version="standard",
+      settings={"apgd-ce": {"steps": settings.apgd_steps},
+                "apgd-t": {"steps": settings.apgd_steps},
+                "square": {"n_queries": settings.square_queries}},
+      progress_dir=rundir.path(workdir, EVAL_PROGRESS), log=log, **common)
+  record = {
+      "settings": wanted, "norm": norm, "eps": eps,
+      "pgd20": {"n_examples": pgd["n_examples"], "clean_accuracy": pgd["clean_accuracy"],
+                "accuracy": pgd["per_attack"]["pgd20"]},
+      "autoattack": {"n_examples": chain["n_examples"],
+                     "clean_accuracy": chain["clean_accuracy"],
+                     "per_attack": chain["per_attack"],
+                     "accuracy": chain["robust_accuracy"],
+                     "warnings": chain["warnings"]},
+      "seconds": time.time() - start,
+      "machine": machine(),
+      "date": datetime.date.today().isoformat(),
+  }
+  rundir.write_json(rundir.path(workdir, EVAL_FILE), record, indent=2)
+  shutil.rmtree(rundir.path(workdir, EVAL_PROGRESS), ignore_errors=True)
+  return record
+
+
+def evaluate(job_list: Sequence[sweep.Job], settings: EvalSettings, *, out=None) -> list[dict]:
+  """:func:`evaluate_run` on every job; raises ``RuntimeError`` if a run is not done."""
+  missing = [j.workdir for j in job_list if not rundir.is_done(j.workdir)]
+  if missing:
+    raise RuntimeError(f"{len(missing)} run(s) are not trained yet (run the train stage): "
+                       + ", ".join(missing))
+  records = []
+  for i, job in enumerate(job_list, 1):
+    before = read_eval(job.workdir)
+    record = evaluate_run(job.workdir, settings,
+                          log=lambda line, name=job.name: _print(out, f"  {name}: {line}"))
+    again = before is not None and before == record
+    _print(out, f"# evaluate [{i}/{len(job_list)}] {job.name}: "
+                f"{'kept' if again else 'done'}: PGD-20 {record['pgd20']['accuracy']:.1f}, "
+                f"AutoAttack {record['autoattack']['accuracy']:.1f} "
+                f"({record['seconds']:.0f} s)")
+    records.append(record)
+  return records
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def with_evaluation(choice: collect.Choice) -> collect.Choice:
+  """``choice`` with PGD-20 and AutoAttack accuracy added to each selected test record."""
+  records = []
+  for run, record in zip(choice.runs, choice.records):
+    evaluation = read_eval(run.workdir)
+    if evaluation is None:
+      raise RuntimeError(f"run {run.workdir} has no {EVAL_FILE}: run the evaluate stage")
+    test = dict(record.get("Test") or {})
+    test[PGD20] = evaluation["pgd20"]["accuracy"]
+    test[AUTOATTACK] = evaluation["autoattack"]["accuracy"]
+    records.append({**record, "Test": test})
+  return dataclasses.replace(choice, records=tuple(records))
+
+
+def load_choices(experiment: Experiment, output_dir: str) -> list[collect.Choice]:
+  """The experiment's runs after ``LastStep`` selection, with their evaluation, in row order."""
+  runs = [r for r in collect.load_runs(output_dir) if r.algorithm in experiment.algorithms]
+  if not runs:
+    raise RuntimeError(f"no finished runs under {output_dir}: run the train stage")
+  choices = {c.algorithm: with_evaluation(c) for c in collect.choose(runs, "LastStep")}
+  return [choices[a] for a in experiment.algorithms if a in choices]
+
+
+def _mean_std(choice: collect.Choice, metric: str) -> tuple[float, float]:
+  values = [collect.metric_value(r, "Test", metric) for r in choice.records]
+  values = [v for v in values if not math.isnan(v)]
+  return collect.mean_std(values) if values else (math.nan, math.nan)
+
+
+def _cell(mean: float, std: float) -> str:
+  return "-" if math.isnan(mean) else f"{mean:.1f} ± {std:.1f}"
+
+
+def results_table(choices: Sequence[collect.Choice]) -> str:
+  """The Markdown table: one row per algorithm, mean ± std over its seeds."""
+  header = ["Algorithm", *(title for _, title in COLUMNS), "seeds", "train (min/run)"]
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+  for c in choices:
+    cells = [_cell(*_mean_std(c, metric)) for metric, _ in COLUMNS]
+    minutes = np.mean([_train_seconds(r) for r in c.runs]) / 60
+    lines.append("| " + " | ".join([c.algorithm, *cells, str(len(c.runs)),
+                                    f"{minutes:.1f}"]) + " |")
+  return "\n".join(lines)
+
+
+def published_table(published: Published) -> str:
+  """The paper's table in Markdown."""
+  lines = ["| Method | " + " | ".join(published.columns) + " |",
+           "|:---|" + "|".join(["---:"] * len(published.columns)) + "|"]
+  for method, values in published.rows.items():
+    lines.append(f"| {method} | " + " | ".join(f"{v:g}" for v in values) + " |")
+  return "\n".join(lines)
+
+
+def _train_seconds(run: collect.Run) -> float:
+  return float(run.records[-1].get("Total-Time", math.nan))
+
+
+def findings(choices: Sequence[collect.Choice]) -> list[str]:
+  """Sentences on what the table shows, computed from it (clean vs AutoAttack accuracy)."""
+  points = {c.algorithm: (_mean_std(c, "Clean-Accuracy"), _mean_std(c, AUTOATTACK))
+            for c in choices}
+  names = list(points)
+  xy = np.array([[points[n][0][0], points[n][1][0]] for n in names])
+  front = [names[i] for i in plots.pareto_front(xy)]
+  lines = [f"On the Pareto front of clean against AutoAttack accuracy (no other method is "
+           f"higher in both): {', '.join(front)}."]
+  for dale in (n for n in names if n in DALE_FAMILY):
+    (c_dale, s_dale), (r_dale, t_dale) = points[dale]
+    for base in (n for n in names if n in BASELINES):
+      (c_base, s_base), (r_base, t_base) = points[base]
+      d_clean, d_robust = c_dale - c_base, r_dale - r_base
+      spread_clean, spread_robust = max(s_dale, s_base), max(t_dale, t_base)
+      lines.append(
+          f"{dale} against {base}: clean {d_clean:+.1f}, AutoAttack {d_robust:+.1f} points "
+          f"(largest seed std {spread_clean:.1f} and {spread_robust:.1f}): "
+          f"{_verdict(d_clean, d_robust, spread_clean, spread_robust)}.")
+  return lines
+
+
+def _verdict(d_clean, d_robust, spread_clean, spread_robust) -> str:
+  clean = "higher" if d_clean > spread_clean else "lower" if d_clean < -spread_clean else "level"
+  robust = ("higher" if d_robust > spread_robust
+            else "lower" if d_robust < -spread_robust else "level")
+  return f"clean {clean}, robust {robust} (beyond the seed spread)"
+
+
+def figures(choices: Sequence[collect.Choice], experiment: Experiment, folder: str
+            ) -> dict[str, str]:
+  """Draws the Pareto plot and one run's primal-dual picture; returns {name: path}."""
+  paths = {"pareto": plots.save(
+      plots.pareto(choices, robust=AUTOATTACK), os.path.join(folder, "pareto.png"))}
+  dual = [c for c in choices if c.algorithm == experiment.primal_dual and plots.has_dual(c)]
+  if dual:
+    one_run = dataclasses.replace(dual[0], runs=dual[0].runs[:1], records=dual[0].records[:1])
+    paths["primal_dual"] = plots.save(plots.primal_dual(one_run),
+                                      os.path.join(folder, "primal_dual.png"))
+  return paths
+
+
+def _duration(seconds: float) -> str:
+  minutes = int(round(seconds / 60))
+  return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def page(experiment: Experiment, choices: Sequence[collect.Choice], settings: EvalSettings, *,
+         command: str, figure_paths: Mapping[str, str], doc_dir: str) -> str:
+  """The Markdown results page."""
+  evaluations = [read_eval(r.workdir) for c in choices for r in c.runs]
+  host = evaluations[0]["machine"]
+  n_pgd = evaluations[0]["pgd20"]["n_examples"]
+  n_aa = evaluations[0]["autoattack"]["n_examples"]
+  norm, eps = evaluations[0]["norm"], evaluations[0]["eps"]
+  train_s = sum(_train_seconds(r) for c in choices for r in c.runs)
+  eval_s = sum(e["seconds"] for e in evaluations)
+  dates = sorted({e["date"] for e in evaluations})
+  published = PUBLISHED[experiment.published]
+  budget = ("standard" if settings.standard else
+            f"reduced: {settings.apgd_steps} APGD steps, {settings.square_queries} Square queries")
+  warnings = sorted({f"{c.algorithm}: {w}" for c in choices for r in c.runs
+                     for w in read_eval(r.workdir)["autoattack"]["warnings"]})
+  se = 100 * math.sqrt(0.25 / max(n_aa, 1))
+
+  lines = [
+      f"# Results: {experiment.name}",
+      "",
+      "Regenerate this page (training, evaluation, table and figures; rerunning continues "
+      "where it stopped):",
+      "",
+      "```bash",
+      command,
+      "```",
+      "",
+      experiment.setting,
+      "",
+      f"Each cell is the mean ± sample std over {experiment.seeds} seeds of the last "
+      f"epoch's model (default hyperparameters, no selection on test data), {norm} "
+      f"eps = {eps:g}, in %. Clean, FGSM and PGD-10 are advbench's evaluators on the "
+      f"{n_pgd} test images (the run's own last-epoch record); PGD-20 on the same images; "
+      f"AutoAttack ({budget}: APGD-CE, APGD-T, FAB-T, Square, each on the points the "
+      f"previous ones left) on the first {n_aa}. Training time is the run's own clock.",
+      "",
+      results_table(choices),
+      "",
+      f"For comparison only: {published.caption}. A different setting (see below), so the "
+      "absolute numbers are not comparable; the ordering of the methods is.",
+      "",
+      published_table(published),
+      "",
+      "## What the numbers show",
+      "",
+      *(f"- {line}" for line in findings(choices)),
+      "",
+      "## What they cannot show",
+      "",
+      *(f"- {line}" for line in experiment.caveats),
+      f"- AutoAttack runs on {n_aa} images: one model's accuracy there has a standard "
+      f"error of up to {se:.1f} points (at 50 %); the seeds' spread is in the table.",
+      "",
+  ]
+  if figure_paths:
+    lines += ["## Figures", ""]
+    if "pareto" in figure_paths:
+      lines += ["Clean against AutoAttack accuracy (mean ± std over seeds) and the Pareto "
+                "front:", "", f"![Pareto]({os.path.relpath(figure_paths['pareto'], doc_dir)})",
+                ""]
+    if "primal_dual" in figure_paths:
+      lines += [f"One {experiment.primal_dual} run (seed 0): test accuracy over training, "
+                "the nominal and robust training losses with the margin rho, and the dual "
+                "variable nu:", "",
+                f"![Primal-dual]({os.path.relpath(figure_paths['primal_dual'], doc_dir)})", ""]
+  lines += [
+      "## Machine and time",
+      "",
+      f"- {host['cpu']}, {host['cores']} cores; {host['platform']} "
+      f"({host['device']}, {host['device_count']} device(s)); JAX {host['jax']}, "
+      f"Python {host['python']}; evaluated on {', '.join(dates)}.",
+      f"- Training: {_duration(train_s)} in all ({len(evaluations)} runs); evaluation: "
+      f"{_duration(eval_s)}; together {_duration(train_s + eval_s)}.",
+  ]
+  if warnings:
+    lines += ["- AutoAttack's sanity checks warned:", *(f"  - {w}" for w in warnings)]
+  else:
+    lines.append("- AutoAttack's sanity checks (gradient masking) raised no warning.")
+  return "\n".join(lines) + "\n"
+
+
+def report(experiment: Experiment, output_dir: str, settings: EvalSettings, *, doc: str,
+           command: str, out=None) -> str:
+  """Writes the page to ``doc`` (figures beside it) and the table's rows as CSV; returns it."""
+  choices = load_choices(experiment, output_dir)
+  doc_dir = os.path.dirname(os.path.abspath(doc))
+  folder = os.path.join(doc_dir, "results", experiment.name)
+  figure_paths = {k: os.path.abspath(v) for k, v in figures(choices, experiment, folder).items()}
+  text = page(experiment, choices, settings, command=command, figure_paths=figure_paths,
+              doc_dir=doc_dir)
+  os.makedirs(doc_dir, exist_ok=True)
+  with open(doc + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(doc + ".tmp", doc)
+  collect.write_csv(collect.summarize(choices, splits=("Test",)),
+                    os.path.join(output_dir, "results.csv"))
+  _print(out, f"# report: wrote {doc} and {len(figure_paths)} figure(s) in {folder}")
+  return text
+
+
+def _print(out, line: str) -> None:
+  print(line, file=out, flush=True)

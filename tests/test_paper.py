@@ -1,0 +1,207 @@
+"""The results-page commands: experiments/paper/*.py end to end, and their checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import require
+
+from dale_jax import data
+from dale_jax import validation
+from dale_jax.cli import paper as paper_cli
+from dale_jax.research import collect
+from dale_jax.research import paper
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+  path = _ROOT / "experiments" / "paper" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"paper_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _tiny_argv(output_dir) -> list[str]:
+  """Two algorithms x two seeds, one epoch on 128 digits, a short AutoAttack on 6."""
+  return [f"--output_dir={output_dir}", "--algorithms=ERM,Gaussian_DALE_PD", "--seeds=2",
+          "--aa_examples=6", "--test_examples=24", "--apgd_steps=3", "--square_queries=8",
+          "--n_workers=2", "--config.num_epochs=1", "--config.data.max_train_examples=128",
+          "--config.eval.max_examples=24", f"--config_dir={_ROOT / 'experiments' / 'configs'}"]
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+  """{algorithm: cells} of the page's first table (the digits table)."""
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("| Algorithm |"))
+  rows = {}
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    rows[cells[0]] = cells[1:]
+  return rows
+
+
+def _expected_cell(values) -> str:
+  values = np.asarray(values, np.float64)
+  return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def test_digits_command_end_to_end_builds_the_table_from_the_records(tmp_path, capsys):
+  require("matplotlib")
+  digits = _load("digits")
+  out, doc = tmp_path / "runs", tmp_path / "docs" / "results.md"
+  argv = _tiny_argv(out)
+  assert paper_cli.main(digits.EXPERIMENT, str(doc), argv) == 0
+  text = doc.read_text()
+
+  # Every cell is the mean and sample std over the two seeds of the run's own records:
+  # the last epoch's test accuracies, then PGD-20 and AutoAttack from paper_eval.json.
+  rows = _table_rows(text)
+  assert list(rows) == ["ERM", "Gaussian_DALE_PD"]
+  for algorithm, cells in rows.items():
+    workdirs = [out / "quickstart" / algorithm / f"h0_t{seed}" for seed in (0, 1)]
+    last = [json.loads((w / "results.jsonl").read_text().splitlines()[-1]) for w in workdirs]
+    evals = [json.loads((w / paper.EVAL_FILE).read_text()) for w in workdirs]
+    assert all(r["Epoch"] == 0 for r in last)
+    expected = [_expected_cell([r["Test"][m] for r in last])
+                for m in ("Clean-Accuracy", "FGSM-Accuracy", "PGD-Accuracy")]
+    expected.append(_expected_cell([e["pgd20"]["accuracy"] for e in evals]))
+    expected.append(_expected_cell([e["autoattack"]["accuracy"] for e in evals]))
+    assert cells[:5] == expected, algorithm
+    assert cells[5] == "2"
+    assert float(cells[6]) == pytest.approx(np.mean([r["Total-Time"] for r in last]) / 60,
+                                            abs=0.051)
+    for e in evals:
+      assert e["pgd20"]["n_examples"] == 24 and e["autoattack"]["n_examples"] == 6
+      assert e["settings"]["apgd_steps"] == 3 and e["norm"] == "linf" and e["eps"] == 0.3
+      # AutoAttack's chain never reports more than its clean accuracy, nor PGD-20 more
+      # than the clean accuracy of the same images.
+      assert e["autoattack"]["accuracy"] <= e["autoattack"]["clean_accuracy"]
+      assert e["pgd20"]["accuracy"] <= e["pgd20"]["clean_accuracy"]
+
+  # The published table beside it, the reduced AutoAttack named as such, the figures.
+  assert "| DALE-100 | 98.8 | 97.1 | 99.1 |" in text
+  assert "reduced: 3 APGD steps, 8 Square queries" in text
+  assert text.count("Gaussian_DALE_PD against") == 0  # no PGD/TRADES/MART row to compare
+  assert "On the Pareto front" in text
+  for name in ("pareto", "primal_dual"):
+    figure = tmp_path / "docs" / "results" / "digits" / f"{name}.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"](results/digits/{name}.png)" in text
+  assert "python experiments/paper/digits.py --output_dir=" in text
+  csv_rows = collect.read_csv(str(out / "results.csv"))
+  aa = {r.algorithm: r for r in csv_rows if r.metric == paper.AUTOATTACK}
+  assert f"{aa['ERM'].mean:.1f} ± {aa['ERM'].std:.1f}" == rows["ERM"][4]
+
+  # Rerun = continue: nothing is trained or attacked again, the page is the same.
+  stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.name in ("results.jsonl", paper.EVAL_FILE)}
+  assert len(stamps) == 8
+  capsys.readouterr()
+  assert paper_cli.main(digits.EXPERIMENT, str(doc), argv) == 0
+  assert "0 to start" in capsys.readouterr().out
+  assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+  assert doc.read_text() == text
+
+  # A run whose evaluation is missing (or was made with other settings) is attacked
+  # again, and only that one.
+  lost = out / "quickstart" / "ERM" / "h0_t1" / paper.EVAL_FILE
+  kept = {p: s for p, s in stamps.items() if p != lost}
+  lost.unlink()
+  assert paper_cli.main(digits.EXPERIMENT, str(doc),
+                        [*argv, "--stages=evaluate,report"]) == 0
+  assert lost.is_file()
+  assert {p: p.stat().st_mtime_ns for p in kept} == kept
+  assert _table_rows(doc.read_text()) == rows
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--seeds=0", "seeds must be an integer >= 1, got 0"),
+    ("--aa_examples=-1", "aa_examples must be an integer >= 0, got -1"),
+    ("--stages=train,plot", "--stages must name some of train, evaluate, report, got 'plot'"),
+    ("--algorithms=ERM,Nope", "Nope"),
+    ("--config.optimizer.learning_rate=-1", "config.optimizer.learning_rate must be"),
+    ("--seed=3", "passthrough overrides must read --config.<field>=<value>"),
+])
+def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys, flag, message):
+  digits = _load("digits")
+  out = tmp_path / "runs"
+  with pytest.raises((SystemExit, validation.BadInput)) as info:
+    paper_cli.main(digits.EXPERIMENT, str(tmp_path / "r.md"), [f"--output_dir={out}", flag])
+  if info.type is SystemExit:
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+  else:
+    assert message in str(info.value)
+  assert not out.exists() and not (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize("name,tfds_name", [("mnist", "mnist"), ("cifar10", "cifar10")])
+def test_full_dataset_commands_say_how_to_prepare_the_data(tmp_path, name, tfds_name):
+  experiment = _load(name).EXPERIMENT
+  assert experiment.config == name and experiment.published == name
+  with pytest.raises(data.DatasetNotPreparedError) as info:
+    paper_cli.main(experiment, str(tmp_path / "r.md"),
+                   [f"--output_dir={tmp_path / 'runs'}",
+                    f"--config.data.data_dir={tmp_path}"])
+  assert (f"tfds build {tfds_name} --data_dir={tmp_path} --file_format=array_record"
+          in str(info.value))
+  assert not (tmp_path / "runs").exists()
+
+
+def test_full_dataset_commands_carry_the_papers_settings():
+  cifar = _load("cifar10").EXPERIMENT
+  jobs = paper.jobs(cifar, "/tmp/unused",
+                    config_dir=str(_ROOT / "experiments" / "configs"))
+  from dale_jax.research import sweep  # pylint: disable=import-outside-toplevel
+  config = sweep.job_config(jobs[0])
+  assert config.num_epochs == 100 and tuple(config.schedule.boundaries) == (75, 90)
+  assert config.optimizer.learning_rate == 0.01 and config.model.name == "resnet18"
+  assert config.eval.eps == pytest.approx(8 / 255)
+  mnist = sweep.job_config(paper.jobs(_load("mnist").EXPERIMENT, "/tmp/unused",
+                                      config_dir=str(_ROOT / "experiments" / "configs"))[0])
+  assert mnist.batch_size == 128 and mnist.eval.eps == 0.3 and mnist.num_epochs == 50
+  assert len(jobs) == len(cifar.algorithms) * cifar.seeds
+
+
+def test_check_prepared_opens_the_splits_without_reading_them(tmp_path):
+  data.check_prepared("mnist_digits")
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    data.check_prepared("cifar10", data_dir=str(tmp_path))
+  with pytest.raises(data.DatasetNotPreparedError, match="tfds build svhn_cropped"):
+    data.check_prepared("svhn", data_dir=str(tmp_path))
+
+
+def _choice(algorithm, clean, robust):
+  records = tuple({"Test": {"Clean-Accuracy": c, paper.AUTOATTACK: r}}
+                  for c, r in zip(clean, robust))
+  return collect.Choice("d", algorithm, "LastStep", None, 0, (), records, float("nan"))
+
+
+def test_findings_follow_the_table():
+  choices = [_choice("PGD", (90.0, 91.0), (60.0, 61.0)),
+             _choice("TRADES", (95.0, 95.0), (50.0, 52.0)),
+             _choice("Gaussian_DALE_PD", (94.0, 96.0), (62.0, 64.0)),
+             _choice("ERM", (99.0, 99.0), (0.0, 0.0))]
+  lines = paper.findings(choices)
+  # PGD (90.5, 60.5) is dominated by Gaussian_DALE_PD (95, 63); TRADES (95, 51) by it too.
+  assert lines[0] == ("On the Pareto front of clean against AutoAttack accuracy (no other "
+                      "method is higher in both): Gaussian_DALE_PD, ERM.")
+  std = np.std([94.0, 96.0], ddof=1)
+  assert lines[1] == (f"Gaussian_DALE_PD against PGD: clean +4.5, AutoAttack +2.5 points "
+                      f"(largest seed std {std:.1f} and {std:.1f}): clean higher, robust "
+                      "higher (beyond the seed spread).")
+  assert re.search(r"against TRADES: clean \+0\.0, AutoAttack \+12\.0 .*clean level, "
+                   r"robust higher", lines[2])
+  assert len(lines) == 3
