@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from conftest import require
+from _square_reference import eta_l2
 
 from dale_jax import attacks
 from dale_jax.attacks import autopgd
@@ -122,24 +123,6 @@ def _expected_step_sizes(losses, eps, n_iter, rho=0.75):
     step[halve] /= 2
     halved_last, best_last, w_prev = halve, best, w
   return step
-
-
-def _eta_np(s):
-  """The reference ``eta(s)`` of the L2 Square attack, written with loops (float64)."""
-  def rect(a, b):
-    d = np.zeros((a, b))
-    xc, yc = a // 2 + 1, b // 2 + 1
-    r0, c0 = xc - 1, yc - 1
-    for n in range(max(xc, yc)):
-      d[max(r0, 0):min(r0 + 2 * n + 1, a), max(c0, 0):min(c0 + 2 * n + 1, b)] += 1.0 / (n + 1)**2
-      r0 -= 1
-      c0 -= 1
-    return d / np.sqrt((d**2).sum())
-
-  e = np.zeros((s, s))
-  e[:s // 2] = rect(s // 2, s)
-  e[s // 2:] = -rect(s - s // 2, s)
-  return e / np.sqrt((e**2).sum())
 
 
 # ----------------------------------------------------------------------------- losses, schedule
@@ -268,9 +251,9 @@ def test_square_l2_pattern_matches_reference():
     placed = square_attack._placed_eta(  # pylint: disable=protected-access
         jnp.array([2, 0]), jnp.array([1, 3]), s, jnp.array([False, True]), 28, 28)
     placed = np.asarray(placed)[..., 0]
-    np.testing.assert_allclose(placed[0, 2:2 + s, 1:1 + s], _eta_np(s), atol=1e-6)
-    np.testing.assert_allclose(placed[1, 0:s, 3:3 + s], _eta_np(s).T, atol=1e-6)
-    assert np.count_nonzero(placed[0]) == np.count_nonzero(_eta_np(s))
+    np.testing.assert_allclose(placed[0, 2:2 + s, 1:1 + s], eta_l2(s), atol=1e-6)
+    np.testing.assert_allclose(placed[1, 0:s, 3:3 + s], eta_l2(s).T, atol=1e-6)
+    assert np.count_nonzero(placed[0]) == np.count_nonzero(eta_l2(s))
 
 
 def test_square_schedule():

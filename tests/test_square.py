@@ -16,6 +16,7 @@ import pytest
 
 from conftest import mlp_logits_fn
 from conftest import mlp_params
+from _square_reference import eta_l2
 
 from dale_jax import attacks
 from dale_jax import threat
@@ -75,23 +76,6 @@ def _proposal_l1_np(x, x_best, eps, s, vh, vw, vh2, vw2, transpose, signs):
   return delta[0]
 
 
-def _eta_l2_np(s):
-  """The reference ``eta(s)`` of the L2 Square attack, written with loops (float64)."""
-  def rect(a, b):
-    d = np.zeros((a, b))
-    r0, c0 = a // 2, b // 2
-    for n in range(max(a // 2 + 1, b // 2 + 1)):
-      d[max(r0, 0):min(r0 + 2 * n + 1, a), max(c0, 0):min(c0 + 2 * n + 1, b)] += 1.0 / (n + 1)**2
-      r0 -= 1
-      c0 -= 1
-    return d / np.sqrt((d**2).sum())
-
-  e = np.zeros((s, s))
-  e[:s // 2] = rect(s // 2, s)
-  e[s // 2:] = -rect(s - s // 2, s)
-  return e / np.sqrt((e**2).sum())
-
-
 def _proposal_l2_np(x, x_best, eps, s, vh, vw, vh2, vw2, transpose, signs):
   """The reference's L2 proposal for one example, NCHW (float64): the ``'L2'`` loop body.
 
@@ -109,7 +93,7 @@ def _proposal_l2_np(x, x_best, eps, s, vh, vw, vh2, vw2, transpose, signs):
   norms_image = np.sqrt((delta**2).reshape(1, -1).sum(-1)).reshape(1, 1, 1, 1)
   norms_windows = np.sqrt(((delta * np.maximum(mask_1, mask_2))**2).sum(axis=(-2, -1),
                                                                          keepdims=True))
-  eta = _eta_l2_np(s).T if transpose else _eta_l2_np(s)
+  eta = eta_l2(s).T if transpose else eta_l2(s)
   new = np.ones((1, c, s, s)) * (eta[None, None] * signs.reshape(1, c, 1, 1))
   new += delta[:, :, vh:vh + s, vw:vw + s] / (1e-12 + norms_window_1)
   new = new / (1e-12 + np.sqrt((new**2).sum(axis=(-2, -1), keepdims=True))) * np.sqrt(
