@@ -8,8 +8,11 @@
   formats Markdown / LaTeX tables and a CSV file.
 * :mod:`dale_jax.research.plots` draws accuracy curves, the primal-dual picture,
   the clean-vs-robust Pareto front and the Augmented quantile / CVaR plots.
+* :mod:`dale_jax.research.paper` regenerates a results page: a sweep, PGD-20 and
+  AutoAttack on every run, the table beside the paper's and its figures.
 
-None of these modules imports JAX: they only launch and read runs.
+These modules launch and read runs; only the paper's evaluate stage imports JAX
+(when it runs).
 """
 
 from dale_jax.research import collect

@@ -21,6 +21,7 @@ from dale_jax.research import collect
 
 CURVE_METRICS = ("Clean-Accuracy", "PGD-Accuracy", "FGSM-Accuracy")
 _LABELS = {"Clean-Accuracy": "Clean", "PGD-Accuracy": "PGD", "FGSM-Accuracy": "FGSM",
+           "PGD-20-Accuracy": "PGD-20", "AutoAttack-Accuracy": "AutoAttack",
            "clean loss": r"Nominal $\ell_{nom}$", "robust loss": r"Robust $\ell_{ro}$"}
 
 
