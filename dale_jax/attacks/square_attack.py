@@ -268,18 +268,31 @@ def _draw_two_windows(keys, x, s):
   return _common.per_example(draw, keys)
 
 
-def _proposal_l2(keys, x, x_best, eps, s):
-  _, height, width, channels = x.shape
+def _move_into_window_1(keys, x, x_best, s, norm_fn, norm):
+  """The common start of the L2 and L1 proposals: two windows and window 1's new content.
+
+  Returns ``(delta, window_1, window_2, new, norm_image, norms_windows)``: the
+  current perturbation, the two windows' masks, ``eta(s) * sign + delta_W1 /
+  ||delta_W1||`` (still to be rescaled), ``||delta||`` over the whole image and
+  ``||delta_{W1 u W2}||`` per channel, every norm ``norm_fn``'s.
+  """
+  _, height, width, _ = x.shape
   vh, vw, vh2, vw2, transpose, signs = _draw_two_windows(keys, x, s)
   delta = x_best - x
   window_1 = _window(vh, vw, s, height, width)
   window_2 = _window(vh2, vw2, s, height, width)
-  norms_window_1 = _l2_norm(jnp.where(window_1, delta, 0.0), axis=(1, 2))
-  norms_image = _l2_norm(delta)
-  norms_windows = _l2_norm(jnp.where(window_1 | window_2, delta, 0.0), axis=(1, 2))  # per channel
-  new = (_placed_eta(vh, vw, s, transpose, height, width) * signs
-         + jnp.where(window_1, delta, 0.0) / (_TINY + norms_window_1))
-  budget = jnp.maximum(eps**2 - norms_image**2, 0.0) / channels + norms_windows**2
+  in_window_1 = jnp.where(window_1, delta, 0.0)
+  new = (_placed_eta(vh, vw, s, transpose, height, width, norm) * signs
+         + in_window_1 / (_TINY + norm_fn(in_window_1, axis=(1, 2))))
+  norms_windows = norm_fn(jnp.where(window_1 | window_2, delta, 0.0), axis=(1, 2))
+  return delta, window_1, window_2, new, norm_fn(delta), norms_windows
+
+
+def _proposal_l2(keys, x, x_best, eps, s):
+  channels = x.shape[-1]
+  delta, window_1, window_2, new, norm_image, norms_windows = _move_into_window_1(
+      keys, x, x_best, s, _l2_norm, "l2")
+  budget = jnp.maximum(eps**2 - norm_image**2, 0.0) / channels + norms_windows**2
   new = new / (_TINY + _l2_norm(new, axis=(1, 2))) * jnp.sqrt(budget)
   delta = jnp.where(window_1, new, jnp.where(window_2, 0.0, delta))
   return jnp.clip(x + _l2_normalize(delta) * eps, 0.0, 1.0)
@@ -295,17 +308,10 @@ def _proposal_l1(keys, x, x_best, eps, s):
   leaves the cut to the projection). Window 2 outside window 1 is zeroed, and
   the result projected onto the L1 ball and the box.
   """
-  _, height, width, channels = x.shape
-  vh, vw, vh2, vw2, transpose, signs = _draw_two_windows(keys, x, s)
-  delta = x_best - x
-  window_1 = _window(vh, vw, s, height, width)
-  window_2 = _window(vh2, vw2, s, height, width)
-  norms_window_1 = _l1_norm(jnp.where(window_1, delta, 0.0), axis=(1, 2))
-  norms_image = _l1_norm(delta)
-  norms_windows = _l1_norm(jnp.where(window_1 | window_2, delta, 0.0), axis=(1, 2))
-  new = (_placed_eta(vh, vw, s, transpose, height, width, "l1") * signs
-         + jnp.where(window_1, delta, 0.0) / (_TINY + norms_window_1))
-  budget = (jnp.maximum(eps - norms_image, 0.0) / channels + norms_windows) * channels
+  channels = x.shape[-1]
+  delta, window_1, window_2, new, norm_image, norms_windows = _move_into_window_1(
+      keys, x, x_best, s, _l1_norm, "l1")
+  budget = (jnp.maximum(eps - norm_image, 0.0) / channels + norms_windows) * channels
   new = new / (_TINY + _l1_norm(new, axis=(1, 2))) * budget
   delta = jnp.where(window_1, new, jnp.where(window_2, 0.0, delta))
   return _project_l1(x, delta, eps)
