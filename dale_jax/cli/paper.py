@@ -128,8 +128,11 @@ def main(experiment: paper.Experiment, doc: str, argv: Sequence[str] | None = No
       host_memory.keep_freed_memory()
       paper.evaluate(job_list, settings)
     if "report" in stages:
+      # The page is the work of every stage: its command is the one that runs them all.
+      flags = [a for a in (argv if argv is not None else sys.argv[1:])
+               if not a.startswith("--stages")]
       command = " ".join([f"python experiments/paper/{experiment.name}.py",
-                          shlex.join(argv if argv is not None else sys.argv[1:])]).strip()
+                          shlex.join(flags)]).strip()
       paper.report(experiment, args.output_dir, settings, doc=args.doc, command=command)
   except RuntimeError as e:
     print(f"{parser.prog}: {e}", file=sys.stderr)

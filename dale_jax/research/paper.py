@@ -453,7 +453,8 @@ def page(experiment: Experiment, choices: Sequence[collect.Choice], settings: Ev
       f"- {host['cpu']}, {host['cores']} cores; {host['platform']} "
       f"({host['device']}, {host['device_count']} device(s)); JAX {host['jax']}, "
       f"Python {host['python']}; evaluated on {', '.join(dates)}.",
-      f"- Training: {_duration(train_s)} in all ({len(evaluations)} runs); evaluation: "
+      f"- Training: {_duration(train_s)} in all ({len(evaluations)} runs, each on its own "
+      f"clock from its start, without the process's start-up); evaluation: "
       f"{_duration(eval_s)}; together {_duration(train_s + eval_s)}.",
   ]
   if warnings:

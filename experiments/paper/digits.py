@@ -44,6 +44,8 @@ EXPERIMENT = paper.Experiment(
         "The paper's DALE-1 and DALE-100 rows: every DALE variant here takes advbench's "
         "7 sampler steps (Gaussian_DALE_PD: signed Langevin steps; KL_DALE_PD: the KL "
         "ascent of TRADES; DALE: the paper's Langevin update with temperature 0.01).",
+        "The paper's setting itself: `python experiments/paper/mnist.py` (and "
+        "`cifar10.py`) trains it on the full datasets, on a GPU or TPU.",
     ),
 )
 
