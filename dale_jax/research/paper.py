@@ -342,7 +342,9 @@ def findings(choices: Sequence[collect.Choice]) -> list[str]:
   xy = np.array([[points[n][0][0], points[n][1][0]] for n in names])
   front = [names[i] for i in plots.pareto_front(xy)]
   lines = [f"On the Pareto front of clean against AutoAttack accuracy (no other method is "
-           f"higher in both): {', '.join(front)}."]
+           f"higher in both): {', '.join(front)}.",
+           "Each DALE variant against each baseline below: higher or lower where the "
+           "difference exceeds the larger of the two methods' seed std, level otherwise."]
   for dale in (n for n in names if n in DALE_FAMILY):
     (c_dale, s_dale), (r_dale, t_dale) = points[dale]
     for base in (n for n in names if n in BASELINES):
@@ -351,7 +353,7 @@ def findings(choices: Sequence[collect.Choice]) -> list[str]:
       spread_clean, spread_robust = max(s_dale, s_base), max(t_dale, t_base)
       lines.append(
           f"{dale} against {base}: clean {d_clean:+.1f}, AutoAttack {d_robust:+.1f} points "
-          f"(largest seed std {spread_clean:.1f} and {spread_robust:.1f}): "
+          f"(larger seed std {spread_clean:.1f} and {spread_robust:.1f}): "
           f"{_verdict(d_clean, d_robust, spread_clean, spread_robust)}.")
   return lines
 
@@ -360,7 +362,7 @@ def _verdict(d_clean, d_robust, spread_clean, spread_robust) -> str:
   clean = "higher" if d_clean > spread_clean else "lower" if d_clean < -spread_clean else "level"
   robust = ("higher" if d_robust > spread_robust
             else "lower" if d_robust < -spread_robust else "level")
-  return f"clean {clean}, robust {robust} (beyond the seed spread)"
+  return f"clean {clean}, robust {robust}"
 
 
 def figures(choices: Sequence[collect.Choice], experiment: Experiment, folder: str
@@ -420,8 +422,8 @@ def page(experiment: Experiment, choices: Sequence[collect.Choice], settings: Ev
       "",
       results_table(choices),
       "",
-      f"For comparison only: {published.caption}. A different setting (see below), so the "
-      "absolute numbers are not comparable; the ordering of the methods is.",
+      f"For comparison only: {published.caption}. A different setting (see below): the "
+      "numbers are not comparable.",
       "",
       published_table(published),
       "",
