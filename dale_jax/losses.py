@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dale_jax import potentials
 
@@ -38,9 +39,14 @@ def trades(clean_logits: Array, adv_logits: Array, labels: Array, beta: float, *
 
 
 def logit_pairing(clean_logits: Array, adv_logits: Array) -> Array:
-  """``mean_i ||f(x'_i) - f(x_i)||_2`` (ALP and CLP's pairing term)."""
+  """``mean_i ||f(x'_i) - f(x_i)||_2`` (ALP and CLP's pairing term).
+
+  The norm's gradient is taken as 0 where the two rows are equal (``optax.safe_norm``,
+  the subgradient ``torch.norm`` returns): ``sqrt`` of a sum of squares has a NaN
+  gradient there, and one such row would poison the whole update.
+  """
   diff = adv_logits.astype(jnp.float32) - clean_logits.astype(jnp.float32)
-  return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1)))
+  return jnp.mean(optax.safe_norm(diff, 0.0, axis=-1))
 
 
 def mart(clean_logits: Array, adv_logits: Array, labels: Array, beta: float) -> Array:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dale_jax import validation
 
@@ -40,7 +41,9 @@ def _per_example_norm(v: jax.Array, norm: str, keepdims: bool = True) -> jax.Arr
     return jnp.max(jnp.abs(v), axis=axes, keepdims=keepdims)
   if norm == "l1":
     return jnp.sum(jnp.abs(v), axis=axes, keepdims=keepdims)
-  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=keepdims))
+  # optax.safe_norm: gradient 0 (not NaN) at v_i = 0, e.g. a perturbation not yet moved.
+  norms = optax.safe_norm(v.reshape(v.shape[0], -1), 0.0, axis=-1)
+  return norms.reshape((-1,) + (1,) * (v.ndim - 1)) if keepdims else norms
 
 
 def per_example_norm(v: jax.Array, norm: str) -> jax.Array:

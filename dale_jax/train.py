@@ -345,8 +345,12 @@ class _Meters:
         self.sums[k] = self.sums.get(k, 0.0) + float(v)
     self.sums["_count"] = self.sums.get("_count", 0.0) + len(self._pending)
     self._pending = []
-    if not all(math.isfinite(v) for v in self.sums.values()):
-      raise FloatingPointError(f"non-finite training meters by {where}: {self.sums}")
+    bad = sorted(k for k, v in self.sums.items() if not math.isfinite(v))
+    if bad:
+      means = self.means()
+      raise FloatingPointError(
+          f"non-finite training meters by {where}: "
+          + ", ".join(f"{k!r} = {means[k]}" for k in bad))
 
   def means(self) -> dict[str, float]:
     count = self.sums.get("_count", 1.0)
@@ -484,8 +488,10 @@ class _Run:
     try:
       check()
     except FloatingPointError as e:
-      raise FloatingPointError(f"{e}. Stopping; the last good checkpoint in "
-                               f"{self.workdir}/checkpoints is kept.") from None
+      step = self.manager.latest_step()
+      kept = (f"the last good checkpoint (step {step}) in {self.workdir}/checkpoints is kept"
+              if step is not None else f"no checkpoint had been saved in {self.workdir}")
+      raise FloatingPointError(f"{e}. Stopping; {kept}.") from None
 
   def save(self, state: TrainState, meters: _Meters, run_start: float,
            where: str | None = None) -> None:

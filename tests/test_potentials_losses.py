@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import require
 from dale_jax import losses
 from dale_jax import potentials
 
@@ -143,6 +144,41 @@ def test_logit_pairing_matches_numpy():
   want = np.mean(np.linalg.norm(adv.astype(np.float64) - clean, axis=-1))
   np.testing.assert_allclose(losses.logit_pairing(clean, adv), want, rtol=1e-5)
   np.testing.assert_allclose(losses.logit_pairing(clean, clean), 0.0, atol=0)
+
+
+def _np_pairing_grad(clean, adv):
+  """float64 gradient of ``mean_i ||adv_i - clean_i||`` w.r.t. ``adv``: ``d_i / (B ||d_i||)``,
+  and 0 (torch.norm's subgradient) for a row with ``d_i = 0``."""
+  d = np.asarray(adv, np.float64) - np.asarray(clean, np.float64)
+  n = np.linalg.norm(d, axis=-1, keepdims=True)
+  return np.where(n > 0, d / np.where(n > 0, n, 1.0), 0.0) / len(d)
+
+
+def test_logit_pairing_gradient_is_zero_where_the_logits_agree_and_exact_near_it():
+  clean = _logits(0)
+  adv = _logits(1)
+  adv[0] = clean[0]                      # equal rows: the subgradient 0
+  adv[1] = clean[1] + 1e-6 * (np.arange(C) - 4.5)  # a difference near zero
+  grad = np.asarray(jax.grad(losses.logit_pairing, argnums=1)(clean, adv))
+  assert np.isfinite(grad).all()
+  np.testing.assert_allclose(grad[0], 0.0, atol=0)
+  np.testing.assert_allclose(grad, _np_pairing_grad(clean, adv), rtol=2e-3, atol=1e-7)
+  # One equal row no longer poisons the gradient of every other row.
+  np.testing.assert_allclose(grad[2:], _np_pairing_grad(clean, adv)[2:], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.torch
+def test_logit_pairing_value_and_gradient_equal_torch_norm_autograd():
+  torch = require("torch")
+  clean = _logits(0)
+  adv = _logits(1)
+  adv[[0, 3]] = clean[[0, 3]]
+  t_adv = torch.tensor(adv, requires_grad=True)
+  value = torch.norm(t_adv - torch.tensor(clean), dim=1).mean()
+  value.backward()
+  np.testing.assert_allclose(losses.logit_pairing(clean, adv), value.item(), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(losses.logit_pairing, argnums=1)(clean, adv),
+                             t_adv.grad.numpy(), rtol=1e-5, atol=1e-8)
 
 
 def _np_mart(logits, logits_adv, y, beta):

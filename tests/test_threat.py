@@ -162,6 +162,18 @@ def test_per_example_norm_matches_numpy(norm):
                              _np_norm(v.astype(np.float64), norm), rtol=1e-6)
 
 
+def test_l2_norm_gradient_is_zero_at_zero_and_exact_elsewhere():
+  _, v = _points()
+  v = v.copy()
+  v[1] = 0.0  # a perturbation that has not moved: sqrt's gradient would be NaN here
+  grad = np.asarray(jax.grad(lambda z: jnp.sum(threat.per_example_norm(z, "l2")))(jnp.asarray(v)))
+  assert np.isfinite(grad).all()
+  np.testing.assert_allclose(grad[1], 0.0, atol=0)
+  v64 = np.delete(v, 1, axis=0).astype(np.float64)
+  norms = _np_norm(v64, "l2").reshape((-1,) + (1,) * (v.ndim - 1))
+  np.testing.assert_allclose(np.delete(grad, 1, axis=0), v64 / norms, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 0.5)])
 def test_uniform_draws_fill_the_ball(norm, eps):
   # Centre 0.5 with small eps would never clip; here eps is large enough to clip at the

@@ -5,6 +5,7 @@ Two processes against one: tests/test_layouts.py (the records of a two-process r
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,6 +199,27 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   restored, sums = train._restore(train._checkpoint_manager(str(tmp_path)), state)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
   assert all(np.isfinite(v) for v in sums["sums"].values())
+
+
+@pytest.mark.slow
+def test_dale_train_reports_a_diverged_run_in_one_line_with_exit_status_1(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "DALE_JAX_TRACEBACK"}
+  cmd = [sys.executable, "-m", "dale_jax.cli.train", f"--config={QUICKSTART}:ALP",
+         f"--workdir={tmp_path}", "--config.optimizer.learning_rate=1e12",
+         "--config.optimizer.momentum=0.0", "--config.batch_size=32",
+         "--config.data.max_train_examples=320", "--config.checkpoint_every_steps=1",
+         "--config.log_every_steps=1", "--config.sampler.steps=1", "--config.num_epochs=1"]
+  proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 1, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("dale-train: error:")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  line = errors[0]
+  assert re.search(r"non-finite training meters by step \d+ of epoch 0: '[^']+' = -?(nan|inf)", line), line
+  assert re.search(r"the last good checkpoint \(step \d+\) in .*checkpoints is kept", line), line
+  traced = subprocess.run(cmd, env=dict(env, PYTHONPATH=ROOT, DALE_JAX_TRACEBACK="1"),
+                          capture_output=True, text=True, timeout=600)
+  assert traced.returncode == 1 and "Traceback" in traced.stderr
 
 
 @pytest.mark.slow

@@ -6,6 +6,10 @@ workdir without a checkpoint is the user's to fix, not a bug: the scripts print
 status absl and argparse use for usage errors. ``DALE_JAX_TRACEBACK=1`` (or absl's
 ``--verbosity=1``) prints the traceback too. Anything else is a bug and keeps its
 traceback.
+
+A training run that diverges (non-finite meters or weights) is not bad input but
+not a bug either: it ends in one line naming the step, the non-finite values and
+the checkpoint kept, with exit status 1 (:data:`DIVERGED_EXIT`).
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ from dale_jax import configs
 from dale_jax import validation
 
 USAGE_EXIT = 2
+DIVERGED_EXIT = 1
 
 
-def fail(prog: str, message: object, *, show_traceback: bool = False) -> NoReturn:
-  """Prints ``prog: error: message`` to stderr and exits with status 2."""
+def fail(prog: str, message: object, *, show_traceback: bool = False,
+         status: int = USAGE_EXIT) -> NoReturn:
+  """Prints ``prog: error: message`` to stderr and exits with ``status`` (2: usage)."""
   if show_traceback or os.environ.get("DALE_JAX_TRACEBACK", "") not in ("", "0"):
     traceback.print_exc()
   text = str(message).strip() or type(message).__name__
   print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
-  sys.exit(USAGE_EXIT)
+  sys.exit(status)
 
 
 def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
@@ -51,6 +57,8 @@ def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
       return main(argv)
     except (validation.BadInput, app.UsageError) as e:
       fail(prog, e, show_traceback=logging.get_verbosity() >= 1)
+    except FloatingPointError as e:  # a diverged run (see the module docstring)
+      fail(prog, e, show_traceback=logging.get_verbosity() >= 1, status=DIVERGED_EXIT)
 
   app.run(guarded, flags_parser=parse)
 
