@@ -93,12 +93,19 @@ def _trades(beta: float, ce_on: str = "clean"):
   return loss
 
 
-def _logit_pairing(ce_on: str, weight: float = 1.0):
+def _logit_pairing(ce_on: str, weight: float = 1.0, pair_on: str = "logits"):
+  """CE plus ``weight`` times the pairing norm of the network's outputs: its logits, or
+  (``pair_on="log_softmax"``) its log-probabilities, which is what advbench pairs on
+  MNIST, where its network returns ``log_softmax``."""
   validation.nonnegative("loss.weight", weight)
+  validation.one_of("loss.pair_on", pair_on, ("logits", "log_softmax"))
+  outputs = (lambda z: z) if pair_on == "logits" else (
+      lambda z: jax.nn.log_softmax(z.astype(jnp.float32)))
+
   def loss(clean, adv, y, nu):
     adv = _single(adv)
     ce = losses.cross_entropy(adv if ce_on == "adv" else clean, y)
-    pairing = losses.logit_pairing(clean, adv)
+    pairing = losses.logit_pairing(outputs(clean), outputs(adv))
     total = ce + weight * pairing
     name = "robust loss" if ce_on == "adv" else "clean loss"
     return total, {"Loss": total, name: ce, "logit loss": pairing}, None
@@ -126,10 +133,15 @@ def _term(t: float):
   return loss
 
 
-def _cvar(beta: float, t_step_size: float, n_steps: int, method: str, primal_dual: bool = False):
+def _cvar(beta: float, t_step_size: float, n_steps: int, method: str, primal_dual: bool = False,
+          constraint: str = "draws"):
+  """CVaR_beta of the CE over the ``M`` draws; primal-dual, ``+ nu * constraint`` with the
+  constraint the mean CE over the draws (advbench's ``plain_loss / M``) or, with
+  ``constraint="clean"``, the clean CE."""
   validation.real("loss.beta", beta, minimum=0, maximum=1, open_min=True)  # divides the tail
   validation.nonnegative("loss.t_step_size", t_step_size)
   validation.integer("loss.n_steps", n_steps, minimum=0)
+  validation.one_of("loss.constraint", constraint, ("draws", "clean"))
 
   def loss(clean, adv, y, nu):
     per_draw = jax.vmap(potentials.cross_entropy, (0, None))(adv, y)
@@ -138,9 +150,10 @@ def _cvar(beta: float, t_step_size: float, n_steps: int, method: str, primal_dua
     meters = {"Loss": cvar, "CVaR loss": cvar}
     if not primal_dual:
       return cvar, meters, None
-    ce = losses.cross_entropy(clean, y)
+    ce = jnp.mean(per_draw) if constraint == "draws" else losses.cross_entropy(clean, y)
     total = cvar + jax.lax.stop_gradient(nu) * ce
-    meters.update({"Loss": total, "clean loss": ce, "dual variable": nu})
+    name = "plain loss" if constraint == "draws" else "clean loss"
+    meters.update({"Loss": total, name: ce, "dual variable": nu})
     return total, meters, ce
 
   return loss
@@ -183,7 +196,7 @@ class _Spec(NamedTuple):
   hyperparameters, ``draws`` the perturbations drawn per example.
   """
   loss: Callable[..., LossFn]
-  needs_clean: bool
+  needs_clean: bool | Callable[[Mapping[str, Any]], bool]  # or of the loss section
   sampler: str | None = None
   dual: Mapping[str, Any] | None = None
   loss_defaults: Mapping[str, Any] = MappingProxyType({})
@@ -198,12 +211,14 @@ class _Spec(NamedTuple):
     return self.dual is not None
 
 
-# advbench's dual ascent: nu from 1.0, one step per training step.
+# advbench's dual ascent (PrimalDualBase and g_dale_pd_*, arobey1/advbench bd2071d): nu
+# from 1.0, margin 0.1, eta_d 0.001, one step per training step.
 _STEP_DUAL = MappingProxyType(dict(step_size=0.001, margin=0.1, init_value=1.0, every="step"))
-# The paper's Algorithm 1: nu from 0, one dual step per epoch.
-_EPOCH_DUAL = MappingProxyType(dict(step_size=1.0, margin=0.1, init_value=0.0, every="epoch"))
+# The paper's Algorithm 1 updates nu once per epoch; the values are advbench's, the step
+# per training step (``every="epoch"`` adds up an epoch's steps, see make_algorithm).
+_EPOCH_DUAL = MappingProxyType(dict(_STEP_DUAL, every="epoch"))
 _CVAR = MappingProxyType(dict(beta=0.5, t_step_size=1.0, n_steps=5))
-_PAIRING = MappingProxyType(dict(weight=1.0))
+_PAIRING = MappingProxyType(dict(weight=1.0, pair_on="logits"))
 _FIXED_NU = MappingProxyType(dict(nu_fixed=0.1))
 
 ALGORITHMS: Mapping[str, _Spec] = {
@@ -222,8 +237,11 @@ ALGORITHMS: Mapping[str, _Spec] = {
                       loss_defaults=_CVAR, draws=20),
     "CVaR_SGD_Autograd": _Spec(lambda **kw: _cvar(method="autograd", **kw), False, "uniform",
                                loss_defaults=_CVAR, draws=20),
-    "CVaR_SGD_PD": _Spec(lambda **kw: _cvar(method="subgradient", primal_dual=True, **kw), True,
-                         "uniform", dual=_STEP_DUAL, loss_defaults=_CVAR, draws=20),
+    "CVaR_SGD_PD": _Spec(lambda **kw: _cvar(method="subgradient", primal_dual=True, **kw),
+                         lambda loss: loss.get("constraint", "draws") == "clean",
+                         "uniform", dual=_STEP_DUAL,
+                         loss_defaults=MappingProxyType(dict(_CVAR, constraint="draws")),
+                         draws=20),
     # Without a dual variable the fixed multiplier is required.
     "Gaussian_DALE": _Spec(lambda nu_fixed, **kw: _dale(nu_fixed, **kw), True,
                            "langevin_gaussian", loss_defaults=_FIXED_NU),
@@ -234,7 +252,10 @@ ALGORITHMS: Mapping[str, _Spec] = {
                                       "langevin_gaussian", dual=_STEP_DUAL),
     "KL_DALE_PD": _Spec(lambda **kw: _dale(robust="kl", **kw), True, "trades_kl",
                         dual=_STEP_DUAL),
-    "DALE": _Spec(_dale, True, "langevin", dual=_EPOCH_DUAL),
+    # The paper's Algorithm 1 as the authors' code samples (signed Langevin steps with
+    # Laplace noise inside the sign, LMC_Laplacian_Linf since 80fc180/2ba3eac), with the
+    # paper's per-epoch dual update.
+    "DALE": _Spec(_dale, True, "langevin_laplacian", dual=_EPOCH_DUAL),
     # The advbench fork's samplers over perturbation sets: the worst of k uniform draws,
     # and DALE with a Metropolis-Hastings chain in place of the Langevin sampler (the
     # robust loss constrained, or, Reverse, the clean loss under a robust constraint).
@@ -269,7 +290,9 @@ def make_algorithm(
       the sampler's own ``(norm, eps)`` ball).
     loss: keyword hyperparameters of the algorithm's loss (e.g. ``beta``).
     dual: ``{step_size, margin, init_value, every}`` with ``every`` ``"step"``
-      or ``"epoch"``.
+      or ``"epoch"``. ``step_size`` is per training step either way: once per
+      epoch, ``nu <- [nu + step_size * sum_t (c_t - margin)]_+`` over the epoch's
+      steps, i.e. advbench's per-step ascent projected once per epoch.
     draws: perturbations drawn per example.
     steps_per_epoch: resolves ``dual.every = "epoch"``.
   """
@@ -285,10 +308,16 @@ def make_algorithm(
   if spec.uses_dual:
     dual = dict(dual or {})
     every = validation.one_of("dual.every", dual.pop("every", "step"), ("step", "epoch"))
+    every = 1 if every == "step" else steps_per_epoch
+    if validation.is_real(dual.get("step_size")):
+      dual["step_size"] = dual["step_size"] * every  # the mean over the epoch, times its steps
     try:
-      dual_tx = dual_lib.dual_ascent(every=1 if every == "step" else steps_per_epoch, **dual)
+      dual_tx = dual_lib.dual_ascent(every=every, **dual)
     except TypeError as e:
       raise ValueError(f"dual section does not fit algorithm {name!r}: {e}") from None
   validation.integer("draws", draws, minimum=1)
-  return Algorithm(name, sample, draws if spec.uses_sampler else 0, spec.needs_clean,
+  needs_clean = spec.needs_clean
+  if callable(needs_clean):
+    needs_clean = needs_clean(dict(loss or {}))
+  return Algorithm(name, sample, draws if spec.uses_sampler else 0, needs_clean,
                    loss_fn, dual_tx)

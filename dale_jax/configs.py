@@ -25,6 +25,7 @@ from dale_jax import samplers
 from dale_jax import threat
 from dale_jax import validation
 from dale_jax.models import MODELS
+from dale_jax.models import mnist_cnn
 
 DATASETS = ("mnist", "cifar10", "svhn", "mnist_digits")
 
@@ -33,7 +34,8 @@ DATASETS = ("mnist", "cifar10", "svhn", "mnist_digits")
 # ``losses`` the loss hyperparameters that differ from the registry's defaults.
 FAMILIES: dict[str, dict[str, Any]] = {
     "mnist": dict(
-        model=dict(name="mnist_cnn", dtype="float32"),
+        # advbench's network starts from PyTorch's default initialisers.
+        model=dict(name="mnist_cnn", dtype="float32", initializer="torch"),
         augment=False,
         samplers=dict(
             pgd=dict(eps=0.3, step_size=0.1, steps=7),
@@ -41,13 +43,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
             trades_kl=dict(eps=0.3, step_size=0.1, steps=7),
             langevin_gaussian=dict(eps=0.3, step_size=0.1, steps=7, noise_scale=0.001),
             langevin_laplacian=dict(eps=0.3, step_size=0.1, steps=7, noise_scale=0.001),
-            langevin=dict(eps=0.3, step_size=1e-3, steps=7, temperature=1e-2),
-            smooth_adv=dict(eps=0.3, step_size=0.1, steps=7, sigma=0.5, num_samples=10),
+            # The authors' first, unsigned Langevin step (0ea7d35, one set for every
+            # dataset), which they replaced by signed steps two days later (80fc180).
+            langevin=dict(eps=0.3, step_size=0.01, steps=7, temperature=0.1),
+            smooth_adv=dict(eps=0.3, step_size=0.1, steps=7, sigma=0.5, num_samples=10,
+                            from_clean=True),
             uniform=dict(eps=0.3),
             worst_of_k=dict(eps=0.3, k=10),
             metropolis_hastings=dict(eps=0.3, steps=10, proposal_std=0.1, temperature=1e-2),
         ),
-        losses=dict(TRADES=dict(beta=1.0)),
+        # advbench's MNIST network returns log_softmax: ALP and CLP pair log-probabilities.
+        losses=dict(TRADES=dict(beta=1.0), ALP=dict(pair_on="log_softmax"),
+                    CLP=dict(pair_on="log_softmax")),
         eval=dict(eps=0.3, pgd_steps=10, pgd_step_size=0.1),
     ),
     "cifar": dict(
@@ -59,8 +66,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
             trades_kl=dict(eps=0.031, step_size=2 / 255, steps=10),
             langevin_gaussian=dict(eps=0.031, step_size=0.007, steps=10, noise_scale=0.0),
             langevin_laplacian=dict(eps=0.031, step_size=0.007, steps=10, noise_scale=0.01),
-            langevin=dict(eps=0.031, step_size=1e-5, steps=10, temperature=1e-3),
-            smooth_adv=dict(eps=0.031, step_size=2 / 255, steps=10, sigma=0.12, num_samples=10),
+            langevin=dict(eps=0.031, step_size=0.01, steps=7, temperature=0.1),
+            smooth_adv=dict(eps=0.031, step_size=2 / 255, steps=10, sigma=0.12, num_samples=10,
+                            from_clean=True),
             uniform=dict(eps=0.031),
             worst_of_k=dict(eps=0.031, k=10),
             metropolis_hastings=dict(eps=0.031, steps=10, proposal_std=0.01, temperature=1e-3),
@@ -109,6 +117,10 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict(
       dict(name=spec.sampler, norm="linf", **family["samplers"][spec.sampler])
       if spec.sampler else {})
+  if spec.sampler == "langevin_laplacian":
+    # None: the batch size (configs.sampler_section); advbench's noise is relative to
+    # the gradient of the batch mean.
+    c.sampler.mean_over = ml_collections.config_dict.placeholder(int)
   # The set the sampler runs over: "lp" is the sampler's (norm, eps) ball; rotation,
   # translation and se2 sample the transformation's parameters (step sizes and noise
   # then in units of each parameter's radius), linf_eps > 0 adds an Linf ball after
@@ -144,6 +156,16 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=1, process_id=0, auto=False))
   return c
+
+
+def sampler_section(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The ``sampler`` section as the sampler factory's keyword arguments: a
+  ``mean_over`` left at ``None`` becomes the config's ``batch_size`` (the batch that
+  advbench's Langevin-Laplacian sampler averages its potential over)."""
+  section = config.sampler.to_dict()
+  if "mean_over" in section and section["mean_over"] is None:
+    section["mean_over"] = config.batch_size
+  return section
 
 
 # ----------------------------------------------------------------------------
@@ -250,6 +272,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
     m = config.model
     v.one_of("model.name", m.name, sorted(MODELS))
     v.one_of("model.dtype", m.dtype, _DTYPES)
+    if "initializer" in m:
+      v.one_of("model.initializer", m.initializer, mnist_cnn.INITS)
 
     o = config.optimizer
     v.positive("optimizer.learning_rate", o.learning_rate)
@@ -273,9 +297,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
     section = None if section is None else section.to_dict()
     pset = perturbations.make_perturbation(section)
     if spec.uses_sampler:
-      samplers.make_sampler(config.sampler.to_dict(), pset)
+      samplers.make_sampler(sampler_section(config), pset)
     try:
-      algorithms.make_algorithm(config.algorithm, sampler=config.sampler.to_dict(),
+      algorithms.make_algorithm(config.algorithm, sampler=sampler_section(config),
                                 perturbation=section,
                                 loss=config.loss.to_dict(), dual=config.dual.to_dict(),
                                 draws=config.draws)

@@ -72,7 +72,9 @@ def cvar(s: Mapping[str, Any]) -> Evaluator:
 
   def evaluate(key, logits_fn, x, y, mask):
     _, ce = _uniform_losses(key, logits_fn, x, y, s["cvar_draws"], s["norm"], s["eps"])
-    t = losses.optimize_cvar_t(ce, s["cvar_beta"], s["cvar_t_step_size"], s["cvar_steps"])
+    # advbench's CVaR evaluator starts t at 0 (its training loss at 1, losses' default).
+    t = losses.optimize_cvar_t(ce, s["cvar_beta"], s["cvar_t_step_size"], s["cvar_steps"],
+                               t_init=0.0)
     per_example = t + jnp.mean(jax.nn.relu(ce - t), axis=0) / s["cvar_beta"]
     return {"CVaR-Loss": jnp.sum(jnp.where(mask, per_example, 0.0))}
 

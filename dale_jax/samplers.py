@@ -197,15 +197,25 @@ def signed_step(step_size: float, norm: str = "linf", noise_scale: float = 0.0) 
   return update
 
 
-def laplace_signed_step(step_size: float, norm: str = "linf", noise_scale: float = 0.0) -> Update:
-  """``x + eta * s(g + c * Laplace(0, 1))``: advbench's Langevin-Laplacian step."""
+def laplace_signed_step(step_size: float, norm: str = "linf", noise_scale: float = 0.0,
+                        mean_over: int = 1) -> Update:
+  """``x + eta * s(g + c * B * Laplace(0, 1))``: advbench's Langevin-Laplacian step.
+
+  ``g`` is example ``i``'s own gradient. advbench ascends the *mean* over a batch of
+  ``B`` examples, whose gradient is ``g / B``, and adds ``c * Laplace`` to that inside
+  the sign; ``sign(g / B + c xi) = sign(g + c B xi)``, so with ``mean_over = B`` this
+  step equals advbench's at batch size ``B`` while each example's step still depends
+  on that example only (``mean_over = 1``: ``c`` relative to the per-example gradient).
+  """
   _check_positive("step_size", step_size)
   _check_nonnegative("noise_scale", noise_scale)
+  _check_count("mean_over", mean_over, 1)
   threat.check_threat(norm, 0.0)
+  scale = noise_scale * mean_over
 
   def update(key, x_adv, grad):
     noise = jax.random.laplace(key, grad.shape, grad.dtype)
-    return x_adv + step_size * threat.steepest_ascent(grad + noise_scale * noise, norm)
+    return x_adv + step_size * threat.steepest_ascent(grad + scale * noise, norm)
 
   return update
 
@@ -241,11 +251,14 @@ def ascent(
     steps: int,
     norm: str,
     eps: float,
+    from_clean: bool = False,
 ) -> Sampler:
   """Builds ``sample(key, logits_fn, x, y)``: ``steps`` projected ascent steps.
 
   ``x_0 = P(init(x))``, ``x_{k+1} = P(update(x_k, grad_x sum_i f_i(x_k)))`` with
   ``P`` the projection onto the threat model. ``steps = 0`` returns ``P(init(x))``.
+  With ``from_clean`` every step starts again from the clean input,
+  ``x_{k+1} = P(update(x, grad f(x_k)))`` (advbench's SmoothAdv).
   """
   _check_count("steps", steps, 0)
   threat.check_threat(norm, eps)
@@ -260,7 +273,8 @@ def ascent(
     def body(i, x_adv):
       grad_key, update_key = jax.random.split(jax.random.fold_in(loop_key, i))
       grad = grad_fn(x_adv, grad_key)
-      return threat.project(update(update_key, x_adv, grad), x, norm=norm, eps=eps)
+      return threat.project(update(update_key, x if from_clean else x_adv, grad), x, norm=norm,
+                            eps=eps)
 
     x_adv = jax.lax.fori_loop(0, steps, body, x_adv)
     return jax.lax.stop_gradient(x_adv)
@@ -303,8 +317,10 @@ def ascent_over(
     objective: ObjectiveBuilder,
     update: Update,
     steps: int,
+    from_clean: bool = False,
 ) -> Sampler:
-  """:func:`ascent` on the parameters of ``perturbation``.
+  """:func:`ascent` on the parameters of ``perturbation`` (``from_clean``: each step
+  from the set's identity).
 
   ``delta_0 = P(init(x))``, ``delta_{k+1} = P(update(delta_k, grad_delta sum_i
   f_i(apply(x, delta_k))))`` with ``P`` the set's projection; returns
@@ -323,7 +339,8 @@ def ascent_over(
     def body(i, delta):
       grad_key, update_key = jax.random.split(jax.random.fold_in(loop_key, i))
       grad = grad_fn(delta, grad_key)
-      return perturbation.project(_tree_update(update, update_key, delta, grad), x)
+      base = perturbation.identity(x) if from_clean else delta
+      return perturbation.project(_tree_update(update, update_key, base, grad), x)
 
     delta = jax.lax.fori_loop(0, steps, body, delta)
     return jax.lax.stop_gradient(perturbation.apply(x, delta))
@@ -333,7 +350,7 @@ def ascent_over(
 
 def _loop(perturbation: PerturbationSet | None, *, start_kind: str, init_std: float,
           objective: ObjectiveBuilder, update: Callable[[str], Update], steps: int, norm: str,
-          eps: float, init: Init | None = None) -> Sampler:
+          eps: float, init: Init | None = None, from_clean: bool = False) -> Sampler:
   """The loop of a named sampler: in input space for the ``(norm, eps)`` ball, over
   the parameters of ``perturbation`` otherwise. ``update(norm)`` builds the step;
   ``init``, when given, replaces the ``start_kind`` rule (in the loop's own space)."""
@@ -344,9 +361,10 @@ def _loop(perturbation: PerturbationSet | None, *, start_kind: str, init_std: fl
       init = {"identity": lambda: init_identity, "gaussian": lambda: init_gaussian(init_std),
               "uniform": lambda: init_uniform(norm, eps)}[start_kind]()
     return ascent(init=init, objective=objective, update=update(norm), steps=steps, norm=norm,
-                  eps=eps)
+                  eps=eps, from_clean=from_clean)
   return ascent_over(perturbation, init=init or start(start_kind, perturbation, init_std),
-                     objective=objective, update=update(perturbation.norm), steps=steps)
+                     objective=objective, update=update(perturbation.norm), steps=steps,
+                     from_clean=from_clean)
 
 
 def in_chunks(sampler: Sampler, chunk_size: int, groups: int = 1) -> Sampler:
@@ -465,16 +483,23 @@ def langevin_laplacian(
     step_size: float,
     steps: int,
     noise_scale: float,
+    mean_over: int = 1,
     norm: str = "linf",
     init_std: float = 0.001,
     potential: str = "log_one_minus_p",
     perturbation: PerturbationSet | None = None,
 ) -> Sampler:
-  """advbench's Langevin-Laplacian sampler (Laplacian_DALE):
-  ``x' <- P(x' + eta * sign(grad + c * Laplace(0, 1)))``, start ``x + init_std * N``."""
+  """advbench's Langevin-Laplacian sampler (Laplacian_DALE, and DALE: the paper's
+  Algorithm 1 as the authors' code takes its signed Langevin step):
+
+  start at ``x + init_std * N(0, I)``, then ``x' <- P(x' + eta * sign(grad U + c * xi))``,
+  ``xi ~ Laplace(0, 1)``, ``U`` the batch mean of ``log(1 - p_y)`` over ``mean_over``
+  examples (:func:`laplace_signed_step`; the configs set it to the batch size, as
+  advbench's ``LMC_Laplacian_Linf`` averages over its batch).
+  """
   return _loop(perturbation, start_kind="gaussian", init_std=init_std,
                objective=potential_objective(_potential(potential)),
-               update=lambda n: laplace_signed_step(step_size, n, noise_scale),
+               update=lambda n: laplace_signed_step(step_size, n, noise_scale, mean_over),
                steps=steps, norm=norm, eps=eps)
 
 
@@ -489,10 +514,15 @@ def langevin(
     potential: str = "log_one_minus_p",
     perturbation: PerturbationSet | None = None,
 ) -> Sampler:
-  """The paper's Algorithm 1 sampler: unsigned Langevin steps on ``(1/T) log g``.
+  """Unsigned Langevin steps on ``(1/T) log g``, for research (DALE takes signed steps:
+  :func:`langevin_laplacian`).
 
   ``delta <- P(delta + eta * grad (1/T) log g + sqrt(2 eta) N(0, I))`` with
-  ``log g = log(1 - p_y)`` by default; starts at ``delta = 0`` as in the paper.
+  ``log g = log(1 - p_y)`` by default, from ``delta = 0``: the textbook Langevin
+  update, and the authors' first DALE sampler (arobey1/advbench 0ea7d35, replaced by
+  signed steps in 80fc180, "working better with sign(grad)"). The noise
+  ``sqrt(2 eta)`` per step does not shrink with the drift ``eta / T``: unless
+  ``|grad| / T`` is large against ``sqrt(2 / eta)`` the chain mostly diffuses.
   """
   return _loop(perturbation, start_kind="gaussian", init_std=init_std,
                objective=potential_objective(_potential(potential)),
@@ -564,14 +594,23 @@ def smooth_adv(
     steps: int,
     sigma: float,
     num_samples: int,
+    from_clean: bool = True,
     norm: str = "linf",
     perturbation: PerturbationSet | None = None,
 ) -> Sampler:
-  """SmoothAdv (Salman et al. 2019) as advbench runs it: from ``x``, sign steps on
-  ``-log mean_k softmax_y(f(x' + sigma xi_k))``."""
+  """SmoothAdv (Salman et al. 2019): sign steps on ``-log mean_k softmax_y(f(x' + sigma
+  xi_k))`` from ``x``.
+
+  ``from_clean=True`` is advbench's ``SmoothAdv``: each step starts again from ``x``
+  (``x' <- P(x + eta sign(grad))``), so the output is one step of ``eta`` from ``x``
+  along the last gradient; ``False`` accumulates the steps up to ``eps`` (Salman et
+  al.'s PGD).
+  """
+  validation.boolean("from_clean", from_clean)
   return _loop(perturbation, start_kind="identity", init_std=0.0,
                objective=smoothed_objective(sigma, num_samples),
-               update=lambda n: signed_step(step_size, n), steps=steps, norm=norm, eps=eps)
+               update=lambda n: signed_step(step_size, n), steps=steps, norm=norm, eps=eps,
+               from_clean=from_clean)
 
 
 def uniform(*, eps: float, norm: str = "linf",

@@ -51,6 +51,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, dtype: str
   """
   dtype = dtype or config.model.dtype
   kwargs = {} if dtype == "float32" else {"dtype": getattr(jnp, dtype)}
+  if "initializer" in config.model:
+    kwargs["initializer"] = config.model.initializer
   return get_model(config.model.name, num_classes, **kwargs)
 
 
@@ -112,7 +114,7 @@ def algorithm_for(config: ml_collections.ConfigDict, steps_per_epoch: int = 1,
   per device), ``platform`` their kind (default: JAX's default backend).
   """
   algorithm = algorithms_lib.make_algorithm(
-      config.algorithm, sampler=config.sampler.to_dict(),
+      config.algorithm, sampler=configs.sampler_section(config),
       perturbation=perturbation_section(config), loss=config.loss.to_dict(),
       dual=config.dual.to_dict(), draws=config.draws, steps_per_epoch=steps_per_epoch)
   chunk = sampler_chunk_size(config, platform)

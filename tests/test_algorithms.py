@@ -27,6 +27,10 @@ def _ce(z, y):
   return -np.log(_softmax(z)[np.arange(len(y)), y])
 
 
+def _log_softmax(z):
+  return np.log(_softmax(z))
+
+
 def _kl(clean, adv):
   """TRADES' KLDivLoss(log_softmax(adv), softmax(clean), 'batchmean')."""
   p = _softmax(clean)
@@ -66,7 +70,9 @@ def _reference(name, loss_cfg, clean, adv, y, nu):
     ce = ce_clean if loss_cfg["ce_on"] == "clean" else _ce(a, y).mean()
     return ce + loss_cfg["beta"] * _kl(clean, a), None
   if name in ("ALP", "CLP"):
-    pairing = np.mean(np.linalg.norm(a.astype(np.float64) - clean, axis=-1))
+    # advbench pairs its network's outputs: log-probabilities on MNIST (pair_on).
+    out = _log_softmax if loss_cfg.get("pair_on", "logits") == "log_softmax" else np.asarray
+    pairing = np.mean(np.linalg.norm(out(a.astype(np.float64)) - out(clean), axis=-1))
     ce = _ce(a, y).mean() if name == "ALP" else ce_clean
     return ce + loss_cfg["weight"] * pairing, None
   if name == "MART":
@@ -78,7 +84,9 @@ def _reference(name, loss_cfg, clean, adv, y, nu):
     per_draw = np.stack([_ce(d, y) for d in adv])
     cvar = _cvar(per_draw, loss_cfg["beta"], loss_cfg["t_step_size"], loss_cfg["n_steps"])
     if name == "CVaR_SGD_PD":
-      return cvar + nu * ce_clean, ce_clean
+      # advbench constrains the mean CE over the draws (plain_loss / M); or the clean CE.
+      ce = ce_clean if loss_cfg.get("constraint", "draws") == "clean" else per_draw.mean()
+      return cvar + nu * ce, ce
     return cvar, None
   if name in ("Gaussian_DALE", "Laplacian_DALE"):
     return _ce(a, y).mean() + loss_cfg["nu_fixed"] * ce_clean, None
@@ -155,15 +163,24 @@ def test_advbench_dual_updates_every_step(name):
   np.testing.assert_allclose(float(state.nu), 1.0 + 0.001 * 2.0, rtol=1e-6)
 
 
-def test_paper_dale_updates_once_per_epoch_from_zero():
+def test_paper_dale_updates_once_per_epoch_with_advbench_steps_added_up():
+  # nu from advbench's 1.0; once per epoch (3 steps here) it takes the sum of advbench's
+  # per-step moves 0.001 * (c_t - 0.1), projected once.
   _, algorithm = _build("DALE")
   state = algorithm.dual.init()
-  assert float(state.nu) == 0.0
+  assert float(state.nu) == 1.0
   for c in (0.5, 0.3):
     state = algorithm.dual.update(jnp.float32(c), state)
-    assert float(state.nu) == 0.0
+    assert float(state.nu) == 1.0
   state = algorithm.dual.update(jnp.float32(0.4), state)  # third step: the epoch is over
-  np.testing.assert_allclose(float(state.nu), 1.0 * (0.4 - 0.1), rtol=1e-6)
+  np.testing.assert_allclose(float(state.nu), 1.0 + 0.001 * (0.4 + 0.2 + 0.3), rtol=1e-6)
+  # The epoch's sum (3 steps of -0.1), not its mean; projected onto nu >= 0.
+  for step_size, want in ((1.0, 0.7), (10.0, 0.0)):
+    _, algorithm = _build("DALE", dual=dict(step_size=step_size))
+    state = algorithm.dual.init()
+    for c in (0.0, 0.0, 0.0):
+      state = algorithm.dual.update(jnp.float32(c), state)
+    np.testing.assert_allclose(float(state.nu), want, rtol=1e-6, atol=1e-7)
 
 
 def test_trades_can_put_the_cross_entropy_on_the_adversarial_images():

@@ -2,7 +2,7 @@
 
 The reference re-derives every quantity from its definition in the reference notes:
 the MLP's logits and input gradient by hand, PGD/FGSM as signed steps projected onto
-the eps-ball and the [0, 1] box, CVaR as ``steps`` subgradient steps on ``t`` from 1
+the eps-ball and the [0, 1] box, CVaR as ``steps`` subgradient steps on ``t`` from 0
 followed by the Rockafellar-Uryasev bracket, Augmented as per-image accuracy over the
 draws and the share of images above ``(1 - beta) * 100``. The uniform draws are the
 inputs of CVaR and Augmented; they are taken from :func:`dale_jax.threat.uniform` with
@@ -81,8 +81,9 @@ def _scored(prefix, logits, y):
 
 
 def _np_cvar(ce, beta, step, steps):
-  """``(draws, n)`` losses -> per-example CVaR bracket after ``steps`` t-steps from 1."""
-  t = np.ones(ce.shape[1])
+  """``(draws, n)`` losses -> per-example CVaR bracket after ``steps`` t-steps from 0
+  (advbench's CVaR evaluator starts at ``torch.zeros``)."""
+  t = np.zeros(ce.shape[1])
   for _ in range(steps):
     t = t - step * (1.0 - np.mean(ce > t, axis=0) / beta)
   return t + np.mean(np.maximum(ce - t, 0.0), axis=0) / beta

@@ -431,6 +431,24 @@ def test_initialisers_match_torch():
   assert abs(kernel.mean()) < 0.01 * kernel.std()
 
 
+@pytest.mark.parametrize("initializer", ["torch", "lecun"])
+def test_mnist_cnn_initialisers_are_advbench_torch_defaults_or_flax_defaults(initializer):
+  params = init_variables(MnistCNN(initializer=initializer), jax.random.key(3),
+                          (28, 28, 1))["params"]
+  fan_in = {"conv1": 9, "conv2": 9 * 32, "fc1": 9216, "fc2": 128}
+  for name, n in fan_in.items():
+    kernel = np.asarray(params[name]["kernel"], np.float64)
+    bias = np.asarray(params[name]["bias"], np.float64)
+    bound = 1.0 / np.sqrt(n)
+    if initializer == "torch":  # nn.Conv2d / nn.Linear: U(+-1/sqrt(fan_in)) for both
+      assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, name
+      np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3.0), rtol=0.1, err_msg=name)
+      assert np.abs(bias).max() > 0.5 * bound, name
+    else:  # lecun_normal (truncated normal of variance 1 / fan_in), zero biases
+      np.testing.assert_allclose(kernel.std(), bound, rtol=0.1, err_msg=name)
+      assert not bias.any(), name
+
+
 def test_registry_and_unknown_name():
   assert set(MODELS) == {"mnist_cnn", "resnet18", "preact_resnet18", "wrn34_10"}
   assert isinstance(get_model("mnist_cnn", 10), MnistCNN)

@@ -393,15 +393,19 @@ def _np_sampler(name, norm, key, w, b, x, y, kw):
       xi = kw["sigma"] * _f64(jax.random.normal(grad_key, (n,) + x.shape, jnp.float32))
       g = _np_smoothed_grad(w, b, z, y, xi)
     if name == "langevin_laplacian":
+      # advbench's sign(grad of the batch mean + c xi) = sign(g + c B xi), B = mean_over.
       lap = _f64(jax.random.laplace(update_key, x.shape, jnp.float32))
-      z = z + kw["step_size"] * _np_direction(g + kw["noise_scale"] * lap, norm)
+      c = kw["noise_scale"] * kw.get("mean_over", 1)
+      z = z + kw["step_size"] * _np_direction(g + c * lap, norm)
     elif name == "langevin":
       eta, temperature = kw["step_size"], kw["temperature"]
       xi = _f64(jax.random.normal(update_key, x.shape, jnp.float32))
       z = z + eta / temperature * g + math.sqrt(2 * eta) * xi
     else:
       step = kw.get("step_size", eps)
-      z = z + step * _np_direction(g, norm)
+      # advbench's SmoothAdv steps from the clean image every time.
+      base = x if name == "smooth_adv" and kw.get("from_clean", True) else z
+      z = base + step * _np_direction(g, norm)
       if kw.get("noise_scale"):
         z = z + kw["noise_scale"] * _f64(jax.random.normal(update_key, x.shape, jnp.float32))
     z = _np_project(z, x, norm, eps)
@@ -424,10 +428,11 @@ def test_sampler_matches_numpy(name, norm):
       "pgd_random_start": dict(step_size=step, steps=2, random_start=True),
       "fgsm": {},
       "langevin_gaussian": dict(step_size=step, steps=2, noise_scale=0.02, init_std=0.01),
-      "langevin_laplacian": dict(step_size=step, steps=2, noise_scale=0.3, init_std=0.01),
+      "langevin_laplacian": dict(step_size=step, steps=2, noise_scale=0.1, mean_over=3,
+                                 init_std=0.01),
       "langevin": dict(step_size=1e-3, steps=2, temperature=0.01, init_std=0.01),
       "trades_kl": dict(step_size=step, steps=2, init_std=0.01),
-      "smooth_adv": dict(step_size=step, steps=2, sigma=0.3, num_samples=3),
+      "smooth_adv": dict(step_size=step, steps=3, sigma=0.3, num_samples=3),
   }[name]
   factory = _kwargs(name, norm)[0]
   kw = dict(kw, eps=eps, norm=norm)
@@ -438,6 +443,21 @@ def test_sampler_matches_numpy(name, norm):
   want = _np_sampler(name, norm, key, w, b, x, y, kw)
   np.testing.assert_allclose(_f64(got), want, rtol=0, atol=2e-5)
   assert np.abs(want - x).max() > 1e-3  # the reference moved, so the comparison means something
+
+
+@pytest.mark.parametrize("from_clean", [True, False])
+def test_smooth_adv_restarts_from_the_clean_image_as_advbench_or_accumulates(from_clean):
+  w, b, x, y, logits_fn = _linear_problem()
+  kw = dict(eps=0.2, step_size=0.05, steps=3, sigma=0.3, num_samples=3, norm="linf",
+            from_clean=from_clean)
+  key = jax.random.key(5)
+  got = _f64(jax.jit(functools.partial(samplers.smooth_adv(**kw), logits_fn=logits_fn))(
+      key, x=jnp.asarray(x), y=jnp.asarray(y)))
+  np.testing.assert_allclose(got, _np_sampler("smooth_adv", "linf", key, w, b, x, y, kw),
+                             rtol=0, atol=2e-5)
+  moved = np.abs(got - x).max()
+  # One step of 0.05 from x (advbench), or three steps up to 0.15.
+  assert (moved <= 0.05 + 1e-6) if from_clean else (moved > 0.1), moved
 
 
 def test_uniform_sampler_matches_threat_uniform(tiny):
@@ -517,8 +537,9 @@ def test_langevin_samplers_raise_log_one_minus_p(name, cnn_batch):
 def test_smooth_adv_lowers_the_smoothed_label_probability(cnn_batch):
   logits_fn, x, y = cnn_batch
   sigma = 0.25
+  # Accumulated steps (advbench's restarts from x move one step only; tested above).
   x_adv = _run(samplers.smooth_adv(eps=0.1, step_size=0.03, steps=5, sigma=sigma,
-                                   num_samples=8), logits_fn, x, y)
+                                   num_samples=8, from_clean=False), logits_fn, x, y)
 
   @jax.jit
   def smoothed_p_y(z):

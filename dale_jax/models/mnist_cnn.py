@@ -24,8 +24,8 @@ max-pool gradient (``select_and_scatter``); docs/performance.md has the figures.
   gradient would differ from torch's there.)
 
 The parameters are ``flax.linen.Conv``/``Dense``'s (``conv1``, ``conv2``, ``fc1``,
-``fc2``; ``kernel`` ``HWIO`` and ``bias``, same initialisers, so the same key gives
-the same weights), the flatten before ``fc1`` is in ``(h, w, c)`` order as before,
+``fc2``; ``kernel`` ``HWIO`` and ``bias``; initialised as advbench's network, by
+PyTorch's defaults, or with ``initializer="lecun"`` by Flax's), the flatten before ``fc1`` is in ``(h, w, c)`` order as before,
 and the outputs equal the ``lax.conv`` / ``reduce_window`` formulation up to float
 rounding (``tests/test_bench.py`` checks both, gradients included).
 
@@ -47,6 +47,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dale_jax.models.resnet import torch_bias_init, torch_kernel_init
 
 
 def _patches(x: jax.Array, size: int) -> jax.Array:
@@ -132,6 +134,18 @@ def _mixed_conv_bwd(size, residuals, g):
 _mixed_conv.defvjp(_mixed_conv_fwd, _mixed_conv_bwd)
 
 
+INITS = ("torch", "lecun")
+
+
+def _initializers(init: str, fan_in: int):
+  """``(kernel_init, bias_init)``: torch's defaults for ``Conv2d``/``Linear`` (advbench's
+  network: kaiming-uniform with ``a = sqrt(5)``, i.e. ``U(+-1/sqrt(fan_in))``, and
+  ``U(+-1/sqrt(fan_in))`` biases) or Flax's (lecun-normal kernels, zero biases)."""
+  if init == "torch":
+    return torch_kernel_init, torch_bias_init(fan_in)
+  return nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+
+
 class _Conv(nn.Module):
   """``nn.Conv(features, (size, size), padding="VALID")`` computed as one matmul.
 
@@ -143,12 +157,14 @@ class _Conv(nn.Module):
   features: int
   size: int = 3
   dtype: Any = jnp.float32
+  initializer: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (self.size, self.size, x.shape[-1], self.features)
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    kernel_init, bias_init = _initializers(self.initializer, self.size * self.size * x.shape[-1])
+    kernel = self.param("kernel", kernel_init, shape)
+    bias = self.param("bias", bias_init, (self.features,))
     kernel = kernel.reshape(-1, self.features)
     if jnp.dtype(self.dtype) == jnp.float32:
       return _patches(x, self.size) @ kernel + bias
@@ -160,11 +176,13 @@ class _Dense(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  initializer: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    kernel_init, bias_init = _initializers(self.initializer, x.shape[-1])
+    kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features))
+    bias = self.param("bias", bias_init, (self.features,))
     if jnp.dtype(self.dtype) == jnp.float32:
       return x @ kernel + bias
     return _mixed_matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias
@@ -221,20 +239,26 @@ class MnistCNN(nn.Module):
       zeros make the training forward deterministic.
     dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``). Parameters and
       logits are float32 either way.
+    initializer: ``"torch"`` (advbench's: PyTorch's default initialisers) or ``"lecun"``
+      (Flax's ``nn.Conv``/``nn.Dense`` defaults).
   """
 
   num_classes: int = 10
   dropout_rates: Sequence[float] = (0.25, 0.5)
   dtype: Any = jnp.float32
+  initializer: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     # Activations are stored in ``dtype``; every layer returns float32 (the logits too).
-    x = nn.relu(_Conv(32, dtype=self.dtype, name="conv1")(x)).astype(self.dtype)
-    x = nn.relu(_Conv(64, dtype=self.dtype, name="conv2")(x)).astype(self.dtype)
+    if self.initializer not in INITS:
+      raise ValueError(f"initializer must be one of {INITS}, got {self.initializer!r}")
+    layer = dict(dtype=self.dtype, initializer=self.initializer)
+    x = nn.relu(_Conv(32, **layer, name="conv1")(x)).astype(self.dtype)
+    x = nn.relu(_Conv(64, **layer, name="conv2")(x)).astype(self.dtype)
     x = max_pool_2x2(x)
     x = nn.Dropout(self.dropout_rates[0], deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(_Dense(128, dtype=self.dtype, name="fc1")(x)).astype(self.dtype)
+    x = nn.relu(_Dense(128, **layer, name="fc1")(x)).astype(self.dtype)
     x = nn.Dropout(self.dropout_rates[1], deterministic=not train)(x)
-    return _Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
+    return _Dense(self.num_classes, **layer, name="fc2")(x)
