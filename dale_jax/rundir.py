@@ -81,6 +81,58 @@ def read_config(workdir: str) -> dict:
     return json.load(f)
 
 
+# ----------------------------------------------------------------------------
+# A run is its config.
+
+# Fields that change how a run is driven, not what it computes: logging and
+# checkpoint cadence, where the data is read from, the batch's layout over devices
+# and hosts (the records of every layout agree).
+BOOKKEEPING = ("log_every_steps", "checkpoint_every_steps", "data.data_dir", "parallel.")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"sampler.eps": 0.3, ...}``; values as JSON has them (tuples become lists)."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, Mapping):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = json.loads(json.dumps(value))
+  return out
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                       ignore: Iterable[str] = BOOKKEEPING) -> dict[str, tuple[Any, Any]]:
+  """``{field: (old, new)}`` for every field whose value differs, except the fields in
+  ``ignore`` (a name ending in ``.`` ignores a section). A missing field is ``None``."""
+  a, b = flatten(old), flatten(new)
+  ignore = tuple(ignore)
+  skip = lambda k: any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignore)
+  return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+          if not skip(k) and a.get(k) != b.get(k)}
+
+
+def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]
+                   ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+  """``(allowed, refused)`` differences between a run's ``config.json`` and the config it
+  would resume with. Allowed: more epochs (the same run, continued). Bookkeeping fields
+  (:data:`BOOKKEEPING`) are not differences. Everything else is refused: it would make
+  the checkpoint and the records belong to another experiment."""
+  changes = config_differences(old, new)
+  allowed = {}
+  epochs = changes.get("num_epochs")
+  if epochs and all(isinstance(v, int) for v in epochs) and epochs[1] > epochs[0]:
+    allowed["num_epochs"] = changes.pop("num_epochs")
+  return allowed, changes
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]], limit: int = 6) -> str:
+  """``sampler.eps 0.3 -> 0.1, num_epochs 8 -> 10`` (the first ``limit``, then a count)."""
+  parts = [f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()]
+  more = len(parts) - limit
+  return ", ".join(parts[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
 def read_records(file: str) -> list[dict]:
   """Parses a ``results.jsonl`` file (``[]`` when there is none).
 

@@ -452,6 +452,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return record
 
 
+def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """The changes of ``config`` from the one ``workdir`` was trained with, if allowed.
+
+  A workdir with records or checkpoints belongs to the config in its ``config.json``:
+  resuming it with another config would continue one experiment under another's name.
+  More epochs are allowed (returned, and recorded in the next record); bookkeeping
+  fields (:data:`dale_jax.rundir.BOOKKEEPING`) do not count.
+
+  Raises:
+    validation.BadInput: naming the differing fields, before anything is written.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise validation.BadInput(f"--workdir {workdir} is a file, not a directory")
+  started = any(os.path.exists(rundir.path(workdir, name))
+                for name in (rundir.RESULTS, rundir.CHECKPOINTS))
+  if not (started and rundir.has_config(workdir)):
+    return {}
+  allowed, refused = rundir.resume_changes(rundir.read_config(workdir), config.to_dict())
+  if refused:
+    raise validation.BadInput(
+        f"workdir {workdir} holds a run of another config ({rundir.describe_changes(refused)}); "
+        "rerun it with its own settings, or train this config in another --workdir")
+  if allowed:
+    logging.info("Resuming %s with %s.", workdir, rundir.describe_changes(allowed))
+  return allowed
+
+
 class _Run:
   """The run directory as training sees it: config, records, checkpoints, writers.
 
@@ -462,6 +489,7 @@ class _Run:
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     self.workdir, self.config = workdir, config
     self.is_main = jax.process_index() == 0
+    self.changes = check_resumable(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     if self.is_main:
       rundir.write_config(workdir, config)
@@ -505,10 +533,14 @@ class _Run:
   def record_fields(self, epoch_start: float, run_start: float) -> dict:
     """The fields every advbench record carries besides the metrics."""
     c = self.config
-    return {"Epoch-Time": time.time() - epoch_start, "Total-Time": time.time() - run_start,
-            "hparams": c.to_dict(),
-            "args": {"algorithm": c.algorithm, "dataset": c.dataset, "seed": c.seed,
-                     "hparams_seed": c.hparams_seed, "workdir": self.workdir}}
+    fields = {"Epoch-Time": time.time() - epoch_start, "Total-Time": time.time() - run_start,
+              "hparams": c.to_dict(),
+              "args": {"algorithm": c.algorithm, "dataset": c.dataset, "seed": c.seed,
+                       "hparams_seed": c.hparams_seed, "workdir": self.workdir}}
+    if self.changes:  # on the first record after a resume that changed the config
+      fields["Config-Changes"] = {k: list(v) for k, v in self.changes.items()}
+      self.changes = {}
+    return fields
 
   def append(self, epoch: int, record: dict) -> None:
     self.records.append(record)

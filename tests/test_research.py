@@ -15,6 +15,7 @@ import pytest
 
 from conftest import require
 
+from dale_jax import validation
 from dale_jax.cli import collect as collect_cli
 from dale_jax.cli import sweep as sweep_cli
 from dale_jax.research import collect
@@ -557,3 +558,94 @@ def test_slurm_options_are_checked_before_anything_is_submitted(tmp_path, capsys
                     "--launcher=slurm", "--slurm_sbatch=qos"])
   assert "--slurm_sbatch must be 'key=value' strings" in capsys.readouterr().err
   assert not (tmp_path / "quickstart").exists()
+
+
+# ----------------------------------------------------------------------------- a run is its config
+
+
+def test_config_differences_and_what_a_resume_may_change():
+  from dale_jax import rundir
+  old = {"num_epochs": 8, "seed": 0, "log_every_steps": 50, "schedule": {"boundaries": (6,)},
+         "sampler": {"eps": 0.3}, "parallel": {"num_processes": 1}, "data": {"data_dir": None}}
+  new = {**old, "log_every_steps": 10, "parallel": {"num_processes": 2},
+         "data": {"data_dir": "/data"}, "schedule": {"boundaries": [6]}}
+  assert rundir.config_differences(old, new) == {}  # bookkeeping; a tuple is its JSON list
+  assert rundir.resume_changes(old, dict(new, num_epochs=10)) == ({"num_epochs": (8, 10)}, {})
+  allowed, refused = rundir.resume_changes(
+      old, dict(new, num_epochs=5, sampler={"eps": 0.1, "steps": 7}))
+  assert allowed == {} and refused == {"num_epochs": (8, 5), "sampler.eps": (0.3, 0.1),
+                                       "sampler.steps": (None, 7)}
+  assert rundir.describe_changes(refused, limit=2) == (
+      "num_epochs 8 -> 5, sampler.eps 0.3 -> 0.1 and 1 more")
+
+
+def test_collect_refuses_to_average_runs_of_different_configs(tmp_path, capsys):
+  records = [_record(0, {}, {"Clean-Accuracy": 90.0})]
+  _write_run(tmp_path, "mnist", "PGD", 0, 0, records)
+  _write_run(tmp_path, "mnist", "PGD", 0, 1, records, config={"num_epochs": 2})
+  _write_run(tmp_path, "mnist", "ERM", 0, 0, records, config={"log_every_steps": 1})
+  _write_run(tmp_path, "mnist", "ERM", 0, 1, records, config={"log_every_steps": 9})
+  runs = collect.load_runs(str(tmp_path))
+  erm = [r for r in runs if r.algorithm == "ERM"]
+  collect.check_alike(erm)  # trials: they differ in seed and bookkeeping only
+  with pytest.raises(validation.BadInput, match=r"h0_t0 and .*h0_t1 \(PGD, hparams seed 0\) "
+                                                r"differ in num_epochs 1 -> 2"):
+    collect.choose(runs, "LastStep")
+  with pytest.raises(SystemExit) as exit_info:
+    _run_cli(collect_cli, [f"--input_dir={tmp_path}"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("dale-collect: error: runs ") and "num_epochs" in err[0]
+
+
+def _run_cli(module, argv):
+  import unittest.mock
+  with unittest.mock.patch.object(sys, "argv", ["prog", *argv]):
+    module.run()
+
+
+def _done_quickstart_run(output_dir, algorithm, **changes):
+  """A finished run of the sweep's job, its config.json written as dale-train would,
+  with ``changes`` applied (``{"sampler.eps": 0.1}``)."""
+  job = sweep.make_jobs(algorithms=[algorithm], datasets=["quickstart"], n_hparams=1,
+                        n_trials=1, output_dir=str(output_dir), num_epochs=2)[0]
+  config = sweep.job_config(job)
+  for field, value in changes.items():
+    *sections, leaf = field.split(".")
+    section = config
+    for s in sections:
+      section = section[s]
+    section[leaf] = value
+  os.makedirs(job.workdir)
+  with open(os.path.join(job.workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  for name in ("results.jsonl", "done"):
+    pathlib.Path(job.workdir, name).write_text("")
+  return job
+
+
+def test_sweep_counts_a_run_done_only_with_the_config_it_asks_for(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  same = _done_quickstart_run(tmp_path / "a", "PGD")
+  assert sweep.job_state(same) == sweep.DONE
+  fewer = _done_quickstart_run(tmp_path / "b", "PGD", num_epochs=1)
+  assert sweep.job_state(fewer) == sweep.INCOMPLETE  # asked for more epochs: resumed
+  other = _done_quickstart_run(tmp_path / "c", "PGD", **{"sampler.eps": 0.1})
+  assert sweep.job_state(other) == sweep.STALE
+  assert sweep.stale_changes(other) == {"sampler.eps": (0.1, 0.3)}
+  assert sweep.select_jobs([other]) == []
+
+
+def test_sweep_cli_refuses_an_output_dir_of_another_config_in_one_line(tmp_path, capsys,
+                                                                       monkeypatch):
+  monkeypatch.chdir(REPO)
+  _done_quickstart_run(tmp_path, "PGD", num_epochs=5)  # more epochs than asked: stale
+  with pytest.raises(SystemExit) as exit_info:
+    _run_cli(sweep_cli, ["--algorithms=PGD", "--datasets=quickstart", "--n_hparams=1",
+                         "--n_trials=1", "--num_epochs=2", f"--output_dir={tmp_path}",
+                         "--dry_run"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith("dale-sweep: error: 1 of the 1 runs in ") and (
+      "num_epochs 5 -> 2" in err[0]), err[0]

@@ -285,3 +285,52 @@ def test_sampler_chunks_leave_a_noise_free_step_unchanged():
     params.append(jax.tree.leaves(state.params))
   for a, b in zip(*params):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# A run is its config.
+
+
+def test_a_workdir_resumes_only_with_its_own_config(tmp_path):
+  from dale_jax import rundir, validation
+  c = configs.base_config("mnist_digits", "PGD")
+  assert train.check_resumable(str(tmp_path / "new"), c) == {}
+  rundir.write_config(str(tmp_path), c)
+  assert train.check_resumable(str(tmp_path), c) == {}  # a config.json alone: nothing trained
+  (tmp_path / "results.jsonl").write_text("")
+  bookkeeping = configs.base_config("mnist_digits", "PGD")
+  bookkeeping.log_every_steps = 7
+  assert train.check_resumable(str(tmp_path), bookkeeping) == {}
+  more = configs.base_config("mnist_digits", "PGD")
+  more.num_epochs = c.num_epochs + 2
+  assert train.check_resumable(str(tmp_path), more) == {"num_epochs": (50, 52)}
+  other = configs.base_config("mnist_digits", "PGD")
+  other.sampler.eps, other.num_epochs = 0.1, 2
+  with pytest.raises(validation.BadInput, match=r"holds a run of another config "
+                     r"\(num_epochs 50 -> 2, sampler.eps 0.3 -> 0.1\)"):
+    train.check_resumable(str(tmp_path), other)
+  (tmp_path / "file").write_text("")
+  with pytest.raises(validation.BadInput, match="is a file, not a directory"):
+    train.check_resumable(str(tmp_path / "file"), c)
+
+
+@pytest.mark.slow
+def test_dale_train_refuses_to_resume_a_workdir_with_other_flags_and_writes_nothing(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  subprocess.run(_train_cmd(tmp_path), env=env, check=True, capture_output=True, timeout=600)
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+  proc = subprocess.run(_train_cmd(tmp_path) + ["--config.sampler.eps=0.1"], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2
+  err = proc.stderr.strip().splitlines()
+  assert err[-1].startswith("dale-train: error: workdir ") and (
+      "sampler.eps 0.3 -> 0.1" in err[-1]), proc.stderr
+  assert not any(line.startswith("Traceback") for line in err)
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+  # More epochs continue the same run, and the record says so.
+  subprocess.run(_train_cmd(tmp_path) + ["--config.num_epochs=3"], env=env, check=True,
+                 capture_output=True, timeout=600)
+  records = _records(tmp_path)
+  assert [r["Epoch"] for r in records] == [0, 1, 2]
+  assert records[2]["Config-Changes"] == {"num_epochs": [2, 3]}
+  assert "Config-Changes" not in records[1]

@@ -4,7 +4,8 @@ A *run* is a working directory of ``dale-train`` holding ``config.json`` and
 ``results.jsonl`` (one JSON object per epoch with advbench's keys: ``Epoch``,
 ``Train``, ``Validation``, ``Test``, ...). Runs are grouped by
 ``(dataset, algorithm)``; inside a group they differ by ``hparams_seed`` and
-trial ``seed``.
+trial ``seed``, and runs averaged together must differ in nothing else
+(:func:`check_alike`).
 
 Model selection picks one record (epoch) per run:
 
@@ -38,6 +39,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from dale_jax import rundir
+from dale_jax import validation
 
 SELECTION_METHODS = ("LastStep", "EarlyStop")
 DEFAULT_METRIC = "PGD-Accuracy"
@@ -305,6 +307,7 @@ def choose(runs: Sequence[Run], selection: str, metric: str | None = None) -> li
       best = None
       for hparams_seed in sorted(groups[algorithm]):
         seed_runs = sorted(groups[algorithm][hparams_seed], key=lambda r: r.trial_seed)
+        check_alike(seed_runs)
         records = [select_record(r.records, selection, used_metric) for r in seed_runs]
         values = [metric_value(r, "Validation", used_metric) for r in records
                   ] if used_metric else []
@@ -317,6 +320,24 @@ def choose(runs: Sequence[Run], selection: str, metric: str | None = None) -> li
       choices.append(Choice(dataset, algorithm, selection, used_metric, hparams_seed,
                             tuple(seed_runs), tuple(records), score))
   return choices
+
+
+def check_alike(runs: Sequence[Run]) -> None:
+  """Refuses to average runs whose configs differ in anything but the trial ``seed``
+  (and bookkeeping: :data:`dale_jax.rundir.BOOKKEEPING`).
+
+  Raises:
+    validation.BadInput: naming two unlike runs and the fields that differ.
+  """
+  with_config = [r for r in runs if r.config]
+  for run in with_config[1:]:
+    changes = rundir.config_differences(with_config[0].config, run.config,
+                                        ignore=rundir.BOOKKEEPING + ("seed",))
+    if changes:
+      raise validation.BadInput(
+          f"runs {with_config[0].workdir} and {run.workdir} ({run.algorithm}, hparams seed "
+          f"{run.hparams_seed}) differ in {rundir.describe_changes(changes)}: they are not "
+          "trials of one experiment; collect them from separate directories")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

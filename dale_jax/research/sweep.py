@@ -17,8 +17,11 @@ are random-search draws (made by the trainer from the seed). The trial seed
 drives initialisation, data order and attack noise.
 
 A run is *done* when its working directory holds the file ``done`` (written by
-the trainer at the very end); done runs are skipped, so a sweep can be
-relaunched after an interruption. A working directory without ``done`` is an
+the trainer at the very end) and its ``config.json`` is the config the sweep asks
+for; done runs are skipped, so a sweep can be relaunched after an interruption. A
+run trained with another config is *stale*: the sweep refuses to start while any
+is present (a rerun in place would be refused by the trainer too), except for more
+epochs, which resume the same run (:func:`dale_jax.rundir.resume_changes`). A working directory without ``done`` is an
 *incomplete* run: by default it is relaunched in place, and the trainer resumes
 from its last checkpoint; ``clean_incomplete=True`` deletes it first (advbench's
 behaviour, which loses the checkpoints).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import pathlib
 import shlex
@@ -48,6 +52,7 @@ from dale_jax import rundir
 NOT_LAUNCHED = "not launched"
 INCOMPLETE = "incomplete"
 DONE = "done"
+STALE = "stale"
 
 LOG_FILE = "sweep.log"
 
@@ -237,18 +242,40 @@ def job_config(job: Job):
     raise validation.InvalidArgument(f"run {job.workdir}: {text}") from e
 
 
+@functools.lru_cache(maxsize=None)
+def _resolved(job: Job) -> dict:
+  return job_config(job).to_dict()
+
+
+def stale_changes(job: Job) -> dict[str, tuple]:
+  """``{field: (trained, asked)}``: how the config ``job.workdir`` was trained with differs
+  from the one ``job`` asks for, in fields that a resume cannot change; ``{}`` when it
+  does not differ or the workdir has no ``config.json``."""
+  if job.command[:len(DEFAULT_TRAIN_COMMAND)] != DEFAULT_TRAIN_COMMAND or not (
+      rundir.has_config(job.workdir)):
+    return {}
+  return rundir.resume_changes(rundir.read_config(job.workdir), _resolved(job))[1]
+
+
 def job_state(job: Job) -> str:
-  """``done`` (``done`` file present), ``incomplete`` (workdir without it) or ``not launched``."""
-  if rundir.is_done(job.workdir):
+  """``not launched`` (no workdir), ``stale`` (trained with another config: see
+  :func:`stale_changes`), ``done`` (``done`` file present, same config) or
+  ``incomplete`` (otherwise, e.g. a done run asked for more epochs)."""
+  if not os.path.exists(job.workdir):
+    return NOT_LAUNCHED
+  if stale_changes(job):
+    return STALE
+  more_epochs = (rundir.has_config(job.workdir) and
+                 job.command[:len(DEFAULT_TRAIN_COMMAND)] == DEFAULT_TRAIN_COMMAND and
+                 rundir.resume_changes(rundir.read_config(job.workdir), _resolved(job))[0])
+  if rundir.is_done(job.workdir) and not more_epochs:
     return DONE
-  if os.path.exists(job.workdir):
-    return INCOMPLETE
-  return NOT_LAUNCHED
+  return INCOMPLETE
 
 
 def summarize(jobs: Sequence[Job]) -> dict[str, int]:
   """Counts jobs per state."""
-  counts = {NOT_LAUNCHED: 0, INCOMPLETE: 0, DONE: 0}
+  counts = {NOT_LAUNCHED: 0, INCOMPLETE: 0, DONE: 0, STALE: 0}
   for job in jobs:
     counts[job_state(job)] += 1
   return counts
