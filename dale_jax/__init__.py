@@ -25,4 +25,4 @@ from dale_jax.dual import DualState, dual_ascent
 from dale_jax.samplers import make_sampler
 from dale_jax.train_state import TrainState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place the version is written (setup.cfg reads it)

@@ -21,6 +21,7 @@ import numpy as np
 
 from dale_jax import algorithms
 from dale_jax import perturbations
+from dale_jax import rundir
 from dale_jax import samplers
 from dale_jax import threat
 from dale_jax import validation
@@ -49,8 +50,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
             smooth_adv=dict(eps=0.3, step_size=0.1, steps=7, sigma=0.5, num_samples=10,
                             from_clean=True),
             uniform=dict(eps=0.3),
-            worst_of_k=dict(eps=0.3, k=10),
-            metropolis_hastings=dict(eps=0.3, steps=10, proposal_std=0.1, temperature=1e-2),
+            # The advbench fork's Worst_Of_K and MH (constrainedlearning/advbench 31c09cb)
+            # with its training hparams (hparams_registry.py, SE, any dataset): batched=0,
+            # worst_of_k_steps=10; mh_proposal="Laplace", mh_dale_scale=0.05,
+            # mh_dale_n_steps=30; no temperature. See samplers.metropolis_hastings.
+            worst_of_k=dict(eps=0.3, k=10, select="batch"),
+            metropolis_hastings=dict(eps=0.3, steps=30, proposal="laplace", proposal_std=0.05,
+                                     radius_scaled=True, acceptance="loss_ratio",
+                                     potential="cross_entropy", temperature=1.0,
+                                     per_example=False, outside="project"),
         ),
         # advbench's MNIST network returns log_softmax: ALP and CLP pair log-probabilities.
         losses=dict(TRADES=dict(beta=1.0), ALP=dict(pair_on="log_softmax"),
@@ -70,8 +78,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
             smooth_adv=dict(eps=0.031, step_size=2 / 255, steps=10, sigma=0.12, num_samples=10,
                             from_clean=True),
             uniform=dict(eps=0.031),
-            worst_of_k=dict(eps=0.031, k=10),
-            metropolis_hastings=dict(eps=0.031, steps=10, proposal_std=0.01, temperature=1e-3),
+            # The fork's values, as for mnist (its hparams do not depend on the dataset).
+            worst_of_k=dict(eps=0.031, k=10, select="batch"),
+            metropolis_hastings=dict(eps=0.031, steps=30, proposal="laplace", proposal_std=0.05,
+                                     radius_scaled=True, acceptance="loss_ratio",
+                                     potential="cross_entropy", temperature=1.0,
+                                     per_example=False, outside="project"),
         ),
         losses=dict(TRADES=dict(beta=6.0)),
         eval=dict(eps=8 / 255, pgd_steps=20, pgd_step_size=0.003),
@@ -166,6 +178,51 @@ def sampler_section(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if "mean_over" in section and section["mean_over"] is None:
     section["mean_over"] = config.batch_size
   return section
+
+
+_SECTION_SOURCES = {
+    "model": "configs.FAMILIES[{family!r}]['model']",
+    "sampler": "configs.FAMILIES[{family!r}]['samplers']",
+    "eval": "configs.FAMILIES[{family!r}]['eval']",
+    "loss": "algorithms.ALGORITHMS[{algorithm!r}].loss_defaults and FAMILIES' losses",
+    "dual": "algorithms.ALGORITHMS[{algorithm!r}].dual",
+    "draws": "algorithms.ALGORITHMS[{algorithm!r}].draws",
+    "num_epochs": "configs.SCHEDULES[{dataset!r}]",
+    "schedule": "configs.SCHEDULES[{dataset!r}]",
+}
+
+
+def config_sources(config: ml_collections.ConfigDict, resolved: ml_collections.ConfigDict,
+                   overrides: Sequence[str] = ()) -> list[tuple[str, Any, str]]:
+  """``(field, value, source)`` for every field of the ``resolved`` config.
+
+  The source is the command-line override that set it, the random search
+  (``hparams_seed``) when it changed it, the config file when the file's
+  ``get_config`` changed advbench's default, or the table the default comes from
+  (:data:`FAMILIES`, :data:`SCHEDULES`, the algorithm's registry entry, or
+  :func:`base_config` itself).
+  """
+  overridden = {o.split("=", 1)[0][len("--config."):] for o in overrides
+                if o.startswith("--config.")}
+  default = rundir.flatten(base_config(resolved.dataset, resolved.algorithm).to_dict())
+  given = rundir.flatten(config.to_dict())
+  rows = []
+  for field, value in rundir.flatten(resolved.to_dict()).items():
+    head = field.split(".")[0]
+    if field in overridden:
+      source = f"--config.{field}"
+    elif given.get(field) != value:
+      source = f"random search (hparams_seed={resolved.hparams_seed})"
+    elif default.get(field) != value:
+      source = "the config file"
+    else:
+      template = _SECTION_SOURCES.get(head, "configs.base_config")
+      if head == "eval" and field.split(".")[1] not in FAMILIES[FAMILY[resolved.dataset]]["eval"]:
+        template = "configs.base_config"
+      source = template.format(family=FAMILY[resolved.dataset], dataset=resolved.dataset,
+                               algorithm=resolved.algorithm)
+    rows.append((field, value, source))
+  return rows
 
 
 # ----------------------------------------------------------------------------

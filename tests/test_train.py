@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from dale_jax import configs, train
+from dale_jax import configs, rundir, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_step_worker.py")
@@ -334,3 +334,30 @@ def test_dale_train_refuses_to_resume_a_workdir_with_other_flags_and_writes_noth
   assert [r["Epoch"] for r in records] == [0, 1, 2]
   assert records[2]["Config-Changes"] == {"num_epochs": [2, 3]}
   assert "Config-Changes" not in records[1]
+
+
+def test_print_config_shows_every_field_with_its_source_and_writes_nothing(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "dale_jax.cli.train", f"--config={QUICKSTART}:DALE",
+       "--print_config", "--config.sampler.eps=0.2", "--config.hparams_seed=3"],
+      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  lines = {line.split(" = ")[0]: line for line in proc.stdout.splitlines()[1:]}
+  c = configs.base_config("mnist_digits", "DALE")
+  assert len(lines) == len(rundir.flatten(c.to_dict()))
+  assert lines["sampler.eps"].endswith("# --config.sampler.eps") and " 0.2 " in lines["sampler.eps"]
+  assert lines["optimizer.learning_rate"].endswith("# random search (hparams_seed=3)")
+  assert lines["num_epochs"].split(" = ")[1].startswith("8 ") and (
+      lines["num_epochs"].endswith("# the config file"))
+  assert lines["sampler.steps"].endswith("# configs.FAMILIES['mnist']['samplers']")
+  assert lines["dual.every"].endswith("# algorithms.ALGORITHMS['DALE'].dual")
+  assert lines["eval.pgd_steps"].endswith("# configs.FAMILIES['mnist']['eval']")
+  assert lines["eval.apgd_steps"].endswith("# configs.base_config")
+  assert list(tmp_path.iterdir()) == []
+  bad = subprocess.run(
+      [sys.executable, "-m", "dale_jax.cli.train", f"--config={QUICKSTART}:DALE",
+       "--print_config", "--config.sampler.eps=-1.0"], cwd=tmp_path,
+      env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+      "dale-train: error: config.sampler.eps")

@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
+import json
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dale_jax import configs
 from dale_jax import host_memory
 from dale_jax import report
 from dale_jax import train
@@ -21,7 +24,10 @@ from dale_jax.cli import _errors
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. experiments/configs/mnist.py:PGD.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for records and checkpoints.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config, each field with its source, and exit "
+    "before anything is compiled or written (--workdir is then not needed).")
+flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -40,9 +46,26 @@ def main(argv):
     config.to_dict()  # a config file that failed to load raises on first use
   except OSError as e:  # ml_collections defers a config file that failed to load
     raise app.UsageError(" ".join(line.strip() for line in str(e).splitlines())) from None
+  if _PRINT_CONFIG.value:
+    print_config(config, [a for a in sys.argv[1:] if a.startswith("--config.")])
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (the run's directory)")
   host_memory.keep_freed_memory()
   record = train.train_and_evaluate(config, _WORKDIR.value)
   print(report.results_table(record))
+
+
+def print_config(config, overrides) -> None:
+  """The resolved config (random search applied, validated), one field a line with its
+  source; nothing is compiled or written."""
+  resolved = train.resolve_config(config)
+  rows = configs.config_sources(config, resolved, overrides)
+  width = max(len(f"{f} = {json.dumps(v)}") for f, v, _ in rows)
+  source = config_flags.get_config_filename(flags.FLAGS["config"])
+  print(f"# {resolved.algorithm} on {resolved.dataset} (--config={source})")
+  for field, value, source in rows:
+    print(f"{f'{field} = {json.dumps(value)}':<{width}}  # {source}")
 
 
 def run():
