@@ -21,6 +21,11 @@ leaves the estimator unchanged:
 * CVaR draws its ``M`` perturbations once and optimises ``t`` on those losses;
   advbench redraws and re-forwards all ``M`` draws at each of the ``n_steps``
   t-steps. The t-step is per example (see :func:`losses.cvar_t_subgradient`).
+* Worst_Of_K draws, and MH_DALE_PD(_Reverse) start their chains, uniformly on the
+  perturbation set; the advbench fork's Translation and SE draw ``clamp(2 eps randn -
+  eps)``, ``randn`` for the ``rand`` of its Rotation, which puts half the draws at
+  ``-eps`` (a property of the fork's sets that no field reproduces; the rest of its
+  ``Worst_Of_K`` and ``MH`` is the default, see :func:`samplers.metropolis_hastings`).
 """
 
 from __future__ import annotations
@@ -256,9 +261,11 @@ ALGORITHMS: Mapping[str, _Spec] = {
     # Laplace noise inside the sign, LMC_Laplacian_Linf since 80fc180/2ba3eac), with the
     # paper's per-epoch dual update.
     "DALE": _Spec(_dale, True, "langevin_laplacian", dual=_EPOCH_DUAL),
-    # The advbench fork's samplers over perturbation sets: the worst of k uniform draws,
-    # and DALE with a Metropolis-Hastings chain in place of the Langevin sampler (the
-    # robust loss constrained, or, Reverse, the clean loss under a robust constraint).
+    # The advbench fork's samplers over perturbation sets (constrainedlearning/advbench
+    # 31c09cb, its rules and hparams in configs.FAMILIES): the worst of k uniform draws
+    # (its Adversarial_Worst_Of_K), and DALE with its Metropolis-Hastings chain in place
+    # of the Langevin sampler: the robust loss constrained (no class of the fork's), or,
+    # Reverse (its MH_DALE_PD_Reverse), the clean loss under a robust constraint.
     "Worst_Of_K": _Spec(_adversarial_ce, False, "worst_of_k"),
     "MH_DALE_PD": _Spec(_dale, True, "metropolis_hastings", dual=_STEP_DUAL),
     "MH_DALE_PD_Reverse": _Spec(lambda **kw: _dale(objective="clean", **kw), True,

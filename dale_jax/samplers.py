@@ -628,24 +628,70 @@ def uniform(*, eps: float, norm: str = "linf",
   return sample
 
 
+WORST_OF_K_SELECT = ("example", "batch")
+
+
 def worst_of_k(
     *,
     eps: float,
     k: int,
     norm: str = "linf",
     potential: str = "cross_entropy",
+    select: str = "example",
     perturbation: PerturbationSet | None = None,
 ) -> Sampler:
-  """Worst-of-k (Engstrom et al. 2019; the advbench fork's ``Worst_Of_K``): ``k``
-  uniform draws (:func:`uniform`), each example keeping its highest-``potential`` draw.
+  r"""Worst-of-k (Engstrom et al. 2019): ``k`` uniform draws (:func:`uniform`), draw
+  ``j`` from ``fold_in(key, j)`` (over a set, ``perturbation.uniform(fold_in(key, j),
+  x)``), each scored by ``L_ij = potential(f(x_ij), y_i)``. It keeps
 
-  It is :func:`with_restarts` of one uniform draw: draw ``j`` uses ``fold_in(key, j)``
-  (over a set, ``perturbation.uniform(fold_in(key, j), x)``); ties keep the earlier
-  draw. One forward pass per draw, no gradient.
+  * ``select="example"``: each example's own worst draw (:func:`with_restarts` of one
+    uniform draw),
+
+    .. math:: j_i = \arg\max_j L_{ij};
+
+  * ``select="batch"``: one draw index for the whole batch, the one with the highest
+    mean,
+
+    .. math:: j^* = \arg\max_j \frac{1}{B} \sum_i L_{ij}, \qquad x'_i = x_{i j^*}.
+
+  Ties keep the earlier draw. One forward pass per draw, no gradient. With
+  ``select="batch"`` the batch is whatever the sampler is given: a device's share of
+  it, or a chunk (:func:`in_chunks`).
+
+  ``select="batch"`` is the advbench fork's ``Worst_Of_K`` (constrainedlearning/advbench
+  31c09cb, ``advbench/attacks.py``, its loop since 86b25e1) with the fork's default
+  ``batched=0``: the loop keeps the draw whose ``classifier.loss`` (cross-entropy, mean
+  reduction) is highest, ``k = worst_of_k_steps``. Its ``batched=1`` path meant each
+  example's worst draw, but indexes the ``(B k)`` draws with ``argmax`` values in
+  ``[0, k)``, so every example gets one of example 0's draws; that is not reproduced.
+  Its draws are its sets' ``delta_init``: for Translation and SE ``clamp(2 eps randn -
+  eps)`` (see :func:`metropolis_hastings`), which has no counterpart here.
   """
   _check_count("k", k, 1)
-  return with_restarts(uniform(eps=eps, norm=norm, perturbation=perturbation), k,
-                       _potential(potential))
+  validation.one_of("select", select, WORST_OF_K_SELECT)
+  score = _potential(potential)
+  draw = uniform(eps=eps, norm=norm, perturbation=perturbation)
+  if select == "example":
+    return with_restarts(draw, k, score)
+
+  def sample(key, logits_fn, x, y):
+    def run(j):
+      x_adv = draw(jax.random.fold_in(key, j), logits_fn, x, y)
+      return x_adv, jnp.mean(score(logits_fn(x_adv), y).astype(jnp.float32))
+
+    def body(j, carry):
+      x_adv, s = run(j)
+      better = s > carry[1]
+      return jnp.where(better, x_adv, carry[0]), jnp.where(better, s, carry[1])
+
+    return jax.lax.stop_gradient(jax.lax.fori_loop(1, k, body, run(0))[0])
+
+  return sample
+
+
+MH_PROPOSALS = ("gaussian", "laplace")
+MH_ACCEPTANCES = ("density", "loss_ratio")
+MH_OUTSIDE = ("reject", "project")
 
 
 def metropolis_hastings(
@@ -656,59 +702,140 @@ def metropolis_hastings(
     temperature: float = 1.0,
     norm: str = "linf",
     potential: str = "log_one_minus_p",
+    proposal: str = "gaussian",
+    radius_scaled: bool = False,
+    acceptance: str = "density",
+    per_example: bool = True,
+    outside: str = "reject",
     perturbation: PerturbationSet | None = None,
 ) -> Sampler:
-  r"""Random-walk Metropolis-Hastings over the perturbation set (the fork's MH-DALE).
+  r"""Random-walk Metropolis-Hastings over the perturbation set: per-example chains on
+  ``exp(U / T)`` (the defaults), or the advbench fork's ``MH`` (the fields below).
 
-  Per example, a chain whose stationary density on the set ``Delta`` is
+  A chain starts from a uniform draw on the set ``Delta`` and takes ``steps`` steps.
+  Each proposes
 
-  .. math:: \pi(\delta) \propto \exp(U(\delta) / T)\, 1[\delta \in \Delta],
-     \qquad U(\delta) = \text{potential}(f(\text{apply}(x, \delta)), y),
+  .. math:: \delta' = \delta + s \odot \xi, \qquad \xi \sim N(0, I)\ (\texttt{proposal="gaussian"})
+     \ \text{or}\ \mathrm{Laplace}(0, 1)\ (\texttt{"laplace"}),
 
-  so with ``U = log(1 - p_y)`` the law is the paper's ``(1 - p_y)^{1/T}``. The
-  chain starts from a uniform draw; each step proposes ``delta' = delta + s xi``,
-  ``xi ~ N(0, I)`` (``s = proposal_std``, in the set's units: fractions of the
-  radius for a geometric set), a symmetric proposal, and accepts it with
-  probability
+  with ``s = proposal_std`` (the Gaussian's std, or the Laplace law's scale) in the
+  set's units: fractions of each radius for a geometric set. With ``radius_scaled``,
+  ``s_i = proposal_std * r_i`` in those units, i.e. ``proposal_std * r_i^2`` in
+  degrees, pixels or intensity, ``r_i`` the radius of parameter ``i`` (``eps`` for the
+  ``(norm, eps)`` ball; the additive part of a composed set, which the fork has no
+  counterpart of, is not rescaled). A proposal outside ``Delta`` is rejected
+  (``outside="reject"``) or first projected onto it (``"project"``: ``delta' <-
+  P(delta')``, no longer a symmetric proposal). It is then accepted with probability
 
-  .. math:: \alpha = \min\left(1, \exp\left(\frac{U(\delta') - U(\delta)}{T}\right)\right)
+  * ``acceptance="density"``: for the target ``pi(delta) ∝ exp(U(delta) / T)`` on
+    ``Delta``, ``U = potential(f(apply(x, delta)), y)`` (with ``U = log(1 - p_y)``, the
+    paper's ``(1 - p_y)^{1/T}``),
 
-  when ``delta'`` lies in the set (``alpha = 0`` outside it). Returns the chain's
-  state after ``steps`` steps, applied to ``x``. One forward pass per step, no
-  gradient.
+    .. math:: \alpha = \min\left(1, \exp\left(\frac{U(\delta') - U(\delta)}{T}\right)\right);
+
+  * ``acceptance="loss_ratio"``: for the target ``L(delta)^{1/T}``, ``L`` the
+    cross-entropy (``potential`` must be ``cross_entropy``),
+
+    .. math:: \alpha = \min\left(1, \left(\frac{L(\delta')}{L(\delta)}\right)^{1/T}\right),
+
+  and ``alpha = 0`` for a rejected outside proposal. With ``per_example`` each example
+  runs its own chain. Without, one chain runs over the whole batch: one ``alpha`` and
+  one uniform draw decide for every example, from ``sum_i U_i`` (density) or the batch
+  mean ``(1/B) sum_i L_i`` (loss_ratio), and a proposal is inside only if every
+  example's is. That chain couples the examples of whatever batch the sampler is
+  given: a device's share of it, or a chunk (:func:`in_chunks`). Returns the state
+  after ``steps`` steps, applied to ``x``. One forward pass per step, no gradient.
+
+  The advbench fork's ``MH`` (constrainedlearning/advbench 31c09cb,
+  ``advbench/attacks.py``, class ``MH``, its proposal as of 751c1f5) is
+  ``proposal="laplace"`` with ``radius_scaled`` (``delta + eps * Laplace(0,
+  mh_dale_scale * eps)``: ``eps`` applied twice), ``proposal_std = mh_dale_scale``,
+  ``steps = mh_dale_n_steps``, ``acceptance="loss_ratio"`` with ``temperature=1`` and
+  ``potential="cross_entropy"``, and ``per_example=False``: its ``classifier.loss`` is
+  ``F.cross_entropy`` with the mean reduction, so ``last_loss`` is a scalar and
+  ``torch.bernoulli`` draws one decision for the batch. Its Translation and SE
+  ``clamp_delta`` clip the proposal in place, so its ``allclose`` in-set test always
+  passes: ``outside="project"``; its Rotation's returns a copy and a proposal outside
+  skips the whole batch's step: ``outside="reject"``. Without a counterpart here: its
+  start, ``clamp(2 eps * randn - eps)`` for Translation and SE (``randn`` where its
+  Rotation, and every set before d320265, draws ``rand``; clamped, half the chains
+  start at ``-eps``), here a uniform draw; and its Linf ball, on which its ``MH``
+  cannot be built (``Linf.dim`` is ``None`` until an image is seen, and
+  ``torch.zeros(None)`` raises).
   """
   _check_count("steps", steps, 0)
   _check_positive("proposal_std", proposal_std)
   _check_positive("temperature", temperature)
+  validation.one_of("potential", potential, ("cross_entropy", "log_one_minus_p", "margin"))
+  validation.one_of("proposal", proposal, MH_PROPOSALS)
+  validation.boolean("radius_scaled", radius_scaled)
+  validation.one_of("acceptance", acceptance, MH_ACCEPTANCES)
+  validation.boolean("per_example", per_example)
+  validation.one_of("outside", outside, MH_OUTSIDE)
+  validation.require(acceptance != "loss_ratio" or potential == "cross_entropy", "potential",
+                     "'cross_entropy' with acceptance='loss_ratio' (a ratio of positive losses)",
+                     potential)
   pset = perturbations_lib.lp_ball(norm, eps) if perturbation is None else perturbation
-  log_target = _potential(potential)
+  target = _potential(potential)
+  noise = jax.random.normal if proposal == "gaussian" else jax.random.laplace
+  scales = _proposal_scales(pset, eps, proposal_std, radius_scaled)
+
+  def log_alpha(current, proposed, inside):
+    """``log alpha``, ``(batch,)`` per example or ``()`` for the batch's one chain."""
+    if not per_example:
+      reduce = jnp.sum if acceptance == "density" else jnp.mean
+      current, proposed, inside = reduce(current), reduce(proposed), jnp.all(inside)
+    if acceptance == "density":
+      log_ratio = (proposed - current) / temperature
+    else:  # L' >= L accepts, also when both are 0; otherwise L > L' >= 0.
+      log_ratio = jnp.where(proposed >= current, 0.0,
+                            (jnp.log(proposed) - jnp.log(current)) / temperature)
+    return jnp.where(inside, log_ratio, -jnp.inf)
 
   def sample(key, logits_fn, x, y):
     check_inputs(logits_fn, x, y)
-    u_of = lambda d: log_target(logits_fn(pset.apply(x, d)), y).astype(jnp.float32)
+    value_of = lambda d: target(logits_fn(pset.apply(x, d)), y).astype(jnp.float32)
     start_key, chain_key = jax.random.split(key)
     delta = pset.uniform(start_key, x)
 
     def body(i, carry):
-      delta, u = carry
+      delta, value = carry
       prop_key, accept_key = jax.random.split(jax.random.fold_in(chain_key, i))
       leaves, tree = jax.tree.flatten(delta)
       keys = jax.random.split(prop_key, len(leaves))
-      proposal = jax.tree.unflatten(tree, [
-          d + proposal_std * jax.random.normal(k, d.shape, d.dtype) for k, d in zip(keys, leaves)])
-      inside = _inside(pset, proposal, x)
-      u_prop = u_of(proposal)
-      log_alpha = jnp.where(inside, (u_prop - u) / temperature, -jnp.inf)
-      accept = jnp.log(jax.random.uniform(accept_key, u.shape)) < log_alpha
+      proposed = jax.tree.unflatten(tree, [
+          d + s * noise(k, d.shape, d.dtype) for k, d, s in zip(keys, leaves, scales)])
+      if outside == "project":
+        proposed, inside = pset.project(proposed, x), jnp.ones(value.shape, bool)
+      else:
+        inside = _inside(pset, proposed, x)
+      value_proposed = value_of(proposed)
+      log_a = log_alpha(value, value_proposed, inside)
+      accept = jnp.log(jax.random.uniform(accept_key, log_a.shape)) < log_a
+      accept = jnp.broadcast_to(accept, value.shape)
       delta = jax.tree.map(
           lambda p, d: jnp.where(accept.reshape((-1,) + (1,) * (d.ndim - 1)), p, d),
-          proposal, delta)
-      return delta, jnp.where(accept, u_prop, u)
+          proposed, delta)
+      return delta, jnp.where(accept, value_proposed, value)
 
-    delta, _ = jax.lax.fori_loop(0, steps, body, (delta, u_of(delta)))
+    delta, _ = jax.lax.fori_loop(0, steps, body, (delta, value_of(delta)))
     return jax.lax.stop_gradient(pset.apply(x, delta))
 
   return sample
+
+
+def _proposal_scales(pset: PerturbationSet, eps: float, proposal_std: float,
+                     radius_scaled: bool) -> list:
+  """The proposal's scale for each leaf of ``delta`` (one, or two for a composed set),
+  in the set's units (see :func:`metropolis_hastings`): ``proposal_std``, or times each
+  radius ``r_i``."""
+  if not radius_scaled:
+    return [proposal_std, proposal_std]
+  if not pset.parametric:  # the (norm, eps) ball, delta in intensity: proposal_std * eps^2
+    return [proposal_std * eps * eps]
+  # A geometric set's parameters are in units of their radii; a composed set's
+  # additive part (the second leaf) keeps proposal_std.
+  return [proposal_std * np.asarray(pset.radii, np.float32), proposal_std]
 
 
 def _inside(pset: PerturbationSet, delta, x: Array) -> Array:

@@ -310,6 +310,29 @@ def test_worst_of_k_keeps_the_worst_of_its_draws():
   assert len(set(draws.argmax(0))) > 1  # the examples keep different draws
 
 
+def test_worst_of_k_over_the_batch_keeps_the_draw_with_the_highest_mean():
+  """The advbench fork's rule: one draw index for every example. Labels 0 and 1 want
+  opposite angles (CE ``softplus(+-gain cos(theta - PHI))``), so the examples' own worst
+  draws are not all the batch's."""
+  gain, k, batch = 3.0, 5, 4
+  logits_fn, angle_of, x = _toy(gain)
+  x, y = jnp.repeat(x, batch, 0), jnp.arange(batch, dtype=jnp.int32) % 2
+  pset, key = perturbations.rotation(30.0), jax.random.key(7)
+  theta = 30.0 * np.stack([np.asarray(pset.uniform(jax.random.fold_in(key, j), x), np.float64)[:, 0]
+                           for j in range(k)])  # (k, batch), degrees
+  cos = np.cos(np.radians(theta - PHI))
+  ce = np.where(np.asarray(y) == 0, np.logaddexp(0.0, gain * cos), np.logaddexp(0.0, -gain * cos))
+  best, each = ce.mean(1).argmax(), ce.argmax(0)
+
+  def run(select):
+    sample = samplers.worst_of_k(eps=0.3, k=k, select=select, perturbation=pset)
+    return angle_of(_jit(lambda key, x: sample(key, logits_fn, x, y))(key, x))
+
+  np.testing.assert_allclose(run("batch"), theta[best], atol=1e-3)
+  np.testing.assert_allclose(run("example"), theta[each, np.arange(batch)], atol=1e-3)
+  assert np.any(each != best)  # the two rules differ on this case
+
+
 def test_worst_of_k_evaluator_needs_all_draws_right():
   logits_fn, _, x = _toy(3.0)
   bias = 3.0 * math.cos(math.radians(20.0))  # wrong within ~20 degrees of PHI
@@ -343,6 +366,83 @@ def test_metropolis_hastings_samples_the_target_density():
   assert 0.5 * np.abs(got - want).sum() < 0.04, (got, want)
 
 
+def _point_toy(gain: float, a: float = 1.0, b: float = 0.7):
+  """One bright pixel at the centre; shifted by ``(tx, ty)``, its bilinear taps keep its
+  centroid at exactly the shift. Logits ``[gain (a tx + b ty), 0]`` in closed form."""
+  c = (SIZE - 1) // 2
+  x = np.zeros((1, SIZE, SIZE, 1), np.float32)
+  x[0, c, c, 0] = 1.0
+  rows, cols = np.meshgrid(np.arange(SIZE) - c, np.arange(SIZE) - c, indexing="ij")
+  read_x, read_y = (jnp.asarray(r, jnp.float32)[None, :, :, None] for r in (cols, rows))
+
+  def logits_fn(z):
+    s = a * jnp.sum(read_x * z, (1, 2, 3)) + b * jnp.sum(read_y * z, (1, 2, 3))
+    return jnp.stack([gain * s, jnp.zeros_like(s)], -1)
+
+  def shift_of(z):
+    z = np.asarray(z, np.float64)[..., 0]
+    return np.stack([(z * cols).sum((1, 2)), (z * rows).sum((1, 2))], -1)
+
+  def ce(shift, y):  # float64
+    logit = gain * (a * shift[:, 0] + b * shift[:, 1])
+    return np.logaddexp(logit, 0.0) - np.where(y == 0, logit, 0.0)
+
+  return logits_fn, shift_of, ce, jnp.asarray(x)
+
+
+def _np_fork_mh(key, ce, y, radii, scale, steps, per_example):
+  """advbench's ``MH.attack`` (constrainedlearning/advbench 31c09cb) over its
+  Translation, in pixels and float64, with jax.random only for the draws. The start is
+  dale_jax's uniform one (the fork's, ``clamp(2 eps randn - eps)``, has no counterpart).
+  Returns the final shifts and the counts of accepted, rejected and clamped moves."""
+  eps = np.asarray(radii, np.float64)
+  batch = len(y)
+  start_key, chain_key = jax.random.split(key)
+  delta = eps * np.asarray(jax.random.uniform(start_key, (batch, 2), jnp.float32, -1.0, 1.0),
+                           np.float64)
+  last_loss = ce(delta, y)
+  accepted = rejected = clamped = 0
+  for i in range(steps):
+    prop_key, accept_key = jax.random.split(jax.random.fold_in(chain_key, i))
+    laplace = np.asarray(jax.random.laplace(jax.random.split(prop_key, 1)[0], (batch, 2)),
+                         np.float64)
+    # noise_dist = Laplace(zeros, mh_dale_scale * eps); proposal = delta + sample * eps
+    proposal = delta + (scale * eps * laplace) * eps
+    clamped += int(np.sum(np.abs(proposal) > eps))
+    proposal = np.clip(proposal, -eps, eps)  # Translation.clamp_delta, in place
+    proposal_loss = ce(proposal, y)
+    if per_example:
+      ratio = np.minimum(proposal_loss / last_loss, 1.0)
+    else:  # F.cross_entropy's mean: one ratio, one Bernoulli for the batch
+      ratio = np.minimum(proposal_loss.mean() / last_loss.mean(), 1.0)
+    u = np.asarray(jax.random.uniform(accept_key, np.shape(ratio)), np.float64)
+    accept = np.broadcast_to(u < ratio, (batch,))
+    delta = np.where(accept[:, None], proposal, delta)
+    last_loss = np.where(accept, proposal_loss, last_loss)
+    accepted, rejected = accepted + accept.sum(), rejected + (~accept).sum()
+  return delta, accepted, rejected, clamped
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["fork", "fork_per_example"])
+def test_fork_metropolis_hastings_matches_numpy_over_translations(per_example):
+  """The fork's rule with per-axis radii (3 and 1 pixels): proposal scale
+  ``mh_dale_scale * r_i^2`` pixels, clamped, accepted on the ratio of cross-entropies."""
+  radii, scale, steps, batch = (3.0, 1.0), 0.2, 10, 6
+  logits_fn, shift_of, ce, x = _point_toy(2.0)
+  x, y = jnp.repeat(x, batch, 0), jnp.arange(batch, dtype=jnp.int32) % 2
+  sample = samplers.metropolis_hastings(
+      eps=0.3, steps=steps, proposal_std=scale, proposal="laplace", radius_scaled=True,
+      acceptance="loss_ratio", potential="cross_entropy", per_example=per_example,
+      outside="project", perturbation=perturbations.translation(radii))
+  key = jax.random.key(2)
+  got = shift_of(_jit(lambda key, x: sample(key, logits_fn, x, y))(key, x))
+  want, accepted, rejected, clamped = _np_fork_mh(key, ce, np.asarray(y), radii, scale, steps,
+                                                  per_example)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+  # Both outcomes and the clamp occur, so each part of the rule is pinned.
+  assert accepted > 0 and rejected > 0 and clamped > 0, (accepted, rejected, clamped)
+
+
 # ----------------------------------------------------------------------------
 # Every sampler over a geometric set.
 
@@ -361,17 +461,30 @@ _SAMPLER_KWARGS = {
 }
 
 
+# The other rules of worst-of-k and MH: the advbench fork's, and one chain per batch.
+_SET_MODES = {
+    "worst_of_k_batch": ("worst_of_k", dict(k=3, select="batch")),
+    "metropolis_hastings_fork": ("metropolis_hastings", dict(
+        steps=3, proposal_std=0.01, proposal="laplace", radius_scaled=True,
+        acceptance="loss_ratio", potential="cross_entropy", per_example=False,
+        outside="project")),
+    "metropolis_hastings_batch": ("metropolis_hastings",
+                                  dict(steps=3, proposal_std=0.3, per_example=False)),
+}
+_SET_CASES = {**{name: (name, kw) for name, kw in _SAMPLER_KWARGS.items()}, **_SET_MODES}
+
+
 def test_every_sampler_is_covered_over_sets():
   assert set(_SAMPLER_KWARGS) == set(samplers.SAMPLERS)
 
 
-@pytest.mark.parametrize("name", sorted(_SAMPLER_KWARGS))
-def test_every_sampler_stays_a_rotation_in_the_set(name):
+@pytest.mark.parametrize("case", sorted(_SET_CASES))
+def test_every_sampler_stays_a_rotation_in_the_set(case):
   """Over rotations by up to 30 degrees the output is the ramp turned by |theta| <= 30."""
+  name, kw = _SET_CASES[case]
   logits_fn, angle_of, x = _toy(3.0)
   x, y = jnp.repeat(x, 4, 0), jnp.zeros(4, jnp.int32)
-  sample = samplers.make_sampler(dict(name=name, eps=0.3, **_SAMPLER_KWARGS[name]),
-                                 perturbations.rotation(30.0))
+  sample = samplers.make_sampler(dict(name=name, eps=0.3, **kw), perturbations.rotation(30.0))
   out = _jit(lambda k, x: sample(k, logits_fn, x, y))(jax.random.key(1), x)
   theta = angle_of(out)
   assert np.all(np.abs(theta) <= 30.0 + 1e-3) and np.abs(theta).max() > 0.1, theta

@@ -25,6 +25,13 @@ EPS = {"linf": 0.3, "l2": 1.0}
 STEP = {"linf": 0.1, "l2": 0.4}
 
 
+# The advbench fork's MH (configs.FAMILIES), with a proposal scale that moves on a tiny
+# problem: proposal_std * eps^2 per pixel.
+_MH_FORK = dict(proposal_std=0.5, proposal="laplace", radius_scaled=True,
+                acceptance="loss_ratio", potential="cross_entropy", temperature=1.0,
+                per_example=False, outside="project")
+
+
 def _kwargs(name: str, norm: str) -> tuple[Callable, dict]:
   """The factory and test hyperparameters of sampler variant ``name`` under ``norm``."""
   eps, step = EPS[norm], STEP[norm]
@@ -48,8 +55,13 @@ def _kwargs(name: str, norm: str) -> tuple[Callable, dict]:
                      dict(step_size=step, steps=3, sigma=0.25, num_samples=4)),
       "uniform": (samplers.uniform, {}),
       "worst_of_k": (samplers.worst_of_k, dict(k=3)),
+      "worst_of_k_batch": (samplers.worst_of_k, dict(k=3, select="batch")),
       "metropolis_hastings": (samplers.metropolis_hastings,
                               dict(steps=3, proposal_std=0.05, temperature=0.1)),
+      "metropolis_hastings_batch": (samplers.metropolis_hastings,
+                                    dict(steps=3, proposal_std=0.05, temperature=0.1,
+                                         per_example=False)),
+      "metropolis_hastings_fork": (samplers.metropolis_hastings, dict(steps=3, **_MH_FORK)),
   }
   factory, kw = table[name]
   return factory, dict(common, **kw)
@@ -57,7 +69,8 @@ def _kwargs(name: str, norm: str) -> tuple[Callable, dict]:
 
 VARIANTS = ["pgd", "pgd_random_start", "pgd_restarts", "fgsm", "fgsm_random_start",
             "langevin_gaussian", "langevin_laplacian", "langevin", "trades_kl", "smooth_adv",
-            "uniform", "worst_of_k", "metropolis_hastings"]
+            "uniform", "worst_of_k", "worst_of_k_batch", "metropolis_hastings",
+            "metropolis_hastings_batch", "metropolis_hastings_fork"]
 # Samplers whose output does not depend on the key.
 DETERMINISTIC = {"pgd", "fgsm"}
 # The samplers' float64 references are written for the Linf and L2 balls; the L1 ball's
@@ -460,6 +473,102 @@ def test_smooth_adv_restarts_from_the_clean_image_as_advbench_or_accumulates(fro
   assert (moved <= 0.05 + 1e-6) if from_clean else (moved > 0.1), moved
 
 
+def _np_potential(name, w, b, z, y):
+  """``potential(flat(z) W + b, y)`` per example in float64: CE or ``log(1 - p_y)``."""
+  logits = z.reshape(len(z), -1) @ w + b
+  log_p = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+  if name == "cross_entropy":
+    return -log_p[np.arange(len(z)), y]
+  return np.logaddexp.reduce(np.where(np.eye(_C, dtype=bool)[y], -np.inf, log_p), axis=-1)
+
+
+def _np_metropolis_hastings(key, w, b, x, y, kw):
+  """The sampler over the Linf ball in float64 NumPy, jax.random only for the draws.
+
+  The fork's rule (advbench/attacks.py, class MH, 31c09cb) as its code writes it:
+  ``proposal = delta + eps * Laplace(0, mh_dale_scale * eps)``, clamped (its SE and
+  Translation clamp the proposal in place), ``alpha = min(1, L' / L)`` on the mean CE of
+  the batch and one Bernoulli(alpha) for all; the other fields as the docstring writes.
+  Returns ``x + delta`` and the counts of accepted and rejected per-example moves.
+  """
+  x = _f64(x)
+  eps, s, temperature = kw["eps"], kw["proposal_std"], kw["temperature"]
+  start_key, chain_key = jax.random.split(key)
+  delta = np.clip(x + _f64(jax.random.uniform(start_key, x.shape, jnp.float32, -eps, eps)),
+                  0, 1) - x
+  value_of = lambda d: _np_potential(kw["potential"], w, b, x + d, y)
+  value = value_of(delta)
+  accepted = rejected = 0
+  for i in range(kw["steps"]):
+    prop_key, accept_key = jax.random.split(jax.random.fold_in(chain_key, i))
+    draw = jax.random.laplace if kw["proposal"] == "laplace" else jax.random.normal
+    xi = _f64(draw(jax.random.split(prop_key, 1)[0], x.shape, jnp.float32))
+    if kw["radius_scaled"]:
+      proposal = delta + (s * eps * xi) * eps
+    else:
+      proposal = delta + s * xi
+    clamped = np.clip(np.clip(proposal, -eps, eps), -x, 1 - x)  # advbench's Linf.clamp_delta
+    if kw["outside"] == "project":
+      proposal, inside = clamped, np.ones(len(x), bool)
+    else:
+      inside = np.abs(clamped - proposal).reshape(len(x), -1).max(1) < 1e-6
+    proposed = value_of(proposal)
+    current = value
+    if not kw["per_example"]:
+      total = np.sum if kw["acceptance"] == "density" else np.mean
+      current, proposed_total, inside = total(current), total(proposed), inside.all()
+    else:
+      proposed_total = proposed
+    if kw["acceptance"] == "density":
+      alpha = np.exp(np.minimum((proposed_total - current) / temperature, 0.0))
+    else:
+      alpha = np.minimum(1.0, (proposed_total / current) ** (1 / temperature))
+    alpha = np.where(inside, alpha, 0.0)
+    u = _f64(jax.random.uniform(accept_key, np.shape(alpha), jnp.float32))
+    accept = np.broadcast_to(u < alpha, (len(x),))
+    delta = np.where(accept.reshape(-1, 1, 1, 1), proposal, delta)
+    value = np.where(accept, proposed, value)
+    accepted, rejected = accepted + accept.sum(), rejected + (~accept).sum()
+  return x + delta, accepted, rejected
+
+
+_DENSITY = dict(proposal="gaussian", radius_scaled=False, acceptance="density",
+                potential="log_one_minus_p", temperature=0.05, per_example=True,
+                outside="reject")
+
+
+def _mh_problem(gain=4.0):
+  """The linear problem with the model's own labels, its logits times ``gain``, and the
+  inputs in [0.25, 0.75]: small cross-entropies that a step changes by large factors,
+  and an eps = 0.2 ball that the box does not cut."""
+  w, b, x, _, _ = _linear_problem()
+  w, b, x = gain * w, gain * b, 0.25 + 0.5 * x
+  y = (_f64(x).reshape(len(x), -1) @ w + b).argmax(-1).astype(np.int32)
+  w32, b32 = w.astype(np.float32), b.astype(np.float32)
+  return w, b, x, y, lambda z: z.reshape((z.shape[0], -1)) @ w32 + b32
+
+
+@pytest.mark.parametrize("fields", [
+    dict(_MH_FORK, proposal_std=2.0),  # the advbench fork's MH
+    dict(_MH_FORK, proposal_std=2.0, per_example=True),  # its rules, a chain per example
+    dict(_MH_FORK, proposal="gaussian", radius_scaled=False, proposal_std=0.003,
+         outside="reject"),
+    dict(_DENSITY, proposal_std=0.003),  # the paper's density, a chain per example
+    dict(_DENSITY, proposal_std=0.003, per_example=False, proposal="laplace"),
+], ids=["fork", "fork_per_example", "loss_ratio_reject", "density", "density_batch"])
+def test_metropolis_hastings_matches_numpy(fields):
+  w, b, x, y, logits_fn = _mh_problem()
+  kw = dict(fields, eps=0.2, norm="linf", steps=10)
+  key = jax.random.key(5)
+  got = _call(samplers.metropolis_hastings(**kw), key, logits_fn, x, y)
+  want, accepted, rejected = _np_metropolis_hastings(key, w, b, x, y, kw)
+  np.testing.assert_allclose(_f64(got), want, rtol=0, atol=1e-5)
+  # Both outcomes occur, so the acceptance rule is what the comparison pins.
+  assert accepted > 0 and rejected > 0, (accepted, rejected)
+  if not kw["per_example"]:  # the batch moves together or not at all
+    assert accepted % len(x) == 0 and rejected % len(x) == 0
+
+
 def test_uniform_sampler_matches_threat_uniform(tiny):
   key = jax.random.key(8)
   got = samplers.uniform(eps=0.3)(key, tiny.logits_fn, tiny.x, tiny.y)
@@ -597,6 +706,22 @@ _BAD = [
      "num_samples"),
     (samplers.uniform, dict(eps=-0.3), "eps"),
     (samplers.uniform, dict(eps=0.3, norm="l0"), "norm"),
+    (samplers.worst_of_k, dict(eps=0.3, k=3, select="draw"), "select"),
+    (samplers.metropolis_hastings, dict(eps=0.3, steps=3, proposal_std=0.1, proposal="cauchy"),
+     "proposal"),
+    (samplers.metropolis_hastings, dict(eps=0.3, steps=3, proposal_std=0.1, radius_scaled=1),
+     "radius_scaled"),
+    (samplers.metropolis_hastings, dict(eps=0.3, steps=3, proposal_std=0.1, acceptance="ratio"),
+     "acceptance"),
+    (samplers.metropolis_hastings, dict(eps=0.3, steps=3, proposal_std=0.1, per_example="no"),
+     "per_example"),
+    (samplers.metropolis_hastings, dict(eps=0.3, steps=3, proposal_std=0.1, outside="clip"),
+     "outside"),
+    (samplers.metropolis_hastings, dict(eps=0.3, steps=3, proposal_std=0.1, potential="hinge"),
+     "potential"),
+    # A ratio of losses needs a positive loss: log(1 - p_y) is negative.
+    (samplers.metropolis_hastings, dict(eps=0.3, steps=3, proposal_std=0.1,
+                                        acceptance="loss_ratio"), "potential"),
 ]
 
 
