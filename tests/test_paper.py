@@ -48,7 +48,7 @@ def _table_rows(text: str) -> dict[str, list[str]]:
     if not line.startswith("|"):
       break
     cells = [c.strip() for c in line.strip("|").split("|")]
-    rows[cells[0]] = cells[1:]
+    rows[cells[0].split(" † ")[0]] = cells[1:]  # the name without its at-chance flag
   return rows
 
 
@@ -77,13 +77,17 @@ def test_digits_command_end_to_end_builds_the_table_from_the_records(tmp_path, c
     expected = [_expected_cell([r["Test"][m] for r in last])
                 for m in ("Clean-Accuracy", "FGSM-Accuracy", "PGD-Accuracy")]
     expected.append(_expected_cell([e["pgd20"]["accuracy"] for e in evals]))
+    expected.append(_expected_cell([e["pgd20_aa"]["accuracy"] for e in evals]))
     expected.append(_expected_cell([e["autoattack"]["accuracy"] for e in evals]))
-    assert cells[:5] == expected, algorithm
-    assert cells[5] == "2"
-    assert float(cells[6]) == pytest.approx(np.mean([r["Total-Time"] for r in last]) / 60,
+    assert cells[:6] == expected, algorithm
+    assert cells[6] == "2"
+    assert float(cells[7]) == pytest.approx(np.mean([r["Total-Time"] for r in last]) / 60,
                                             abs=0.051)
     for e in evals:
       assert e["pgd20"]["n_examples"] == 24 and e["autoattack"]["n_examples"] == 6
+      # PGD-20 again on AutoAttack's points: the two attacks on the same images.
+      assert e["pgd20_aa"]["n_examples"] == 6
+      assert e["pgd20_aa"]["clean_accuracy"] == e["autoattack"]["clean_accuracy"]
       assert e["settings"]["apgd_steps"] == 3 and e["norm"] == "linf" and e["eps"] == 0.3
       # AutoAttack's chain never reports more than its clean accuracy, nor PGD-20 more
       # than the clean accuracy of the same images.
@@ -93,7 +97,8 @@ def test_digits_command_end_to_end_builds_the_table_from_the_records(tmp_path, c
   # The published table beside it, the reduced AutoAttack named as such, the figures.
   assert "| DALE-100 | 98.8 | 97.1 | 99.1 |" in text
   assert "reduced: 3 APGD steps, 8 Square queries" in text
-  assert text.count("Gaussian_DALE_PD against") == 0  # no PGD/TRADES/MART row to compare
+  assert text.count("Gaussian_DALE_PD −") == 0  # no PGD/TRADES/MART row to compare
+  assert "Gaussian_DALE_PD's seed 0 is the README's main job" in text
   assert "On the Pareto front" in text
   for name in ("pareto", "primal_dual"):
     figure = tmp_path / "docs" / "results" / "digits" / f"{name}.png"
@@ -102,7 +107,7 @@ def test_digits_command_end_to_end_builds_the_table_from_the_records(tmp_path, c
   assert "python experiments/paper/digits.py --output_dir=" in text
   csv_rows = collect.read_csv(str(out / "results.csv"))
   aa = {r.algorithm: r for r in csv_rows if r.metric == paper.AUTOATTACK}
-  assert f"{aa['ERM'].mean:.1f} ± {aa['ERM'].std:.1f}" == rows["ERM"][4]
+  assert f"{aa['ERM'].mean:.1f} ± {aa['ERM'].std:.1f}" == rows["ERM"][5]
 
   # Rerun = continue: nothing is trained or attacked again, the page is the same.
   stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")
@@ -183,26 +188,45 @@ def test_check_prepared_opens_the_splits_without_reading_them(tmp_path):
     data.check_prepared("svhn", data_dir=str(tmp_path))
 
 
-def _choice(algorithm, clean, robust):
-  records = tuple({"Test": {"Clean-Accuracy": c, paper.AUTOATTACK: r}}
-                  for c, r in zip(clean, robust))
-  return collect.Choice("d", algorithm, "LastStep", None, 0, (), records, float("nan"))
+def _choice(algorithm, clean, robust, pgd=None):
+  pgd = pgd or robust
+  runs = tuple(collect.Run(f"/r/{algorithm}/{seed}", "d", algorithm, 0, seed, {}, (), True)
+               for seed in range(len(clean)))
+  records = tuple({"Test": {"Clean-Accuracy": c, paper.AUTOATTACK: r, paper.PGD20_AA: p}}
+                  for c, r, p in zip(clean, robust, pgd))
+  return collect.Choice("d", algorithm, "LastStep", None, 0, runs, records, float("nan"))
 
 
-def test_findings_follow_the_table():
-  choices = [_choice("PGD", (90.0, 91.0), (60.0, 61.0)),
-             _choice("TRADES", (95.0, 95.0), (50.0, 52.0)),
-             _choice("Gaussian_DALE_PD", (94.0, 96.0), (62.0, 64.0)),
-             _choice("ERM", (99.0, 99.0), (0.0, 0.0))]
-  lines = paper.findings(choices)
-  # PGD (90.5, 60.5) is dominated by Gaussian_DALE_PD (95, 63); TRADES (95, 51) by it too.
+def test_findings_pair_the_seeds_and_flag_runs_at_chance():
+  choices = [_choice("PGD", (90.0, 91.0, 92.0), (60.0, 61.0, 59.0)),
+             _choice("TRADES", (95.0, 95.0, 94.0), (50.0, 52.0, 51.0)),
+             _choice("Gaussian_DALE", (96.0, 96.0, 96.0), (55.0, 57.0, 60.0)),
+             _choice("Gaussian_DALE_PD", (94.0, 96.0, 95.0), (62.0, 64.0, 58.0),
+                     pgd=(70.0, 70.0, 70.0)),
+             _choice("MART", (11.0, 95.0, 12.0), (0.0, 40.0, 0.0)),
+             _choice("ERM", (99.0, 99.0, 99.0), (0.0, 0.0, 0.0))]
+  lines = paper.findings(choices, primal_dual="Gaussian_DALE_PD")
+  # MART's seeds 0 and 2 are at chance: its point is seed 1 alone (95, 40), dominated.
   assert lines[0] == ("On the Pareto front of clean against AutoAttack accuracy (no other "
-                      "method is higher in both): Gaussian_DALE_PD, ERM.")
-  std = np.std([94.0, 96.0], ddof=1)
-  assert lines[1].startswith("Each DALE variant against each baseline")
-  assert lines[2] == (f"Gaussian_DALE_PD against PGD: clean +4.5, AutoAttack +2.5 points "
-                      f"(larger seed std {std:.1f} and {std:.1f}): clean higher, robust "
-                      "higher.")
-  assert re.search(r"against TRADES: clean \+0\.0, AutoAttack \+12\.0 .*clean level, "
-                   r"robust higher\.$", lines[3])
-  assert len(lines) == 4
+                      "method is higher in both; runs at chance left out): Gaussian_DALE_PD, "
+                      "Gaussian_DALE, ERM.")
+  assert lines[1] == ("Ended at chance (clean accuracy below 20 %, marked †; left out of the "
+                      "front and the comparisons): MART (2 of 3 seeds).")
+  # Paired over seeds: Gaussian_DALE_PD - PGD = (4, 5, 3) clean and (2, 3, -1) AutoAttack.
+  d_clean, d_robust = np.array([4.0, 5.0, 3.0]), np.array([2.0, 3.0, -1.0])
+  assert (f"Gaussian_DALE_PD − PGD, paired over 3 seeds: clean +{d_clean.mean():.1f} ± "
+          f"{d_clean.std(ddof=1):.1f}, AutoAttack +{d_robust.mean():.1f} ± "
+          f"{d_robust.std(ddof=1):.1f} points; AutoAttack higher in 2 of 3 seeds.") in lines
+  # Against MART only the seed where MART learned counts.
+  assert any(line.startswith("Gaussian_DALE_PD − MART, paired over 1 seeds: clean +1.0")
+             for line in lines)
+  dual = [line for line in lines if line.startswith("What the dual variable adds")]
+  assert dual == ["What the dual variable adds over a fixed multiplier (nu = 0.1): "
+                  "Gaussian_DALE_PD − Gaussian_DALE, paired over 3 seeds: clean -1.0 ± 1.0, "
+                  f"AutoAttack +4.0 ± {np.std([7.0, 7.0, -2.0], ddof=1):.1f} points; "
+                  "AutoAttack higher in 2 of 3 seeds."]
+  gap = next(line for line in lines if line.startswith("AutoAttack below PGD-20"))
+  assert "Gaussian_DALE_PD 8.7" in gap and gap.index("Gaussian_DALE_PD") < gap.index("ERM")
+  assert lines[-1].startswith("Gaussian_DALE_PD's seed 0 is the README's main job (the same "
+                              "command): clean 94.0, PGD-10 nan")
+  assert paper._name(choices[4]) == "MART † 2/3"

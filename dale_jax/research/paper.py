@@ -48,11 +48,21 @@ EVAL_PROGRESS = "paper_eval_progress"
 # The accuracies of the table, in its column order, with their column titles.
 # Clean, FGSM and PGD-10 come from the run's own last-epoch test record (advbench's
 # evaluators on every test image); PGD-20 and AutoAttack from the evaluate stage.
+# PGD-20 runs twice: on every test image, and on AutoAttack's points, so that the two
+# attacks are compared on the same images.
 COLUMNS = (("Clean-Accuracy", "Clean"), ("FGSM-Accuracy", "FGSM"),
            ("PGD-Accuracy", "PGD-10"), ("PGD-20-Accuracy", "PGD-20"),
+           ("PGD-20-AA-Accuracy", "PGD-20, AA's points"),
            ("AutoAttack-Accuracy", "AutoAttack"))
 PGD20 = "PGD-20-Accuracy"
+PGD20_AA = "PGD-20-AA-Accuracy"
 AUTOATTACK = "AutoAttack-Accuracy"
+# A run whose clean accuracy ends within this many points of chance (10 classes) did
+# not learn: flagged in the table, kept out of the Pareto front and the comparisons.
+CHANCE = 10.0
+AT_CHANCE_MARGIN = 10.0
+# Primal-dual algorithms and their fixed-multiplier counterparts: what the dual adds.
+FIXED_MULTIPLIER = {"Gaussian_DALE_PD": "Gaussian_DALE", "DALE": "Laplacian_DALE"}
 
 # The algorithms that solve the constrained problem (DALE and its advbench variants).
 DALE_FAMILY = ("Gaussian_DALE_PD", "KL_DALE_PD", "DALE", "Gaussian_DALE_PD_Reverse",
@@ -102,6 +112,9 @@ class Experiment:
     primal_dual: the algorithm whose first seed's run the primal-dual figure shows.
     setting: one sentence on the data, schedule and model, for the page.
     caveats: what the numbers cannot show, for the page.
+    advbench: a ``results.jsonl`` of advbench's own classes trained in the same
+      setting (``experiments/fidelity/advbench_digits.py``), set beside the table;
+      empty: none.
   """
 
   name: str
@@ -114,6 +127,7 @@ class Experiment:
   primal_dual: str = "Gaussian_DALE_PD"
   setting: str = ""
   caveats: tuple[str, ...] = ()
+  advbench: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +235,7 @@ def evaluate_run(workdir: str, settings: EvalSettings, *, log: Callable[[str], N
   """
   existing = read_eval(workdir)
   wanted = dataclasses.asdict(settings)
-  if existing is not None and existing.get("settings") == wanted:
+  if existing is not None and existing.get("settings") == wanted and "pgd20_aa" in existing:
     return existing
   from dale_jax import attacks  # pylint: disable=import-outside-toplevel
   from dale_jax import train as train_lib  # pylint: disable=import-outside-toplevel
@@ -235,6 +249,8 @@ def evaluate_run(workdir: str, settings: EvalSettings, *, log: Callable[[str], N
   norm, eps = str(config.eval.norm), float(config.eval.eps)
   common = dict(norm=norm, eps=eps, batch_size=settings.batch_size, seed=settings.seed)
   pgd = attacks.evaluate_robustness(logits_fn, x, y, attacks=("clean", "pgd20"), **common)
+  pgd_aa = attacks.evaluate_robustness(logits_fn, x[:n_aa], y[:n_aa], attacks=("clean", "pgd20"),
+                                       **common)
   chain = attacks.evaluate_robustness(
       logits_fn, x[:n_aa], y[:n_aa], attacks=("clean",), version="standard",
       settings={"apgd-ce": {"steps": settings.apgd_steps},
@@ -245,6 +261,9 @@ def evaluate_run(workdir: str, settings: EvalSettings, *, log: Callable[[str], N
       "settings": wanted, "norm": norm, "eps": eps,
       "pgd20": {"n_examples": pgd["n_examples"], "clean_accuracy": pgd["clean_accuracy"],
                 "accuracy": pgd["per_attack"]["pgd20"]},
+      "pgd20_aa": {"n_examples": pgd_aa["n_examples"],
+                   "clean_accuracy": pgd_aa["clean_accuracy"],
+                   "accuracy": pgd_aa["per_attack"]["pgd20"]},
       "autoattack": {"n_examples": chain["n_examples"],
                      "clean_accuracy": chain["clean_accuracy"],
                      "per_attack": chain["per_attack"],
@@ -291,6 +310,7 @@ def with_evaluation(choice: collect.Choice) -> collect.Choice:
       raise RuntimeError(f"run {run.workdir} has no {EVAL_FILE}: run the evaluate stage")
     test = dict(record.get("Test") or {})
     test[PGD20] = evaluation["pgd20"]["accuracy"]
+    test[PGD20_AA] = evaluation["pgd20_aa"]["accuracy"]
     test[AUTOATTACK] = evaluation["autoattack"]["accuracy"]
     records.append({**record, "Test": test})
   return dataclasses.replace(choice, records=tuple(records))
@@ -315,6 +335,22 @@ def _cell(mean: float, std: float) -> str:
   return "-" if math.isnan(mean) else f"{mean:.1f} ± {std:.1f}"
 
 
+def at_chance(record: Mapping) -> bool:
+  """Whether a run's selected record is within :data:`AT_CHANCE_MARGIN` of chance."""
+  clean = collect.metric_value(record, "Test", "Clean-Accuracy")
+  return not math.isnan(clean) and clean < CHANCE + AT_CHANCE_MARGIN
+
+
+def n_at_chance(choice: collect.Choice) -> int:
+  return sum(at_chance(r) for r in choice.records)
+
+
+def _name(choice: collect.Choice) -> str:
+  """The row's name; ``† k/n`` when k of its n runs ended at chance."""
+  k = n_at_chance(choice)
+  return f"{choice.algorithm} † {k}/{len(choice.records)}" if k else choice.algorithm
+
+
 def results_table(choices: Sequence[collect.Choice]) -> str:
   """The Markdown table: one row per algorithm, mean ± std over its seeds."""
   header = ["Algorithm", *(title for _, title in COLUMNS), "seeds", "train (min/run)"]
@@ -323,8 +359,35 @@ def results_table(choices: Sequence[collect.Choice]) -> str:
   for c in choices:
     cells = [_cell(*_mean_std(c, metric)) for metric, _ in COLUMNS]
     minutes = np.mean([_train_seconds(r) for r in c.runs]) / 60
-    lines.append("| " + " | ".join([c.algorithm, *cells, str(len(c.runs)),
+    lines.append("| " + " | ".join([_name(c), *cells, str(len(c.runs)),
                                     f"{minutes:.1f}"]) + " |")
+  return "\n".join(lines)
+
+
+def read_advbench(path: str) -> dict[str, list[dict]]:
+  """``{algorithm: [run, ...]}`` from the fidelity runner's ``results.jsonl``."""
+  runs: dict[str, list[dict]] = {}
+  for record in rundir.read_records(path):
+    runs.setdefault(record["algorithm"], []).append(record)
+  return runs
+
+
+def advbench_table(choices: Sequence[collect.Choice], advbench: Mapping[str, list[dict]]) -> str:
+  """The table's rows beside advbench's own classes in the same setting (clean, PGD-10)."""
+  lines = ["| Algorithm | dale_jax Clean | advbench Clean | dale_jax PGD-10 | advbench PGD-10 "
+           "| advbench seeds |", "|:---|---:|---:|---:|---:|---:|"]
+  for c in choices:
+    runs = advbench.get(c.algorithm)
+    if not runs:
+      continue
+    cells = []
+    for metric in ("Clean-Accuracy", "PGD-Accuracy"):
+      ours = _cell(*_mean_std(c, metric))
+      values = [r["Test"][metric] for r in runs if r.get("Test")]
+      theirs = _cell(*collect.mean_std(values)) if values else "diverged"
+      cells += [ours, theirs]
+    lines.append(f"| {c.algorithm} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
+                 f"{len(runs)} |")
   return "\n".join(lines)
 
 
@@ -341,48 +404,120 @@ def _train_seconds(run: collect.Run) -> float:
   return float(run.records[-1].get("Total-Time", math.nan))
 
 
-def findings(choices: Sequence[collect.Choice]) -> list[str]:
-  """Sentences on what the table shows, computed from it (clean vs AutoAttack accuracy)."""
-  points = {c.algorithm: (_mean_std(c, "Clean-Accuracy"), _mean_std(c, AUTOATTACK))
-            for c in choices}
+def _learned_runs(choice: collect.Choice) -> collect.Choice:
+  """``choice`` without its runs at chance."""
+  keep = [i for i, r in enumerate(choice.records) if not at_chance(r)]
+  return dataclasses.replace(choice, runs=tuple(choice.runs[i] for i in keep),
+                             records=tuple(choice.records[i] for i in keep))
+
+
+def _by_seed(choice: collect.Choice, metric: str) -> dict[int, float]:
+  return {run.trial_seed: collect.metric_value(record, "Test", metric)
+          for run, record in zip(choice.runs, choice.records) if not at_chance(record)}
+
+
+def paired(a: collect.Choice, b: collect.Choice, metric: str) -> tuple[float, float, int, int]:
+  """``a - b`` over the seeds both ran (neither at chance): mean, sample std, how many
+  seeds ``a`` is higher on, and how many seeds."""
+  x, y = _by_seed(a, metric), _by_seed(b, metric)
+  diffs = [x[s] - y[s] for s in sorted(x.keys() & y.keys())
+           if not (math.isnan(x[s]) or math.isnan(y[s]))]
+  if not diffs:
+    return math.nan, math.nan, 0, 0
+  mean, std = collect.mean_std(diffs)
+  return mean, std, sum(d > 0 for d in diffs), len(diffs)
+
+
+def _paired_sentence(a: collect.Choice, b: collect.Choice) -> str | None:
+  clean, robust = paired(a, b, "Clean-Accuracy"), paired(a, b, AUTOATTACK)
+  if not robust[3]:
+    return None
+  return (f"{a.algorithm} − {b.algorithm}, paired over {robust[3]} seeds: clean "
+          f"{clean[0]:+.1f} ± {clean[1]:.1f}, AutoAttack {robust[0]:+.1f} ± {robust[1]:.1f} "
+          f"points; AutoAttack higher in {robust[2]} of {robust[3]} seeds.")
+
+
+def findings(choices: Sequence[collect.Choice], *, primal_dual: str | None = None) -> list[str]:
+  """Sentences on what the table does not show at a glance, computed from the runs:
+  the Pareto front, paired differences over seeds (the same seed's data order and
+  initialisation on both sides), what the dual variable adds, and where AutoAttack
+  finds more than PGD-20 on the same points."""
+  by_name = {c.algorithm: c for c in choices}
+  learned = [c for c in choices if n_at_chance(c) < len(c.records)]
+  points = {}
+  for c in learned:
+    kept = _learned_runs(c)
+    points[c.algorithm] = (_mean_std(kept, "Clean-Accuracy")[0], _mean_std(kept, AUTOATTACK)[0])
   names = list(points)
-  xy = np.array([[points[n][0][0], points[n][1][0]] for n in names])
-  front = [names[i] for i in plots.pareto_front(xy)]
+  xy = np.array([points[n] for n in names]) if names else np.zeros((0, 2))
+  front = [names[i] for i in plots.pareto_front(xy)] if names else []
   lines = [f"On the Pareto front of clean against AutoAttack accuracy (no other method is "
-           f"higher in both): {', '.join(front)}.",
-           "Each DALE variant against each baseline below: higher or lower where the "
-           "difference exceeds the larger of the two methods' seed std, level otherwise."]
+           f"higher in both; runs at chance left out): {', '.join(front)}."]
+  flagged = [f"{c.algorithm} ({n_at_chance(c)} of {len(c.records)} seeds)" for c in choices
+             if n_at_chance(c)]
+  if flagged:
+    lines.append("Ended at chance (clean accuracy below "
+                 f"{CHANCE + AT_CHANCE_MARGIN:g} %, marked †; left out of the front and the "
+                 f"comparisons): {', '.join(flagged)}.")
   for dale in (n for n in names if n in DALE_FAMILY):
-    (c_dale, s_dale), (r_dale, t_dale) = points[dale]
     for base in (n for n in names if n in BASELINES):
-      (c_base, s_base), (r_base, t_base) = points[base]
-      d_clean, d_robust = c_dale - c_base, r_dale - r_base
-      spread_clean, spread_robust = max(s_dale, s_base), max(t_dale, t_base)
-      lines.append(
-          f"{dale} against {base}: clean {d_clean:+.1f}, AutoAttack {d_robust:+.1f} points "
-          f"(larger seed std {spread_clean:.1f} and {spread_robust:.1f}): "
-          f"{_verdict(d_clean, d_robust, spread_clean, spread_robust)}.")
+      sentence = _paired_sentence(by_name[dale], by_name[base])
+      if sentence:
+        lines.append(sentence)
+  for pd, fixed in FIXED_MULTIPLIER.items():
+    if pd in points and fixed in points:
+      sentence = _paired_sentence(by_name[pd], by_name[fixed])
+      if sentence:
+        lines.append("What the dual variable adds over a fixed multiplier (nu = 0.1): "
+                     + sentence)
+  gaps = []
+  for c in learned:
+    kept = _learned_runs(c)
+    pgd, aa = _mean_std(kept, PGD20_AA)[0], _mean_std(kept, AUTOATTACK)[0]
+    if not (math.isnan(pgd) or math.isnan(aa)):
+      gaps.append((pgd - aa, c.algorithm))
+  if gaps:
+    gaps.sort(reverse=True)
+    lines.append("AutoAttack below PGD-20 on the same points (what PGD misses; large gaps "
+                 "suggest gradient masking): "
+                 + ", ".join(f"{name} {gap:.1f}" for gap, name in gaps) + " points.")
+  if primal_dual in by_name:
+    c = by_name[primal_dual]
+    first = [(run, record) for run, record in zip(c.runs, c.records) if run.trial_seed == 0]
+    if first:
+      test = first[0][1].get("Test") or {}
+      lines.append(f"{primal_dual}'s seed 0 is the README's main job (the same command): "
+                   f"clean {test.get('Clean-Accuracy', math.nan):.1f}, PGD-10 "
+                   f"{test.get('PGD-Accuracy', math.nan):.1f}, FGSM "
+                   f"{test.get('FGSM-Accuracy', math.nan):.1f}; the row is the mean over "
+                   "seeds.")
   return lines
-
-
-def _verdict(d_clean, d_robust, spread_clean, spread_robust) -> str:
-  clean = "higher" if d_clean > spread_clean else "lower" if d_clean < -spread_clean else "level"
-  robust = ("higher" if d_robust > spread_robust
-            else "lower" if d_robust < -spread_robust else "level")
-  return f"clean {clean}, robust {robust}"
 
 
 def figures(choices: Sequence[collect.Choice], experiment: Experiment, folder: str
             ) -> dict[str, str]:
   """Draws the Pareto plot and one run's primal-dual picture; returns {name: path}."""
+  evaluation = read_eval(choices[0].runs[0].workdir)
+  norm, eps = evaluation["norm"], evaluation["eps"]
+  n_clean, n_aa = evaluation["pgd20"]["n_examples"], evaluation["autoattack"]["n_examples"]
+  threat = f"{_NORM_NAMES.get(norm, norm)} ε = {eps:g}"
   paths = {"pareto": plots.save(
-      plots.pareto(choices, robust=AUTOATTACK), os.path.join(folder, "pareto.png"))}
+      plots.pareto(choices, robust=AUTOATTACK,
+                   title=f"{experiment.name}: mean ± std over seeds",
+                   clean_label=f"Clean accuracy (%, {n_clean} test images)",
+                   robust_label=f"AutoAttack accuracy (%, {threat}, first {n_aa} images)"),
+      os.path.join(folder, "pareto.png"))}
   dual = [c for c in choices if c.algorithm == experiment.primal_dual and plots.has_dual(c)]
   if dual:
     one_run = dataclasses.replace(dual[0], runs=dual[0].runs[:1], records=dual[0].records[:1])
-    paths["primal_dual"] = plots.save(plots.primal_dual(one_run),
-                                      os.path.join(folder, "primal_dual.png"))
+    paths["primal_dual"] = plots.save(
+        plots.primal_dual(one_run, title=f"{experiment.name}: {experiment.primal_dual}, seed "
+                                         f"{one_run.runs[0].trial_seed}", threat=threat),
+        os.path.join(folder, "primal_dual.png"))
   return paths
+
+
+_NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1"}
 
 
 def _duration(seconds: float) -> str:
@@ -423,9 +558,13 @@ def page(experiment: Experiment, choices: Sequence[collect.Choice], settings: Ev
       f"Each cell is the mean ± sample std over {experiment.seeds} seeds of the last "
       f"epoch's model (default hyperparameters, no selection on test data), {norm} "
       f"eps = {eps:g}, in %. Clean, FGSM and PGD-10 are advbench's evaluators on the "
-      f"{n_pgd} test images (the run's own last-epoch record); PGD-20 on the same images; "
-      f"AutoAttack ({budget}: APGD-CE, APGD-T, FAB-T, Square, each on the points the "
-      f"previous ones left) on the first {n_aa}. Training time is the run's own clock.",
+      f"{n_pgd} test images (the run's own last-epoch record); PGD-20 on the same images "
+      f"and again on AutoAttack's points; AutoAttack ({budget}: APGD-CE, APGD-T, FAB-T, "
+      f"Square, each on the points the previous ones left) on the first {n_aa}, so the last "
+      "two columns compare the attacks on the same images. Training time is the run's own "
+      f"clock. † k/n: k of the n runs ended at chance (clean accuracy below "
+      f"{CHANCE + AT_CHANCE_MARGIN:g} %): they did not learn, and their numbers are in the "
+      "row's mean.",
       "",
       results_table(choices),
       "",
@@ -434,9 +573,10 @@ def page(experiment: Experiment, choices: Sequence[collect.Choice], settings: Ev
       "",
       published_table(published),
       "",
+      *_advbench_section(experiment, choices),
       "## What the numbers show",
       "",
-      *(f"- {line}" for line in findings(choices)),
+      *(f"- {line}" for line in findings(choices, primal_dual=experiment.primal_dual)),
       "",
       "## What they cannot show",
       "",
@@ -471,6 +611,22 @@ def page(experiment: Experiment, choices: Sequence[collect.Choice], settings: Ev
   else:
     lines.append("- AutoAttack's sanity checks (gradient masking) raised no warning.")
   return "\n".join(lines) + "\n"
+
+
+def _advbench_section(experiment: Experiment, choices: Sequence[collect.Choice]) -> list[str]:
+  """advbench's own classes in the same setting, when the experiment names their runs."""
+  if not experiment.advbench:
+    return []
+  runs = read_advbench(experiment.advbench)
+  if not any(c.algorithm in runs for c in choices):
+    return []
+  return ["## advbench's own code in this setting", "",
+          "The same rows trained by advbench's classes (the authors' PyTorch code, "
+          "arobey1/advbench, run from a local checkout with the same digits, schedule, "
+          "batch and epochs) and measured by the same dale_jax evaluators, mean ± std over "
+          "its seeds; `docs/fidelity.md` has every algorithm and the commands. A weakness "
+          "that both columns share belongs to the method and the budget, not to the port.",
+          "", advbench_table(choices, runs), ""]
 
 
 def report(experiment: Experiment, output_dir: str, settings: EvalSettings, *, doc: str,

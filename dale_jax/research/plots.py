@@ -100,7 +100,7 @@ def accuracy_curves(choices: Sequence[collect.Choice], split: str = "Test",
   for ax, c in zip(axes.flat, choices):
     for metric in metrics:
       _plot_curve(ax, c.runs, split, metric)
-    ax.set_title(f"{c.algorithm} (h{c.hparams_seed}, n={len(c.runs)})")
+    ax.set_title(f"{c.algorithm}, {_runs_phrase(len(c.runs))}")
     ax.set_xlabel("Epoch")
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[n:]:
@@ -126,18 +126,21 @@ def has_dual(choice: collect.Choice) -> bool:
              for run in choice.runs for r in run.records)
 
 
-def primal_dual(choice: collect.Choice, split: str = "Test"):
+def primal_dual(choice: collect.Choice, split: str = "Test", *, title: str | None = None,
+                threat: str | None = None):
   """The primal-dual picture of one algorithm (as the paper's figures).
 
-  Left: ``split`` accuracy (clean, PGD, FGSM). Middle: training nominal and
-  robust losses with the margin rho (from ``config.json``'s ``dual.margin``).
-  Right: the dual variable nu (running mean over each epoch).
+  Left: ``split`` accuracy (clean, PGD, FGSM; ``threat`` names their radius). Middle:
+  training nominal and robust losses with the margin rho (from ``config.json``'s
+  ``dual.margin``). Right: the dual variable nu (running mean over each epoch), in a
+  colour of its own.
   """
   fig = _figure(13, 3.8)
   ax_acc, ax_loss, ax_nu = fig.subplots(1, 3)
   for metric in CURVE_METRICS:
     _plot_curve(ax_acc, choice.runs, split, metric)
-  ax_acc.set(title=f"{split} accuracy", xlabel="Epoch", ylabel="Accuracy (%)")
+  ax_acc.set(title=f"{split} accuracy" + (f" ({threat})" if threat else ""), xlabel="Epoch",
+             ylabel="Accuracy (%)")
   ax_acc.legend()
   for metric in ("clean loss", "robust loss"):
     _plot_curve(ax_loss, choice.runs, "Train", metric)
@@ -146,13 +149,18 @@ def primal_dual(choice: collect.Choice, split: str = "Test"):
     ax_loss.axhline(margin, ls="--", c="red", lw=1.5, label=r"Margin $\rho$")
   ax_loss.set(title="Training loss", xlabel="Epoch", ylabel="Loss")
   ax_loss.legend()
-  _plot_curve(ax_nu, choice.runs, "Train", "dual variable", label=r"$\nu$", color="C1")
-  ax_nu.set(title="Dual variable", xlabel="Epoch", ylabel=r"$\nu$")
+  # Purple: no accuracy or loss curve of the other panels uses it.
+  _plot_curve(ax_nu, choice.runs, "Train", "dual variable", label=r"$\nu$", color="C4")
+  ax_nu.set(title=r"Dual variable $\nu$", xlabel="Epoch", ylabel=r"$\nu$")
   for ax in (ax_acc, ax_loss, ax_nu):
     ax.grid(alpha=0.3)
-  fig.suptitle(f"{choice.dataset}: {choice.algorithm} (h{choice.hparams_seed}, "
-               f"n={len(choice.runs)})")
+  fig.suptitle(title or f"{choice.dataset}: {choice.algorithm}, "
+                        f"{_runs_phrase(len(choice.runs))}")
   return fig
+
+
+def _runs_phrase(n: int) -> str:
+  return "one run" if n == 1 else f"mean ± std over {n} runs"
 
 
 def pareto_front(points: np.ndarray) -> np.ndarray:
@@ -177,10 +185,20 @@ def _selected(choice: collect.Choice, split: str, metric: str) -> tuple[float, f
   return collect.mean_std(values) if values else (math.nan, math.nan)
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
 def pareto(choices: Sequence[collect.Choice], split: str = "Test",
-           clean: str = "Clean-Accuracy", robust: str = "PGD-Accuracy"):
-  """Clean vs robust accuracy of the selected models, with the Pareto front."""
-  fig = _figure(5.5, 4.5)
+           clean: str = "Clean-Accuracy", robust: str = "PGD-Accuracy", *,
+           title: str | None = None, clean_label: str | None = None,
+           robust_label: str | None = None):
+  """Clean vs robust accuracy of the selected models, with the Pareto front.
+
+  Each method has its own colour and marker and is named in the legend (labels
+  written beside the points overlap where methods cluster); the legend marks the
+  methods on the front.
+  """
+  fig = _figure(6.5, 4.5)
   ax = fig.subplots()
   names, points, errors = [], [], []
   for c in choices:
@@ -191,17 +209,16 @@ def pareto(choices: Sequence[collect.Choice], split: str = "Test",
       errors.append((dx, dy))
   if points:
     pts, err = np.array(points), np.array(errors)
-    for i, name in enumerate(names):
-      ax.errorbar(pts[i, 0], pts[i, 1], xerr=err[i, 0], yerr=err[i, 1], fmt="o",
-                  capsize=3, label=name)
-      ax.annotate(name, pts[i], textcoords="offset points", xytext=(4, 4), fontsize=8)
     front = pareto_front(pts)
+    for i, name in enumerate(names):
+      ax.errorbar(pts[i, 0], pts[i, 1], xerr=err[i, 0], yerr=err[i, 1],
+                  fmt=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", capsize=3, ms=7,
+                  label=name + (" (front)" if i in front else ""))
     ax.plot(pts[front, 0], pts[front, 1], ls="--", c="gray", lw=1, label="Pareto front")
-    ax.legend(fontsize=7)
-  ax.set(xlabel=f"{_LABELS.get(clean, clean)} accuracy (%)",
-         ylabel=f"{_LABELS.get(robust, robust)} accuracy (%)",
-         title=f"{choices[0].dataset if choices else ''}: {split.lower()}, "
-         f"{choices[0].selection if choices else ''}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  ax.set(xlabel=clean_label or f"{_LABELS.get(clean, clean)} accuracy (%)",
+         ylabel=robust_label or f"{_LABELS.get(robust, robust)} accuracy (%)",
+         title=title or f"{choices[0].dataset if choices else ''}: {split.lower()} set")
   ax.grid(alpha=0.3)
   return fig
 
