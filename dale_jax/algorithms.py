@@ -26,6 +26,15 @@ leaves the estimator unchanged:
   eps)``, ``randn`` for the ``rand`` of its Rotation, which puts half the draws at
   ``-eps`` (a property of the fork's sets that no field reproduces; the rest of its
   ``Worst_Of_K`` and ``MH`` is the default, see :func:`samplers.metropolis_hastings`).
+
+Where advbench's choice is followed by default, a field gives the other one:
+ALP and CLP pair log-probabilities on MNIST, whose advbench network returns
+``log_softmax`` (``loss.pair_on``); CVaR_SGD_PD constrains the mean CE of its
+draws (``loss.constraint="clean"``: the clean CE); RandSmoothing's SmoothAdv
+restarts every step from the clean image (``sampler.from_clean``); the Laplacian
+noise is relative to the batch-mean gradient (``sampler.mean_over``, the batch
+size by default). ``docs/fidelity.md`` lists every algorithm against the authors'
+code it follows.
 """
 
 from __future__ import annotations
@@ -222,6 +231,11 @@ _STEP_DUAL = MappingProxyType(dict(step_size=0.001, margin=0.1, init_value=1.0, 
 # The paper's Algorithm 1 updates nu once per epoch; the values are advbench's, the step
 # per training step (``every="epoch"`` adds up an epoch's steps, see make_algorithm).
 _EPOCH_DUAL = MappingProxyType(dict(_STEP_DUAL, every="epoch"))
+# The advbench fork's MH_DALE_PD_Reverse (constrainedlearning/advbench 31c09cb: init=0.0,
+# g_dale_pd_inv_eta 1e-4, g_dale_pd_inv_margin 0.2). MH_DALE_PD has no class in the fork:
+# it takes advbench's _STEP_DUAL.
+_FORK_REVERSE_DUAL = MappingProxyType(dict(step_size=1e-4, margin=0.2, init_value=0.0,
+                                           every="step"))
 _CVAR = MappingProxyType(dict(beta=0.5, t_step_size=1.0, n_steps=5))
 _PAIRING = MappingProxyType(dict(weight=1.0, pair_on="logits"))
 _FIXED_NU = MappingProxyType(dict(nu_fixed=0.1))
@@ -269,7 +283,7 @@ ALGORITHMS: Mapping[str, _Spec] = {
     "Worst_Of_K": _Spec(_adversarial_ce, False, "worst_of_k"),
     "MH_DALE_PD": _Spec(_dale, True, "metropolis_hastings", dual=_STEP_DUAL),
     "MH_DALE_PD_Reverse": _Spec(lambda **kw: _dale(objective="clean", **kw), True,
-                                "metropolis_hastings", dual=_STEP_DUAL),
+                                "metropolis_hastings", dual=_FORK_REVERSE_DUAL),
 }
 
 

@@ -11,6 +11,9 @@ Every sampler here is one loop, :func:`ascent`, assembled from four small parts:
 
 The gradient is that of the *sum* of the per-example objective, so each example's
 step depends on that example only: step sizes mean the same at any batch size.
+advbench ascends the batch *mean*; a sign step is the same either way, and where a
+noise term is added to the gradient inside the sign (the Laplacian step) its scale is
+converted with ``mean_over`` (:func:`laplace_signed_step`).
 The loop is a ``lax.fori_loop`` and the result is under ``stop_gradient``, so no
 gradient flows from a sampler into the model parameters.
 
@@ -367,12 +370,22 @@ def _loop(perturbation: PerturbationSet | None, *, start_kind: str, init_std: fl
                      from_clean=from_clean)
 
 
+def couples_examples(config: Mapping[str, Any]) -> bool:
+  """Whether the sampler of a config section draws one decision for its whole batch (the
+  fork's batch-level worst-of-k and Metropolis-Hastings), so that its batch must not be
+  cut into chunks (:func:`in_chunks`)."""
+  name = config.get("name")
+  return ((name == "worst_of_k" and config.get("select", "example") == "batch") or
+          (name == "metropolis_hastings" and not config.get("per_example", True)))
+
+
 def in_chunks(sampler: Sampler, chunk_size: int, groups: int = 1) -> Sampler:
   """Runs ``sampler`` on chunks of ``chunk_size`` examples, one chunk after another.
 
-  Every sampler here ascends a sum of per-example objectives with the model in
+  The gradient samplers ascend a sum of per-example objectives with the model in
   eval mode, so example ``i``'s perturbation depends on example ``i`` alone and
-  chunking leaves the perturbations' law unchanged (chunk ``c`` draws with
+  chunking leaves the perturbations' law unchanged (not so for the samplers that
+  :func:`couples_examples` names, which training does not chunk) (chunk ``c`` draws with
   ``split(key)[c]``; with noise off the result is the whole-batch one). What
   changes is the working set: on a CPU a chunk's activations stay in cache
   through all the sampler's steps. On a GPU or TPU a whole batch is faster.

@@ -118,7 +118,8 @@ def algorithm_for(config: ml_collections.ConfigDict, steps_per_epoch: int = 1,
       perturbation=perturbation_section(config), loss=config.loss.to_dict(),
       dual=config.dual.to_dict(), draws=config.draws, steps_per_epoch=steps_per_epoch)
   chunk = sampler_chunk_size(config, platform)
-  if chunk and algorithm.sampler is not None:
+  if chunk and algorithm.sampler is not None and not samplers_lib.couples_examples(
+      config.sampler):
     algorithm = algorithm._replace(sampler=samplers_lib.in_chunks(
         algorithm.sampler, chunk * num_devices, groups=num_devices))
   return algorithm

@@ -258,3 +258,25 @@ def test_missing_sections_are_named():
   with pytest.raises(ValueError, match=r"dual.*momentum"):
     algorithms.make_algorithm("Gaussian_DALE_PD", sampler=sampler,
                               dual=dict(step_size=0.1, margin=0.1, momentum=0.9))
+
+
+def test_batch_level_samplers_are_not_cut_into_chunks():
+  from dale_jax import samplers
+  assert samplers.couples_examples({"name": "worst_of_k", "select": "batch"})
+  assert samplers.couples_examples({"name": "metropolis_hastings", "per_example": False})
+  assert not samplers.couples_examples({"name": "worst_of_k", "select": "example"})
+  assert not samplers.couples_examples({"name": "pgd"})
+  config = configs.base_config("mnist_digits", "Worst_Of_K")
+  assert config.sampler.select == "batch"
+  n = 2 * train.CPU_SAMPLER_CHUNK
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(n, 4, 4, 1)), jnp.float32)
+  y = jnp.asarray(np.arange(n) % C, jnp.int32)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(16, C)), jnp.float32)
+  logits_fn = lambda z: z.reshape(z.shape[0], -1) @ w
+  built = train.algorithm_for(config, platform="cpu").sampler
+  whole = samplers.make_sampler(configs.sampler_section(config))
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(built(key, logits_fn, x, y), whole(key, logits_fn, x, y))
+  # The fork's rule keeps one draw for all examples: the whole batch moved alike.
+  chunked = samplers.in_chunks(whole, train.CPU_SAMPLER_CHUNK)(key, logits_fn, x, y)
+  assert not np.array_equal(np.asarray(chunked), np.asarray(whole(key, logits_fn, x, y)))
