@@ -5,7 +5,7 @@ Run::
   python experiments/spatial_digits.py --workdir=runs/rotations
 
 Trains Gaussian_DALE_PD with its Langevin sampler over rotations of up to 30
-degrees (``experiments/configs/spatial.py`` with ``perturbation.name=rotation``),
+degrees (``--config=spatial:Gaussian_DALE_PD`` with ``perturbation.name=rotation``),
 evaluates it with the exhaustive grid attack over 61 angles, and writes
 ``<workdir>/rotated_digits.png``: test digits turned by -30 ... 30 degrees, each
 titled with the model's prediction (red where it is wrong). ``--epochs`` and

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from dale_jax import attacks
+from dale_jax import configs
 from dale_jax import train
 from dale_jax.cli import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "experiments", "configs", "quickstart.py")
+QUICKSTART = os.path.join(configs.CONFIG_DIR, "quickstart.py")
 
 
 def _quickstart_config():

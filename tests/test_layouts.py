@@ -22,7 +22,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "experiments", "configs", "quickstart.py")
+QUICKSTART = "quickstart"  # a bundled config, by name
 EVAL_WORKER = os.path.join(ROOT, "tests", "_eval_worker.py")
 
 # 150 test images in eval batches of 100 (the default) leave a padded last batch, and

@@ -36,7 +36,7 @@ def _tiny_argv(output_dir) -> list[str]:
   return [f"--output_dir={output_dir}", "--algorithms=ERM,Gaussian_DALE_PD", "--seeds=2",
           "--aa_examples=6", "--test_examples=24", "--apgd_steps=3", "--square_queries=8",
           "--n_workers=2", "--config.num_epochs=1", "--config.data.max_train_examples=128",
-          "--config.eval.max_examples=24", f"--config_dir={_ROOT / 'experiments' / 'configs'}"]
+          "--config.eval.max_examples=24"]
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:
@@ -167,15 +167,13 @@ def test_full_dataset_commands_say_how_to_prepare_the_data(tmp_path, name, tfds_
 
 def test_full_dataset_commands_carry_the_papers_settings():
   cifar = _load("cifar10").EXPERIMENT
-  jobs = paper.jobs(cifar, "/tmp/unused",
-                    config_dir=str(_ROOT / "experiments" / "configs"))
+  jobs = paper.jobs(cifar, "/tmp/unused")
   from dale_jax.research import sweep  # pylint: disable=import-outside-toplevel
   config = sweep.job_config(jobs[0])
   assert config.num_epochs == 100 and tuple(config.schedule.boundaries) == (75, 90)
   assert config.optimizer.learning_rate == 0.01 and config.model.name == "resnet18"
   assert config.eval.eps == pytest.approx(8 / 255)
-  mnist = sweep.job_config(paper.jobs(_load("mnist").EXPERIMENT, "/tmp/unused",
-                                      config_dir=str(_ROOT / "experiments" / "configs"))[0])
+  mnist = sweep.job_config(paper.jobs(_load("mnist").EXPERIMENT, "/tmp/unused")[0])
   assert mnist.batch_size == 128 and mnist.eval.eps == 0.3 and mnist.num_epochs == 50
   assert len(jobs) == len(cifar.algorithms) * cifar.seeds
 

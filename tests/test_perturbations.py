@@ -541,7 +541,7 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
     ("MH_DALE_PD,rotation", "rotation", dict(name="metropolis_hastings")),
 ])
 def test_spatial_config_trains_over_its_set_and_evaluates_over_se2(arg, perturbation, sampler):
-  config = _load(_ROOT / "experiments" / "configs" / "spatial.py", "spatial").get_config(arg)
+  config = _load(pathlib.Path(configs.CONFIG_DIR) / "spatial.py", "spatial").get_config(arg)
   configs.validate(config)
   assert config.perturbation.name == perturbation
   assert {k: config.sampler[k] for k in sampler} == sampler

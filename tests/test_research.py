@@ -344,7 +344,7 @@ def test_make_jobs_builds_the_grid_and_commands():
   assert job.workdir == os.path.join("out", "quickstart", "ERM", "h1_t1")
   assert job.command == (
       sys.executable, "-m", "dale_jax.cli.train",
-      "--config=experiments/configs/quickstart.py:ERM",
+      "--config=quickstart:ERM",
       f"--workdir={job.workdir}", "--config.hparams_seed=1", "--config.seed=1",
       "--config.num_epochs=2", "--config.batch_size=16")
   for bad in (["--config.seed=3"], ["--lr=1"], ["--config.batch_size"]):
@@ -362,7 +362,11 @@ def test_make_jobs_builds_the_grid_and_commands():
 def test_dry_run_prints_a_script_and_launches_nothing(tmp_path, fake_train, capsys):
   command, configs = fake_train
   out_dir = tmp_path / "sweep"
-  _write_run(out_dir, "mnist", "ERM", 0, 1, [_record(0, {}, {})])  # done
+  done = _write_run(out_dir, "mnist", "ERM", 0, 1, [_record(0, {}, {})])
+  job = next(j for j in sweep.make_jobs(
+      algorithms=["ERM"], datasets=["mnist"], n_hparams=1, n_trials=2, output_dir=str(out_dir),
+      config_dir=configs, overrides=["--config.batch_size=8"]) if j.workdir == str(done))
+  (done / "config.json").write_text(sweep.job_config(job).to_json_best_effort())  # its config
   (out_dir / "mnist" / "PGD" / "h0_t0").mkdir(parents=True)  # incomplete
   argv = ["--algorithms=ERM,PGD", "--datasets", "mnist", "--n_trials=2",
           f"--output_dir={out_dir}", f"--config_dir={configs}", "--dry_run",
@@ -400,7 +404,8 @@ def test_launch_runs_jobs_on_workers_skips_done_and_resumes_incomplete(tmp_path,
   outcomes = sweep.launch(sweep.select_jobs(jobs), n_workers=2, devices=["7", "9"],
                           device_env="FAKE_DEVICE", out=log)
   assert len(outcomes) == 8 and all(o.ok for o in outcomes), log.getvalue()
-  assert sweep.summarize(jobs) == {sweep.NOT_LAUNCHED: 0, sweep.INCOMPLETE: 0, sweep.DONE: 8}
+  assert sweep.summarize(jobs) == {sweep.NOT_LAUNCHED: 0, sweep.INCOMPLETE: 0, sweep.DONE: 8,
+                                  sweep.STALE: 0}
   envs = [json.loads((pathlib.Path(j.workdir) / "env.json").read_text()) for j in jobs]
   assert {e["device"] for e in envs} == {"7", "9"}
   assert [e["resumed"] for e in envs] == [True] + [False] * 7  # checkpoint kept

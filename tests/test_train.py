@@ -20,7 +20,7 @@ from dale_jax import configs, rundir, train
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_step_worker.py")
 ROOT = os.path.dirname(HERE)
-QUICKSTART = os.path.join(ROOT, "experiments", "configs", "quickstart.py")
+QUICKSTART = os.path.join(configs.CONFIG_DIR, "quickstart.py")
 
 
 def _run_worker(out, devices, *extra):
@@ -337,8 +337,13 @@ def test_dale_train_refuses_to_resume_a_workdir_with_other_flags_and_writes_noth
 
 
 def test_print_config_shows_every_field_with_its_source_and_writes_nothing(tmp_path):
+  assert configs.bundled() == ["cifar10", "mnist", "quickstart", "spatial", "svhn"]
+  assert configs.config_path("quickstart:PGD") == os.path.join(configs.CONFIG_DIR,
+                                                               "quickstart.py") + ":PGD"
+  assert configs.config_path("my/own.py:PGD") == "my/own.py:PGD"
   proc = subprocess.run(
-      [sys.executable, "-m", "dale_jax.cli.train", f"--config={QUICKSTART}:DALE",
+      # A bundled config by name, from a directory outside the checkout.
+      [sys.executable, "-m", "dale_jax.cli.train", "--config=quickstart:DALE",
        "--print_config", "--config.sampler.eps=0.2", "--config.hparams_seed=3"],
       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=300)

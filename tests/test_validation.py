@@ -19,7 +19,7 @@ import pytest
 from dale_jax import algorithms, configs, validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "experiments", "configs", "quickstart.py")
+QUICKSTART = os.path.join(configs.CONFIG_DIR, "quickstart.py")
 
 BAD = {
     "algorithm": "DALEE", "dataset": "imagenet", "seed": -1, "hparams_seed": 1.5,
@@ -166,7 +166,7 @@ _TRAIN = [f"--config={QUICKSTART}:Gaussian_DALE_PD"]
     ("train", "dale-train", _TRAIN + ["--config.batch_size=abc"], "--config.batch_size=abc"),
     ("train", "dale-train", _TRAIN + ["--config.batch_size=5000"],
      "config.batch_size must be at most the 4000 training examples"),
-    ("train", "dale-train", ["--config=experiments/configs/mnist.py:PGD",
+    ("train", "dale-train", ["--config=mnist:PGD",
                              "--config.data.data_dir=/nonexistent/tfds"],
      "is not prepared as ArrayRecord"),
     ("evaluate", "dale-eval", ["--attacks=clean,pgd99"], "unknown attack 'pgd99'"),

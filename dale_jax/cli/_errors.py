@@ -43,6 +43,8 @@ def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
   from absl import logging  # pylint: disable=import-outside-toplevel
 
   def parse(argv):
+    # A bundled config by name (--config=quickstart:PGD) from any directory.
+    argv = configs.expand_config_flags(argv)
     try:
       return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: an override of no field

@@ -60,7 +60,9 @@ def _parser(experiment: paper.Experiment, doc: str) -> argparse.ArgumentParser:
                       help="Square's queries (5000: AutoAttack's standard)")
   parser.add_argument("--n_workers", type=int, default=1,
                       help="concurrent training processes (one per GPU)")
-  parser.add_argument("--config_dir", default=sweep.DEFAULT_CONFIG_DIR)
+  parser.add_argument("--config_dir", default=sweep.DEFAULT_CONFIG_DIR,
+                      help="folder of the <dataset>.py config files (default: the bundled "
+                      "dale_jax/configs)")
   return parser
 
 
@@ -107,7 +109,7 @@ def main(experiment: paper.Experiment, doc: str, argv: Sequence[str] | None = No
       square_queries=args.square_queries)
   if args.n_workers < 1:
     parser.error(f"--n_workers must be >= 1, got {args.n_workers}")
-  config_dir = sweep.resolve_config_dir(args.config_dir)
+  config_dir = args.config_dir
   try:
     sweep.check_overrides(extra)
     paper.check_experiment(experiment, settings)

@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--output_dir", required=True, help="root of the runs' workdirs")
   parser.add_argument("--num_epochs", type=int, default=None,
                       help="passed as --config.num_epochs (default: the config's)")
-  parser.add_argument("--config_dir", default=sweep.DEFAULT_CONFIG_DIR)
+  parser.add_argument("--config_dir", default=sweep.DEFAULT_CONFIG_DIR,
+                      help="folder of the <dataset>.py config files (default: the bundled "
+                      "dale_jax/configs)")
   parser.add_argument("--n_workers", type=int, default=1,
                       help="concurrent training processes (one per device on GPUs)")
   parser.add_argument("--devices", default=None,
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     parser.error(str(e))
 
-  config_dir = sweep.resolve_config_dir(args.config_dir)
+  config_dir = args.config_dir
   train_command = (shlex.split(args.train_command) if args.train_command
                    else sweep.DEFAULT_TRAIN_COMMAND)
   try:

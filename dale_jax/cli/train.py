@@ -1,6 +1,6 @@
 """``dale-train``: train one algorithm from an ml-collections config.
 
-  dale-train --config=experiments/configs/mnist.py:Gaussian_DALE_PD --workdir=runs/x \
+  dale-train --config=mnist:Gaussian_DALE_PD --workdir=runs/x \
       --config.optimizer.learning_rate=0.02 --config.num_epochs=10
 """
 
@@ -22,7 +22,9 @@ from dale_jax import train
 from dale_jax.cli import _errors
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. experiments/configs/mnist.py:PGD.", lock_config=True)
+    "config", None, "A bundled config and its argument (quickstart:PGD, mnist:DALE, ...; "
+    "names in dale_jax/configs/) or a config file of your own (path/to/config.py:ARG).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for records and checkpoints.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config, each field with its source, and exit "

@@ -8,7 +8,7 @@ run gets its own working directory::
 and the command::
 
   python -m dale_jax.cli.train \\
-      --config=<config_dir>/<dataset>.py:<Algorithm> \\
+      --config=<dataset>:<Algorithm> \\
       --workdir=<output_dir>/<dataset>/<Algorithm>/h<H>_t<T> \\
       --config.hparams_seed=H --config.seed=T [--config.num_epochs=E] [overrides]
 
@@ -57,7 +57,9 @@ STALE = "stale"
 LOG_FILE = "sweep.log"
 
 DEFAULT_TRAIN_COMMAND = (sys.executable, "-m", "dale_jax.cli.train")
-DEFAULT_CONFIG_DIR = "experiments/configs"
+# The bundled config files (dale_jax/configs/<dataset>.py), named on the command line.
+DEFAULT_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "configs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,19 +96,11 @@ def run_name(hparams_seed: int, trial_seed: int) -> str:
   return f"h{hparams_seed}_t{trial_seed}"
 
 
-def resolve_config_dir(config_dir: str) -> str:
-  """Returns ``config_dir``, or the repository's copy when the default is not under cwd.
-
-  The default ``experiments/configs`` is relative to the repository root; when
-  the sweep is started elsewhere, the configs beside the installed (editable)
-  package are used instead. Any other path is returned unchanged.
-  """
-  if os.path.isdir(config_dir) or config_dir != DEFAULT_CONFIG_DIR:
-    return config_dir
-  repo_configs = pathlib.Path(__file__).resolve().parents[2] / DEFAULT_CONFIG_DIR
-  if repo_configs.is_dir():
-    return str(repo_configs)
-  return config_dir
+def _config_arg(config_dir: str, dataset: str) -> str:
+  """A bundled config by its name (the command reads the same anywhere), else its path."""
+  if os.path.abspath(config_dir) == DEFAULT_CONFIG_DIR:
+    return dataset
+  return os.path.join(config_dir, f"{dataset}.py")
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
@@ -173,7 +167,7 @@ def make_jobs(
                                  run_name(hparams_seed, trial_seed))
           command = [
               *train_command,
-              f"--config={os.path.join(config_dir, dataset)}.py:{algorithm}",
+              f"--config={_config_arg(config_dir, dataset)}:{algorithm}",
               f"--workdir={workdir}",
               f"--config.hparams_seed={hparams_seed}",
               f"--config.seed={trial_seed}",
@@ -226,7 +220,8 @@ def job_config(job: Job):
   from dale_jax import train  # pylint: disable=import-outside-toplevel
   from dale_jax import validation  # pylint: disable=import-outside-toplevel
 
-  argv = ["dale-train", *(a for a in job.command if a.startswith("--config"))]
+  argv = configs.expand_config_flags(
+      ["dale-train", *(a for a in job.command if a.startswith("--config"))])
   values = flags.FlagValues()
   # sys_argv: the override flags are defined from the command line they come in.
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,

@@ -10,7 +10,7 @@ Run::
 The authors' PyTorch code is not part of dale_jax: it is imported from the local
 checkout given by ``--advbench``. For each (algorithm, seed) the script trains
 advbench's class (``advbench.algorithms.<NAME>``) in the setting of
-``dale-train --config=experiments/configs/quickstart.py:<NAME>``: the same 4,000
+``dale-train --config=quickstart:<NAME>``: the same 4,000
 training digits (:func:`dale_jax.data.load`), advbench's MNIST default
 hyperparameters with the quickstart's learning rate, batch size, epochs and
 schedule (read from the quickstart config), shuffled batches with the last
@@ -45,11 +45,11 @@ import time
 import types
 from typing import Any, NoReturn, Sequence
 
+from dale_jax import configs
 from dale_jax import validation
 
 PROG = "experiments/fidelity/advbench_digits.py"
-_QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
-                           "quickstart.py")
+_QUICKSTART = os.path.join(configs.CONFIG_DIR, "quickstart.py")
 # advbench's files that this script imports (directly or through its imports).
 _ADVBENCH_FILES = ("algorithms.py", "attacks.py", "hparams_registry.py", "networks.py",
                    "optimizers.py", "datasets.py")
@@ -475,14 +475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     advbench = load_advbench(args.advbench)
     check_algorithms(args.algorithms, advbench)
-    configs = {name: quickstart_config(name) for name in args.algorithms}
-    for config in configs.values():
+    settings = {name: quickstart_config(name) for name in args.algorithms}
+    for config in settings.values():
       if args.num_epochs:
         config.num_epochs = args.num_epochs
       if args.max_train_examples:
         config.data.max_train_examples = args.max_train_examples
-    hparams = {name: advbench_hparams(advbench, name, c) for name, c in configs.items()}
-    first = configs[args.algorithms[0]]
+    hparams = {name: advbench_hparams(advbench, name, c) for name, c in settings.items()}
+    first = settings[args.algorithms[0]]
     batch_size = int(first.batch_size)
     if args.max_train_examples is not None and args.max_train_examples < batch_size:
       raise validation.InvalidArgument(
@@ -506,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   setting = run_setting(advbench, first, len(y_train), len(y_test))
   path = os.path.join(args.output, _RESULTS)
   try:
-    for config in configs.values():
+    for config in settings.values():
       if run_setting(advbench, config, len(y_train), len(y_test)) != setting:
         raise validation.InvalidArgument(
             "--algorithms", rest="need quickstart configs that differ only in the algorithm")
@@ -524,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if (name, seed) in done:
         print(f"{name} seed {seed}: in {path}, skipped", flush=True)
         continue
-      config = configs[name]
+      config = settings[name]
       trained = train_advbench(advbench, name, hparams[name], config, x_train, y_train,
                                num_classes=dataset.num_classes, seed=seed,
                                num_epochs=int(config.num_epochs))

@@ -37,7 +37,7 @@ EXPERIMENT = paper.Experiment(
         "method (its CNN, SGD with momentum 0.9 and weight decay 3.5e-3, batch 64, its "
         "samplers and losses; `dale_jax.configs.FAMILIES['mnist']`) on the quickstart "
         "schedule: 8 epochs, lr 0.02, x0.1 from epoch 6 "
-        "(`experiments/configs/quickstart.py`). Trained and evaluated in float32: on this "
+        "(`dale_jax/configs/quickstart.py`). Trained and evaluated in float32: on this "
         "CPU bfloat16 trains the main job only 8 % faster (README), too little to put an "
         "unverified change under eight methods' numbers."),
     caveats=(

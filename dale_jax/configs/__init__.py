@@ -1,7 +1,9 @@
 """Experiment configs as plain data: advbench's hyperparameters per dataset family.
 
-``experiments/configs/<dataset>.py`` call :func:`base_config` and name what they
-change; :data:`FAMILIES` holds advbench's values as named fields (one training
+The bundled config files (``dale_jax/configs/<name>.py``: ``quickstart``, ``mnist``,
+``cifar10``, ``svhn``, ``spatial``) call :func:`base_config` and name what they
+change; the command line reaches them by name from any directory
+(``--config=quickstart:PGD``, :func:`config_path`); :data:`FAMILIES` holds advbench's values as named fields (one training
 sampler per sampler name, the losses' hyperparameters that differ by family, the
 evaluation threat model), and each algorithm's registry entry
 (:data:`dale_jax.algorithms.ALGORITHMS`) says which sampler, loss defaults, dual
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 from typing import Any, Sequence
 
 import ml_collections
@@ -29,6 +32,31 @@ from dale_jax.models import MODELS
 from dale_jax.models import mnist_cnn
 
 DATASETS = ("mnist", "cifar10", "svhn", "mnist_digits")
+
+# The folder of the bundled config files (this package's own folder).
+CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def bundled() -> list[str]:
+  """The names of the bundled config files, e.g. ``["cifar10", "mnist", "quickstart", ...]``."""
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                if f.endswith(".py") and not f.startswith("_"))
+
+
+def config_path(spec: str) -> str:
+  """``--config``'s value with a bundled config's name made a path: ``quickstart:PGD`` ->
+  ``<CONFIG_DIR>/quickstart.py:PGD``. A path to an existing file (or anything that
+  is not a bundled name) is returned unchanged."""
+  name, sep, arg = spec.partition(":")
+  if os.path.exists(name) or name not in bundled():
+    return spec
+  return os.path.join(CONFIG_DIR, f"{name}.py") + sep + arg
+
+
+def expand_config_flags(argv: Sequence[str]) -> list[str]:
+  """``argv`` with every ``--config=<spec>`` passed through :func:`config_path`."""
+  flag = "--config="
+  return [flag + config_path(a[len(flag):]) if a.startswith(flag) else a for a in argv]
 
 # advbench's hyperparameters by dataset family. ``samplers`` holds the training
 # sampler of every sampler name (an algorithm picks one through its registry entry),

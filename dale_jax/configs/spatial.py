@@ -2,9 +2,9 @@
 
 Run::
 
-  dale-train --config=experiments/configs/spatial.py:Gaussian_DALE_PD --workdir=runs/spatial_dale
-  dale-train --config=experiments/configs/spatial.py:PGD,lp --workdir=runs/spatial_pgd_linf
-  dale-train --config=experiments/configs/spatial.py:ERM --workdir=runs/spatial_erm
+  dale-train --config=spatial:Gaussian_DALE_PD --workdir=runs/spatial_dale
+  dale-train --config=spatial:PGD,lp --workdir=runs/spatial_pgd_linf
+  dale-train --config=spatial:ERM --workdir=runs/spatial_erm
 
 The argument is ``algorithm[,perturbation]``: the algorithm's sampler runs over
 ``perturbation`` (default ``se2``: rotations up to 30 degrees and shifts up to 3

@@ -2,7 +2,7 @@
 
 Run::
 
-  dale-train --config=experiments/configs/quickstart.py:Gaussian_DALE_PD --workdir=runs/quickstart
+  dale-train --config=quickstart:Gaussian_DALE_PD --workdir=runs/quickstart
 
 Trains on 4,000 digits at eps = 0.3 (advbench's MNIST hyperparameters) and
 evaluates clean, PGD-10 and FGSM accuracy on the 1,000 held-out digits.

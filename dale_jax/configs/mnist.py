@@ -1,13 +1,13 @@
-"""advbench's svhn defaults for any algorithm.
+"""advbench's mnist defaults for any algorithm.
 
 Run::
 
-  dale-train --config=experiments/configs/svhn.py:Gaussian_DALE_PD --workdir=runs/svhn_dale
+  dale-train --config=mnist:Gaussian_DALE_PD --workdir=runs/mnist_dale
 
 The argument after the colon is the algorithm name (default Gaussian_DALE_PD).
 The dataset must be prepared once with internet (see dale_jax/data.py).
-advbench's values, each named: ``dale_jax.configs.FAMILIES["cifar"]`` (training
-samplers, loss overrides, evaluation threat model), ``configs.SCHEDULES["svhn"]``
+advbench's values, each named: ``dale_jax.configs.FAMILIES["mnist"]`` (training
+samplers, loss overrides, evaluation threat model), ``configs.SCHEDULES["mnist"]``
 (epochs and learning-rate schedule), and the algorithm's entry in
 ``dale_jax.algorithms.ALGORITHMS`` (its sampler, loss and dual defaults, draws).
 """
@@ -16,4 +16,4 @@ from dale_jax import configs
 
 
 def get_config(algorithm: str = "Gaussian_DALE_PD"):
-  return configs.base_config("svhn", algorithm or "Gaussian_DALE_PD")
+  return configs.base_config("mnist", algorithm or "Gaussian_DALE_PD")

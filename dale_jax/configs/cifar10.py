@@ -2,7 +2,7 @@
 
 Run::
 
-  dale-train --config=experiments/configs/cifar10.py:Gaussian_DALE_PD --workdir=runs/cifar10_dale
+  dale-train --config=cifar10:Gaussian_DALE_PD --workdir=runs/cifar10_dale
 
 The argument after the colon is the algorithm name (default Gaussian_DALE_PD).
 The dataset must be prepared once with internet (see dale_jax/data.py).
