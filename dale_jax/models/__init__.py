@@ -13,6 +13,10 @@ with BatchNorm need ``mutable=['batch_stats']`` and models with dropout
 The BatchNorm models take ``dtype`` (compute dtype; parameters stay float32) and
 ``axis_name`` (average batch statistics over that named axis inside ``jax.shard_map``
 or ``jax.vmap``; see :mod:`dale_jax.models.resnet`).
+
+:func:`normalized` adds a per-channel input normalisation (:mod:`.normalized`), and
+:mod:`dale_jax.models.torch_weights` converts weights to and from PyTorch ``state_dict``s
+in the names of the robustness codebases.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dale_jax.models.mnist_cnn import MnistCNN
+from dale_jax.models.normalized import NORMALIZATIONS, Normalized, normalized
 from dale_jax.models.preact_resnet import PreActResNet, PreActResNet18
 from dale_jax.models.resnet import ResNet, ResNet18
 from dale_jax.models.wide_resnet import WideResNet
@@ -34,6 +39,7 @@ MODELS = {
     "mnist_cnn": MnistCNN,
     "resnet18": ResNet18,
     "preact_resnet18": PreActResNet18,
+    "wrn28_10": functools.partial(WideResNet, depth=28),
     "wrn34_10": WideResNet,  # defaults: depth 34, widen_factor 10
 }
 
@@ -97,6 +103,8 @@ def _init(model: nn.Module, key: jax.Array, shape: tuple[int, ...]) -> dict[str,
 __all__ = [
     "MODELS",
     "MnistCNN",
+    "NORMALIZATIONS",
+    "Normalized",
     "PreActResNet",
     "PreActResNet18",
     "ResNet",
@@ -104,4 +112,5 @@ __all__ = [
     "WideResNet",
     "get_model",
     "init_variables",
+    "normalized",
 ]
