@@ -38,6 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dale_jax.bench import ALGORITHMS
+from dale_jax.models.torch_weights import conv_to_flax as _conv_to_flax
+from dale_jax.models.torch_weights import conv_to_torch as _conv_to_torch
+from dale_jax.models.torch_weights import dense_to_torch as _linear_to_torch
+from dale_jax.models.torch_weights import mnist_fc1_to_flax as _mnist_fc1_to_flax
+from dale_jax.models.torch_weights import mnist_fc1_to_torch as _mnist_fc1_to_torch
 
 
 # ----------------------------------------------------------------------------
@@ -140,29 +145,6 @@ def make_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
 
 # ----------------------------------------------------------------------------
 # Weights to and from the Flax models.
-
-
-def _conv_to_torch(kernel) -> torch.Tensor:
-  return torch.from_numpy(np.array(kernel, np.float32).transpose(3, 2, 0, 1).copy())
-
-
-def _conv_to_flax(weight: torch.Tensor) -> np.ndarray:
-  return weight.detach().cpu().numpy().transpose(2, 3, 1, 0)
-
-
-def _linear_to_torch(kernel) -> torch.Tensor:
-  return torch.from_numpy(np.array(kernel, np.float32).T.copy())
-
-
-def _mnist_fc1_to_torch(kernel) -> torch.Tensor:
-  # Flax rows are (h, w, c); torch's flatten of NCHW is (c, h, w).
-  k = np.array(kernel, np.float32).reshape(12, 12, 64, -1)
-  return torch.from_numpy(k.transpose(3, 2, 0, 1).reshape(k.shape[-1], -1).copy())
-
-
-def _mnist_fc1_to_flax(weight: torch.Tensor) -> np.ndarray:
-  w = weight.detach().cpu().numpy().reshape(-1, 64, 12, 12)
-  return w.transpose(2, 3, 1, 0).reshape(12 * 12 * 64, -1)
 
 
 def _resnet_pairs(model: ResNet):
