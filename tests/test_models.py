@@ -450,7 +450,7 @@ def test_mnist_cnn_initialisers_are_advbench_torch_defaults_or_flax_defaults(ini
 
 
 def test_registry_and_unknown_name():
-  assert set(MODELS) == {"mnist_cnn", "resnet18", "preact_resnet18", "wrn34_10"}
+  assert set(MODELS) == {"mnist_cnn", "resnet18", "preact_resnet18", "wrn28_10", "wrn34_10"}
   assert isinstance(get_model("mnist_cnn", 10), MnistCNN)
   wrn = get_model("wrn34_10", 100)
   assert (wrn.depth, wrn.widen_factor, wrn.dropout_rate, wrn.num_classes) == (34, 10, 0.0, 100)
