@@ -473,6 +473,62 @@ def test_smooth_adv_restarts_from_the_clean_image_as_advbench_or_accumulates(fro
   assert (moved <= 0.05 + 1e-6) if from_clean else (moved > 0.1), moved
 
 
+def _np_lmc_laplacian_linf(key, w, b, x, y, *, eps, step_size, steps, noise_coeff, init_std):
+  """advbench's ``LMC_Laplacian_Linf.forward`` (arobey1/advbench bd2071d) in float64::
+
+    adv = x + init_std * randn
+    for _ in range(steps):
+      adv_loss = log(1 - softmax(f(adv))[range(B), y]).mean()
+      grad = autograd.grad(adv_loss, [adv])
+      adv = adv + step_size * sign(grad + noise_coeff * Laplace(0, 1).sample())
+      adv = clamp(min(max(adv, x - eps), x + eps), 0, 1)
+
+  The gradient is that of the batch *mean*; jax.random only reproduces dale_jax's
+  draws (its keys as in :func:`samplers.ascent`).
+  """
+  x = _f64(x)
+  init_key, loop_key = jax.random.split(key)
+  adv = x + init_std * _f64(jax.random.normal(init_key, x.shape, jnp.float32))
+  for i in range(steps):
+    update_key = jax.random.split(jax.random.fold_in(loop_key, i))[1]
+    grad = _np_input_grad("log_one_minus_p", w, b, adv, y) / len(x)
+    noise = _f64(jax.random.laplace(update_key, x.shape, jnp.float32))
+    adv = adv + step_size * np.sign(grad + noise_coeff * noise)
+    adv = np.clip(np.minimum(np.maximum(adv, x - eps), x + eps), 0, 1)
+  return adv
+
+
+@pytest.mark.parametrize("algorithm", ["DALE", "Laplacian_DALE"])
+def test_dale_samples_as_advbench_lmc_laplacian_linf(algorithm):
+  """The sampler that DALE's (and Laplacian_DALE's) config builds, against advbench's
+  Langevin-Laplacian update: the config's ``mean_over`` is the batch size, so the
+  noise is relative to the batch-mean gradient as in advbench. The images lie in
+  [0.1, 0.9], where advbench's unprojected start ``x + 0.001 N`` needs no projection."""
+  from dale_jax import configs
+
+  w, b, x, y, logits_fn = _linear_problem()
+  x = (0.1 + 0.8 * x).astype(np.float32)
+  config = configs.base_config("mnist", algorithm)
+  config.batch_size = len(x)
+  # Laplace noise of the gradient's size, so that the noise scale decides signs.
+  config.sampler.noise_scale = 0.05
+  section = configs.sampler_section(config)
+  assert section["name"] == "langevin_laplacian" and section["mean_over"] == len(x)
+  s = config.sampler
+  key = jax.random.key(3)
+  want = _np_lmc_laplacian_linf(key, w, b, x, y, eps=s.eps, step_size=s.step_size,
+                                steps=s.steps, noise_coeff=s.noise_scale, init_std=0.001)
+
+  def run(section):
+    sample = jax.jit(functools.partial(samplers.make_sampler(section), logits_fn=logits_fn),
+                     compiler_options=FAST_COMPILE)
+    return _f64(sample(key, x=jnp.asarray(x), y=jnp.asarray(y)))
+
+  np.testing.assert_allclose(run(section), want, rtol=0, atol=1e-6)
+  # The noise relative to each example's own gradient (mean_over=1) is another sampler.
+  assert np.abs(run(dict(section, mean_over=1)) - want).max() > 0.1
+
+
 def _np_potential(name, w, b, z, y):
   """``potential(flat(z) W + b, y)`` per example in float64: CE or ``log(1 - p_y)``."""
   logits = z.reshape(len(z), -1) @ w + b

@@ -2,25 +2,45 @@
 
 This is the baseline that :mod:`dale_jax.bench.runner` times against the JAX step, and
 the independent implementation that ``tests/test_bench.py`` checks the JAX step against.
-It computes what :func:`dale_jax.train.train_step` computes for the same config:
+Its samplers and losses transcribe advbench's ``attacks.py`` and ``algorithms.py``
+(arobey1/advbench bd2071d; Worst_Of_K's and MH's from the fork constrainedlearning/advbench
+31c09cb) and compute what :func:`dale_jax.train.train_step` computes for the same config:
 
 1. perturbations from the config's sampler, model in ``eval()`` mode, gradient w.r.t.
-   the input only (``torch.autograd.grad(loss, [x_adv])``);
+   the input only (``torch.autograd.grad(loss, [x_adv])``) of advbench's *batch-mean*
+   loss (dale_jax ascends the sum: the sign steps are the same, and the Laplacian
+   noise, added to the gradient inside the sign, is scaled by ``mean_over`` there);
 2. the algorithm's loss on train-mode forwards of the clean and perturbed batches
    (clean first, as in :func:`dale_jax.train.train_step`), one ``torch.optim.SGD`` step
    (weight decay added to the gradient, heavy-ball momentum);
-3. the dual update ``nu <- max(0, nu + eta_d (constraint - rho))``.
+3. the dual update ``nu <- max(0, nu + eta_d (constraint - rho))``, or with
+   ``dual.every="epoch"`` (DALE, the paper's Algorithm 1) once per epoch by the sum
+   of the epoch's per-step moves.
+
+Every random draw goes through a ``noise(kind, shape, *, draw, step)`` callable
+(:data:`NOISE_KINDS`; :func:`torch_noise` draws with torch, as advbench does), so that
+a test can feed both implementations the same draws.
 
 Where dale_jax deliberately differs from advbench the JAX definition is followed, so
 that both sides compute the same function:
 
-* the sampler starts at ``P(x + init_std N(0, I))`` (advbench does not project the
-  start) and ascends the *sum* over the batch (advbench the mean; the sign step is the
-  same);
+* the Gaussian start is projected, ``P(x + init_std N(0, I))`` (advbench does not
+  project it);
 * ``log(1 - p_y)`` is ``logsumexp_{j != y} z_j - logsumexp_j z_j`` (advbench's
   ``log(1 - softmax)`` is ``-inf`` where ``p_y`` rounds to 1);
 * the TRADES sampler computes ``p(x)`` once per call (advbench recomputes it at every
-  step), and the TRADES loss puts clean logits in its CE term (``loss.ce_on``).
+  step), and the TRADES loss puts clean logits in its CE term (``loss.ce_on``);
+* ERM_DataAug averages the CE of its ``M`` perturbed draws (advbench averages the
+  clean CE ``M`` times);
+* CVaR draws its ``M`` perturbations once and takes its ``n_steps`` t-steps per
+  example on their losses, then the loss at the last ``t`` (advbench redraws at every
+  t-step, divides the t-step by the batch size, and CVaR_SGD(_PD) backpropagates the
+  loss taken before its last t-step);
+* one train-mode forward of the clean batch and one of all the perturbed draws
+  together (advbench forwards each loss term on its own; only BatchNorm's
+  statistics can tell the difference);
+* Worst_Of_K's candidates and MH's start are uniform in the ball (the fork draws its
+  perturbation sets' ``delta_init``; its Linf ``MH`` cannot be built).
 
 Images are NCHW here (torch's layout); :func:`to_nchw` converts a dale_jax batch, and
 :func:`load_flax_variables` / :func:`flax_variables` move weights between the two
@@ -30,14 +50,16 @@ Flax model, so ``fc1``'s rows are permuted, not just transposed).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributions.laplace import Laplace
 
-from dale_jax.bench import ALGORITHMS
 from dale_jax.models.torch_weights import conv_to_flax as _conv_to_flax
 from dale_jax.models.torch_weights import conv_to_torch as _conv_to_torch
 from dale_jax.models.torch_weights import dense_to_torch as _linear_to_torch
@@ -235,31 +257,66 @@ def to_nchw(images) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
-# Potentials (per example, as in dale_jax.potentials).
+# Noise: every random draw of a step, by kind, so that a test can replay another
+# implementation's draws.
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-  return F.cross_entropy(logits, y, reduction="none")
+Noise = Callable[..., torch.Tensor]
+
+# The law of each kind of draw, and where it is used. ``draw`` numbers the ``M``
+# draws of a multi-draw algorithm (CVaR, ERM_DataAug), ``step`` the sampler's step.
+NOISE_KINDS = {
+    "start": "normal",  # the Gaussian start ``x + init_std N(0, I)``
+    "gaussian": "normal",  # LMC-Gaussian's ``c N(0, I)`` added after the sign step
+    "laplace": "laplace",  # LMC-Laplacian's ``Laplace(0, 1)`` added inside the sign
+    "smoothing": "normal",  # SmoothAdv's ``(num_samples, *x.shape)`` draws of a step
+    "uniform": "uniform",  # ``U[0, 1)`` of x's shape: one uniform perturbation
+    "chain_start": "uniform",  # ``U[0, 1)`` of x's shape: the start of the MH chains
+    "proposal": "laplace",  # MH's random-walk proposal at step ``step``
+    "accept": "uniform",  # ``()``: MH's acceptance draw at step ``step``
+}
 
 
-def log_one_minus_p(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-  """``log(1 - p_y) = logsumexp_{j != y} z_j - logsumexp_j z_j``."""
-  is_label = F.one_hot(y, logits.shape[-1]).bool()
-  others = logits.masked_fill(is_label, float("-inf"))
-  return torch.logsumexp(others, -1) - torch.logsumexp(logits, -1)
+def torch_noise(device: torch.device | str | None = None) -> Noise:
+  """``noise(kind, shape, *, draw=0, step=0)``: fresh torch draws, as advbench makes them.
 
+  Standard normal, ``Laplace(0, 1)`` or ``U[0, 1)`` by :data:`NOISE_KINDS`, NCHW
+  where image-shaped; ``draw`` and ``step`` say where the draw is used (another
+  implementation's draws are keyed by them) and are ignored here.
+  """
+  laplace = Laplace(torch.tensor(0.0, device=device), torch.tensor(1.0, device=device))
 
-def kl_to_clean(logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
-  """``KL(softmax(clean) || softmax(logits))`` per example."""
-  log_p_clean = F.log_softmax(clean_logits, -1)
-  return torch.sum(log_p_clean.exp() * (log_p_clean - F.log_softmax(logits, -1)), -1)
+  def noise(kind: str, shape, *, draw: int = 0, step: int = 0) -> torch.Tensor:
+    del draw, step
+    law = NOISE_KINDS[kind]
+    if law == "normal":
+      return torch.randn(shape, device=device)
+    if law == "laplace":
+      return laplace.sample(shape)
+    return torch.rand(shape, device=device)
 
-
-_POTENTIALS = {"cross_entropy": cross_entropy, "log_one_minus_p": log_one_minus_p}
+  return noise
 
 
 # ----------------------------------------------------------------------------
-# Samplers: sample(model, x, y) -> x_adv, model put in eval mode while sampling.
+# Potentials.
+
+
+def log_one_minus_p(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+  """``log(1 - p_y) = logsumexp_{j != y} z_j - logsumexp_j z_j`` per example."""
+  is_label = F.one_hot(y, out.shape[-1]).bool()
+  others = out.masked_fill(is_label, float("-inf"))
+  return torch.logsumexp(others, -1) - torch.logsumexp(out, -1)
+
+
+def trades_kl(clean_out: torch.Tensor, adv_out: torch.Tensor) -> torch.Tensor:
+  """advbench's ``KLDivLoss(batchmean)(log_softmax(f(x')), softmax(f(x)))``."""
+  return F.kl_div(F.log_softmax(adv_out, dim=1), F.softmax(clean_out, dim=1),
+                  reduction="batchmean")
+
+
+# ----------------------------------------------------------------------------
+# Samplers (advbench's attacks.py, Linf): fn(model, x, y, noise, **hparams) -> x'.
 
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -267,94 +324,344 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
   return torch.clamp(x_adv, 0.0, 1.0)
 
 
-def signed_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                  objective: Callable[[torch.Tensor], torch.Tensor], eps: float,
-                  step_size: float, steps: int, noise_scale: float = 0.0,
-                  init_std: float = 0.0, start: torch.Tensor | None = None) -> torch.Tensor:
-  """``x' <- P(x' + eta sign(grad_x' sum_i f_i(x')) + c N(0, I))`` from ``P(x + s N)``.
+def _input_grad(loss_of: Callable[[torch.Tensor], torch.Tensor],
+                x_adv: torch.Tensor) -> torch.Tensor:
+  x_adv = x_adv.detach().requires_grad_(True)
+  grad, = torch.autograd.grad(loss_of(x_adv), [x_adv])
+  return grad.detach()
 
-  ``objective(logits) -> (batch,)``. ``start`` replaces the random start
-  ``x + s N`` (to replay another implementation's draw). The model is in
-  ``eval()`` mode during the loop and back in ``train()`` mode afterwards, as in
-  advbench.
-  """
-  model.eval()
-  x = x.detach()
-  if start is not None:
-    x_adv = start.detach()
-  else:
-    x_adv = x + init_std * torch.randn_like(x) if init_std else x.clone()
-  x_adv = _project(x_adv, x, eps)
+
+def pgd_linf(model, x, y, noise, *, eps, step_size, steps):
+  """``PGD_Linf``: from ``x``, ``x' <- P(x' + eta sign(grad mean CE))``."""
+  del noise
+  adv = x
   for _ in range(steps):
-    x_adv.requires_grad_(True)
-    loss = objective(model(x_adv)).sum()
-    grad, = torch.autograd.grad(loss, [x_adv])
-    x_adv = x_adv.detach() + step_size * torch.sign(grad)
+    grad = _input_grad(lambda z: F.cross_entropy(model(z), y), adv)
+    adv = _project(adv + step_size * torch.sign(grad), x, eps)
+  return adv
+
+
+def fgsm_linf(model, x, y, noise, *, eps):
+  """``FGSM_Linf``: ``clip(x + eps sign(grad mean CE), 0, 1)``."""
+  del noise
+  grad = _input_grad(lambda z: F.cross_entropy(model(z), y), x)
+  return torch.clamp(x + eps * torch.sign(grad), 0.0, 1.0)
+
+
+def lmc_gaussian_linf(model, x, y, noise, *, eps, step_size, steps, noise_scale, init_std):
+  """``LMC_Gaussian_Linf``: ``x' <- P(x' + eta sign(grad U) + c N(0, I))``, ``U`` the
+  batch mean of ``log(1 - p_y)``, from ``P(x + init_std N(0, I))``."""
+  adv = _project(x + init_std * noise("start", x.shape), x, eps)
+  for i in range(steps):
+    grad = _input_grad(lambda z: log_one_minus_p(model(z), y).mean(), adv)
+    adv = adv + step_size * torch.sign(grad)
     if noise_scale:
-      x_adv = x_adv + noise_scale * torch.randn_like(x_adv)
-    x_adv = _project(x_adv, x, eps)
-  model.train()
-  return x_adv.detach()
+      adv = adv + noise_scale * noise("gaussian", x.shape, step=i)
+    adv = _project(adv, x, eps)
+  return adv
+
+
+def lmc_laplacian_linf(model, x, y, noise, *, eps, step_size, steps, noise_scale, init_std,
+                       mean_over=None):
+  """``LMC_Laplacian_Linf``: ``x' <- P(x' + eta sign(grad U + c xi))``, ``xi ~ Laplace(0,
+  1)``, ``U`` the batch mean of ``log(1 - p_y)``, from ``P(x + init_std N(0, I))``.
+
+  The noise is relative to the gradient of the batch *mean*, as advbench computes it
+  (dale_jax ascends the sum and scales ``c`` by ``mean_over`` instead).
+  """
+  if mean_over is not None and mean_over != x.shape[0]:
+    raise ValueError(f"the torch reference averages over its batch of {x.shape[0]} as advbench "
+                     f"does; sampler.mean_over={mean_over} asks for another scale")
+  adv = _project(x + init_std * noise("start", x.shape), x, eps)
+  for i in range(steps):
+    grad = _input_grad(lambda z: log_one_minus_p(model(z), y).mean(), adv)
+    xi = noise("laplace", grad.shape, step=i)
+    adv = _project(adv + step_size * torch.sign(grad + noise_scale * xi), x, eps)
+  return adv
+
+
+def trades_linf(model, x, y, noise, *, eps, step_size, steps, init_std):
+  """``TRADES_Linf``: ``x' <- P(x' + eta sign(grad KL(p(x) || p(x'))))`` from
+  ``P(x + init_std N(0, I))``, ``p(x)`` computed once."""
+  del y
+  with torch.no_grad():
+    clean = model(x)
+  adv = _project(x + init_std * noise("start", x.shape), x, eps)
+  for _ in range(steps):
+    grad = _input_grad(lambda z: trades_kl(clean, model(z)), adv)
+    adv = _project(adv + step_size * torch.sign(grad), x, eps)
+  return adv
+
+
+def smooth_adv_linf(model, x, y, noise, *, eps, step_size, steps, sigma, num_samples,
+                    from_clean=True):
+  """``SmoothAdv``: sign steps on ``-mean_i log (1/n) sum_k softmax_y(f(x' + sigma xi_k))``;
+  each step from ``x`` (``from_clean``, advbench) or from the last ``x'``."""
+  rows = torch.arange(x.shape[0], device=x.device)
+  adv = x
+  for i in range(steps):
+    deltas = sigma * noise("smoothing", (num_samples,) + tuple(x.shape), step=i)
+
+    def loss(z):
+      # advbench forwards the k noisy copies one at a time; in eval mode one forward
+      # of all of them computes the same.
+      noisy = (z[None] + deltas).flatten(0, 1)
+      p = F.softmax(model(noisy), dim=1).reshape(num_samples, x.shape[0], -1)
+      total = p[:, rows, y].sum(0)
+      return -torch.log(total / num_samples).mean()
+
+    grad = _input_grad(loss, adv)
+    adv = _project((x if from_clean else adv) + step_size * torch.sign(grad), x, eps)
+  return adv
+
+
+def uniform_linf(model, x, y, noise, *, eps):
+  """advbench's ``sample_deltas``: ``clip(x + 2 eps U[0, 1) - eps, 0, 1)``."""
+  del model, y
+  return torch.clamp(x + (2 * eps * noise("uniform", x.shape) - eps), 0.0, 1.0)
+
+
+def worst_of_k_linf(model, x, y, noise, *, eps, k):
+  """The advbench fork's ``Worst_Of_K`` (``batched=0``): of ``k`` uniform draws
+  (:func:`uniform_linf`, candidate ``j`` drawn as ``noise("uniform", shape, step=j)``;
+  the fork draws its sets' ``delta_init``), the one whose batch-mean cross-entropy is
+  highest, the earlier one on a tie."""
+  with torch.no_grad():
+    worst_loss = -1
+    for j in range(k):
+      adv_imgs = uniform_linf(model, x, y, functools.partial(noise, step=j), eps=eps)
+      adv_loss = F.cross_entropy(model(adv_imgs), y)
+      # ``if adv_loss > worst_loss`` in the fork; a select keeps the step free of syncs.
+      better = adv_loss > worst_loss
+      worst_loss = torch.where(better, adv_loss, worst_loss)
+      worst = adv_imgs if j == 0 else torch.where(better, adv_imgs, worst)
+  return worst
+
+
+def metropolis_hastings_linf(model, x, y, noise, *, eps, steps, proposal_std, temperature=1.0):
+  """The advbench fork's ``MH`` on the Linf ball: one chain for the whole batch on the
+  batch-mean cross-entropy ``L``.
+
+  Each step proposes ``delta' = clamp_delta(delta + eps * Laplace(0, s eps))``
+  (``s = proposal_std``, the fork's ``mh_dale_scale``; ``clamp_delta`` projects onto
+  the ball and the box) and accepts it for every example when ``u < min(1, (L(delta')
+  / L(delta))^(1/T))``, ``u ~ U[0, 1)`` (the fork's ``torch.bernoulli``; it has no
+  temperature, ``T = 1``). The chain starts at a uniform draw ``clip(x + 2 eps U -
+  eps, 0, 1) - x`` (the fork's Linf ``MH`` cannot be built; dale_jax's start).
+  """
+  with torch.no_grad():
+    delta = torch.clamp(x + (2 * eps * noise("chain_start", x.shape) - eps), 0.0, 1.0) - x
+    last_loss = F.cross_entropy(model(x + delta), y)
+    ones = torch.ones_like(last_loss)
+    for i in range(steps):
+      proposal = delta + (proposal_std * eps) * noise("proposal", x.shape, step=i) * eps
+      proposal = _project(x + proposal, x, eps) - x
+      proposal_loss = F.cross_entropy(model(x + proposal), y)
+      acceptance_ratio = torch.minimum((proposal_loss / last_loss) ** (1.0 / temperature), ones)
+      accepted = noise("accept", (), step=i) < acceptance_ratio
+      delta = torch.where(accepted, proposal, delta)
+      last_loss = torch.where(accepted, proposal_loss, last_loss)
+  return x + delta
+
+
+# name -> (function, {field: the one value the reference implements}, fields passed on).
+_SAMPLERS = {
+    "pgd": (pgd_linf, dict(random_start=False, restarts=1, potential="cross_entropy"),
+            ("eps", "step_size", "steps")),
+    "fgsm": (fgsm_linf, dict(random_start=False, step_size=None), ("eps",)),
+    "langevin_gaussian": (lmc_gaussian_linf, dict(start="gaussian", potential="log_one_minus_p"),
+                          ("eps", "step_size", "steps", "noise_scale", "init_std")),
+    "langevin_laplacian": (lmc_laplacian_linf, dict(potential="log_one_minus_p"),
+                           ("eps", "step_size", "steps", "noise_scale", "init_std", "mean_over")),
+    "trades_kl": (trades_linf, {}, ("eps", "step_size", "steps", "init_std")),
+    "smooth_adv": (smooth_adv_linf, {},
+                   ("eps", "step_size", "steps", "sigma", "num_samples", "from_clean")),
+    "uniform": (uniform_linf, {}, ("eps",)),
+    "worst_of_k": (worst_of_k_linf, dict(potential="cross_entropy", select="batch"), ("eps", "k")),
+    "metropolis_hastings": (
+        metropolis_hastings_linf,
+        dict(proposal="laplace", radius_scaled=True, acceptance="loss_ratio",
+             potential="cross_entropy", per_example=False, outside="project"),
+        ("eps", "steps", "proposal_std", "temperature")),
+}
 
 
 def make_sampler(config: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
-  """``sample(model, x, y, start=None)`` from a dale_jax ``sampler`` section (Linf samplers)."""
+  """``sample(model, x, y, noise) -> x'`` from a dale_jax ``sampler`` section (Linf).
+
+  The model is in ``eval()`` mode while sampling and back in ``train()`` mode
+  afterwards, as in advbench; no gradient flows out of ``x'``.
+  """
   config = dict(config)
   name = config.pop("name", None)
-  norm = config.pop("norm", "linf")
-  if norm != "linf":
-    raise ValueError(f"the torch reference implements norm='linf' only, got {norm!r}")
-  if name == "pgd":
-    if config.get("random_start") or config.get("restarts", 1) != 1:
-      raise ValueError("the torch reference implements PGD from x with one restart")
-    potential = _POTENTIALS[config.get("potential", "cross_entropy")]
-    return lambda model, x, y, start=None: signed_ascent(
-        model, x, y, objective=lambda z: potential(z, y), eps=config["eps"],
-        step_size=config["step_size"], steps=config["steps"], start=start)
-  if name == "langevin_gaussian":
-    potential = _POTENTIALS[config.get("potential", "log_one_minus_p")]
-    return lambda model, x, y, start=None: signed_ascent(
-        model, x, y, objective=lambda z: potential(z, y), eps=config["eps"],
-        step_size=config["step_size"], steps=config["steps"],
-        noise_scale=config["noise_scale"], init_std=config.get("init_std", 0.001), start=start)
-  if name == "trades_kl":
-    def sample(model, x, y, start=None):
-      model.eval()
-      with torch.no_grad():
-        clean = model(x)
-      return signed_ascent(
-          model, x, y, objective=lambda z: kl_to_clean(z, clean), eps=config["eps"],
-          step_size=config["step_size"], steps=config["steps"],
-          init_std=config.get("init_std", 0.001), start=start)
-    return sample
-  raise ValueError(f"the torch reference implements samplers 'pgd', 'langevin_gaussian' and "
-                   f"'trades_kl', got {name!r}")
+  if config.pop("norm", "linf") != "linf":
+    raise ValueError("the torch reference implements norm='linf' only")
+  if name not in _SAMPLERS:
+    raise ValueError(f"the torch reference implements samplers {sorted(_SAMPLERS)}, got {name!r}")
+  fn, required, fields = _SAMPLERS[name]
+  unknown = sorted(set(config) - set(fields) - set(required))
+  if unknown:
+    raise ValueError(f"the torch reference does not implement sampler.{unknown[0]}")
+  # A field the section leaves out has dale_jax's default.
+  from dale_jax import samplers  # pylint: disable=import-outside-toplevel
+  parameters = inspect.signature(samplers.SAMPLERS[name]).parameters.values()
+  defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+  config = {**{f: defaults[f] for f in (*fields, *required) if f in defaults}, **config}
+  for field, value in required.items():
+    if config[field] != value:
+      raise ValueError(f"the torch reference implements sampler.{field}={value!r} for {name!r}, "
+                       f"got {config[field]!r}")
+  kwargs = {f: config[f] for f in fields if f in config}
+
+  def sample(model, x, y, noise):
+    model.eval()
+    try:
+      return fn(model, x.detach(), y, noise, **kwargs).detach()
+    finally:
+      model.train()
+
+  return sample
+
+
+# ----------------------------------------------------------------------------
+# Losses (advbench's algorithms.py): loss(cfg, clean, adv, y, nu) -> (loss, constraint).
+# ``clean`` is the model's output on x, ``adv`` its outputs on the M draws, (M, B, classes).
+
+
+def _ce(out, y):
+  return F.cross_entropy(out, y)
+
+
+def _erm(cfg, clean, adv, y, nu):
+  return _ce(clean, y), None
+
+
+def _adversarial_ce(cfg, clean, adv, y, nu):
+  # One draw: advbench's PGD, FGSM, RandSmoothing. M draws: ERM_DataAug's mean over
+  # them (advbench averages the *clean* CE M times).
+  return torch.stack([_ce(a, y) for a in adv]).mean(), None
+
+
+def _trades(cfg, clean, adv, y, nu):
+  ce = _ce(clean if cfg.get("ce_on", "clean") == "clean" else adv[0], y)
+  return ce + cfg["beta"] * trades_kl(clean, adv[0]), None
+
+
+def _logit_pairing(ce_on):
+  def loss(cfg, clean, adv, y, nu):
+    # ``torch.norm(f(x') - f(x), dim=1).mean()`` of the network's outputs: advbench's
+    # MNIST network returns log_softmax (pair_on="log_softmax"), the ResNet logits.
+    pair = (lambda o: F.log_softmax(o, dim=1)) if cfg.get("pair_on") == "log_softmax" else (
+        lambda o: o)
+    pairing = torch.norm(pair(adv[0]) - pair(clean), dim=1).mean()
+    ce = _ce(adv[0] if ce_on == "adv" else clean, y)
+    return ce + cfg.get("weight", 1.0) * pairing, None
+  return loss
+
+
+def _mart(cfg, clean, adv, y, nu):
+  adv_output = adv[0]
+  adv_probs = F.softmax(adv_output, dim=1)
+  tmp1 = torch.argsort(adv_probs, dim=1)[:, -2:]
+  new_label = torch.where(tmp1[:, -1] == y, tmp1[:, -2], tmp1[:, -1])
+  loss_adv = F.cross_entropy(adv_output, y) + F.nll_loss(
+      torch.log(1.0001 - adv_probs + 1e-12), new_label)
+  nat_probs = F.softmax(clean, dim=1)
+  true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
+  kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none")
+  loss_robust = (1.0 / clean.shape[0]) * torch.sum(torch.sum(kl, dim=1) * (1.0000001 - true_probs))
+  return loss_adv + cfg["beta"] * loss_robust, None
+
+
+def _term(cfg, clean, adv, y, nu):
+  t = cfg["t"]
+  loss = F.cross_entropy(clean, y, reduction="none")
+  return torch.log(torch.exp(t * loss).mean() + 1e-6) / t, None
+
+
+def _cvar(method, primal_dual=False):
+  def loss(cfg, clean, adv, y, nu):
+    beta, m = cfg["beta"], adv.shape[0]
+    curr = [F.cross_entropy(a, y, reduction="none") for a in adv]
+    # t per example from 1, ``n_steps`` (sub)gradient steps on the M draws' losses
+    # (advbench redraws them at every t-step and divides the step by the batch size).
+    ts = torch.ones_like(curr[0])
+    for _ in range(cfg["n_steps"]):
+      if method == "subgradient":
+        indicator_avg = sum(torch.where(c.detach() > ts, 1.0, 0.0) for c in curr) / float(m)
+        grad_ts = 1 - (1 / beta) * indicator_avg
+      else:  # The gradient of the batch *sum* of the brackets: each t_i its own problem.
+        ts = ts.detach().requires_grad_(True)
+        brackets = ts + sum(F.relu(c.detach() - ts) for c in curr) / (float(m) * beta)
+        grad_ts, = torch.autograd.grad(brackets.sum(), [ts])
+      ts = (ts - cfg["t_step_size"] * grad_ts).detach()
+    cvar_loss = (ts + sum(F.relu(c - ts) for c in curr) / (float(m) * beta)).mean()
+    if not primal_dual:
+      return cvar_loss, None
+    plain = sum(c.mean() for c in curr) / float(m)
+    constraint = plain if cfg.get("constraint", "draws") == "draws" else _ce(clean, y)
+    return cvar_loss + nu * constraint, constraint
+  return loss
+
+
+def _dale(objective="robust", robust="ce"):
+  def loss(cfg, clean, adv, y, nu):
+    clean_loss = _ce(clean, y)
+    robust_loss = _ce(adv[0], y) if robust == "ce" else trades_kl(clean, adv[0])
+    weight = cfg["nu_fixed"] if nu is None else nu
+    if objective == "robust":
+      return robust_loss + weight * clean_loss, clean_loss
+    return clean_loss + weight * robust_loss, robust_loss
+  return loss
+
+
+# name -> (loss, needs the clean outputs).
+_LOSSES = {
+    "ERM": (_erm, True),
+    "ERM_DataAug": (_adversarial_ce, False),
+    "FGSM": (_adversarial_ce, False),
+    "PGD": (_adversarial_ce, False),
+    "RandSmoothing": (_adversarial_ce, False),
+    "TRADES": (_trades, True),
+    "ALP": (_logit_pairing("adv"), True),
+    "CLP": (_logit_pairing("clean"), True),
+    "MART": (_mart, True),
+    "TERM": (_term, True),
+    "CVaR_SGD": (_cvar("subgradient"), False),
+    "CVaR_SGD_Autograd": (_cvar("autograd"), False),
+    "CVaR_SGD_PD": (_cvar("subgradient", primal_dual=True), None),  # None: loss.constraint
+    "Gaussian_DALE": (_dale(), True),
+    "Laplacian_DALE": (_dale(), True),
+    "Gaussian_DALE_PD": (_dale(), True),
+    "Gaussian_DALE_PD_Reverse": (_dale(objective="clean"), True),
+    "KL_DALE_PD": (_dale(robust="kl"), True),
+    "DALE": (_dale(), True),
+    "Worst_Of_K": (_adversarial_ce, False),
+    "MH_DALE_PD": (_dale(), True),
+    "MH_DALE_PD_Reverse": (_dale(objective="clean"), True),
+}
+ALGORITHMS = tuple(_LOSSES)
 
 
 # ----------------------------------------------------------------------------
 # The training step.
 
 
-def _mean_ce(logits, y):
-  return F.cross_entropy(logits, y)
-
-
-def _trades_kl(clean, adv):
-  return kl_to_clean(adv, clean).mean()
-
-
 class TrainStep:
-  """``step(x, y) -> meters``: one training step of ``config.algorithm``, in place.
+  """``step(x, y, noise=None) -> {"Loss", "x_adv"}``: one training step of
+  ``config.algorithm``, in place.
 
   Args:
     model: a torch model in ``train()`` mode (``torch.compile``-d or not).
-    config: a dale_jax config (``algorithm``, ``sampler``, ``loss``, ``dual``,
-      ``optimizer``); the learning rate is constant.
+    config: a dale_jax config (``algorithm``, ``sampler``, ``draws``, ``loss``,
+      ``dual``, ``optimizer``, ``batch_size``); the learning rate is constant.
+    steps_per_epoch: resolves ``dual.every="epoch"`` (the dual variable then moves
+      once every ``steps_per_epoch`` calls by the sum of their per-step moves).
   """
 
-  def __init__(self, model: nn.Module, config):
+  def __init__(self, model: nn.Module, config, steps_per_epoch: int = 1):
     algorithm = config.algorithm
-    if algorithm not in ALGORITHMS:
+    if algorithm not in _LOSSES:
       raise ValueError(f"algorithm must be one of {ALGORITHMS} for the torch reference, "
                        f"got {algorithm!r}")
     self.model = model
@@ -363,41 +670,56 @@ class TrainStep:
     self.optimizer = torch.optim.SGD(model.parameters(), lr=o.learning_rate,
                                      momentum=o.momentum, weight_decay=o.weight_decay,
                                      nesterov=o.nesterov)
-    self.sampler = make_sampler(config.sampler.to_dict()) if algorithm != "ERM" else None
     self.loss_config = config.loss.to_dict()
+    self.loss_fn, self.needs_clean = _LOSSES[algorithm]
+    if self.needs_clean is None:
+      self.needs_clean = self.loss_config.get("constraint", "draws") == "clean"
+    section = config.sampler.to_dict()
+    if section.get("mean_over", 0) is None:
+      section["mean_over"] = config.batch_size
+    self.sampler = make_sampler(section) if section else None
+    self.draws = int(config.draws) if section else 0
+    if self.draws > 1 and section["name"] != "uniform":
+      raise ValueError("the torch reference draws several perturbations per example with the "
+                       f"uniform sampler only, got draws={self.draws} of {section['name']!r}")
     dual = config.dual.to_dict()
     device = next(model.parameters()).device
     self.nu = torch.tensor(float(dual.get("init_value", 1.0)), device=device) if dual else None
     self.dual_step = float(dual.get("step_size", 0.0)) if dual else 0.0
     self.margin = float(dual.get("margin", 0.0)) if dual else 0.0
-    if dual and dual.get("every", "step") != "step":
-      raise ValueError("the torch reference updates the dual variable every step")
+    self.dual_every = steps_per_epoch if dual.get("every", "step") == "epoch" else 1
+    self._dual_moves, self._dual_count = 0.0, 0
 
-  def _loss(self, clean, adv, y):
-    a, cfg = self.algorithm, self.loss_config
-    if a == "ERM":
-      return _mean_ce(clean, y), None
-    if a == "PGD":
-      return _mean_ce(adv, y), None
-    if a == "TRADES":
-      ce = _mean_ce(clean if cfg.get("ce_on", "clean") == "clean" else adv, y)
-      return ce + cfg["beta"] * _trades_kl(clean, adv), None
-    clean_loss = _mean_ce(clean, y)
-    robust = _trades_kl(clean, adv) if a == "KL_DALE_PD" else _mean_ce(adv, y)
-    nu = cfg.get("nu_fixed", 0.1) if self.nu is None else self.nu
-    return robust + nu * clean_loss, clean_loss
+  def perturb(self, x: torch.Tensor, y: torch.Tensor, noise: Noise) -> torch.Tensor | None:
+    """The sampler's ``draws`` perturbations of ``x``, ``(draws, batch, C, H, W)``
+    (``None`` without a sampler); draw ``j`` asks ``noise`` with ``draw=j``."""
+    if self.sampler is None:
+      return None
+    return torch.stack([self.sampler(self.model, x, y, functools.partial(noise, draw=j))
+                        for j in range(self.draws)])
 
   def __call__(self, x: torch.Tensor, y: torch.Tensor,
-               start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One step on ``(x, y)``; ``start`` replaces the sampler's random start."""
-    adv_x = self.sampler(self.model, x, y, start=start) if self.sampler is not None else None
+               noise: Noise | None = None) -> dict[str, torch.Tensor | None]:
+    """One step on ``(x, y)``; ``noise`` (default :func:`torch_noise`) makes every draw.
+
+    Returns the loss and the perturbations the step trained on, ``(draws, batch, C,
+    H, W)`` (``None`` without a sampler).
+    """
+    x_adv = self.perturb(x, y, noise or torch_noise(x.device))
     self.optimizer.zero_grad(set_to_none=True)
-    clean = self.model(x) if self.algorithm != "PGD" else None
-    adv = self.model(adv_x) if adv_x is not None else None
-    loss, constraint = self._loss(clean, adv, y)
+    clean = self.model(x) if self.needs_clean else None
+    adv = None
+    if x_adv is not None:
+      adv = self.model(x_adv.flatten(0, 1))
+      adv = adv.reshape(x_adv.shape[:2] + adv.shape[1:])
+    loss, constraint = self.loss_fn(self.loss_config, clean, adv, y, self.nu)
     loss.backward()
     self.optimizer.step()
     if self.nu is not None:
       # Kept on the device: no host synchronisation inside the step.
-      self.nu = torch.clamp(self.nu + self.dual_step * (constraint.detach() - self.margin), min=0.0)
-    return {"Loss": loss.detach()}
+      self._dual_moves = self._dual_moves + (constraint.detach() - self.margin)
+      self._dual_count += 1
+      if self._dual_count == self.dual_every:
+        self.nu = torch.clamp(self.nu + self.dual_step * self._dual_moves, min=0.0)
+        self._dual_moves, self._dual_count = 0.0, 0
+    return {"Loss": loss.detach(), "x_adv": x_adv}
