@@ -32,8 +32,6 @@ import shlex
 import shutil
 from typing import Sequence
 
-from dale_jax import rundir
-from dale_jax import validation
 from dale_jax.cli import _errors
 from dale_jax.research import cluster
 from dale_jax.research import sweep
@@ -177,12 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
       parser.error(f"--slurm_{e}")
 
-  stale = [j for j in jobs if sweep.job_state(j) == sweep.STALE]
-  if stale:
-    raise validation.BadInput(
-        f"{len(stale)} of the {len(jobs)} runs in {args.output_dir} were trained with another "
-        f"config ({stale[0].workdir}: {rundir.describe_changes(sweep.stale_changes(stale[0]))})"
-        "; sweep into another --output_dir, or remove those runs")
+  sweep.check_not_stale(jobs, args.output_dir)
   counts = sweep.summarize(jobs)
   to_launch = sweep.select_jobs(jobs, resume_incomplete=args.resume_incomplete,
                                 clean_incomplete=args.clean_incomplete)

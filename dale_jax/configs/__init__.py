@@ -58,6 +58,12 @@ def expand_config_flags(argv: Sequence[str]) -> list[str]:
   flag = "--config="
   return [flag + config_path(a[len(flag):]) if a.startswith(flag) else a for a in argv]
 
+# The advbench fork's Worst_Of_K and MH settings, the same for every dataset (see FAMILIES).
+_FORK_WORST_OF_K = dict(k=10, select="batch")
+_FORK_MH = dict(steps=30, proposal="laplace", proposal_std=0.05, radius_scaled=True,
+                acceptance="loss_ratio", potential="cross_entropy", temperature=1.0,
+                per_example=False, outside="project")
+
 # advbench's hyperparameters by dataset family. ``samplers`` holds the training
 # sampler of every sampler name (an algorithm picks one through its registry entry),
 # ``losses`` the loss hyperparameters that differ from the registry's defaults.
@@ -82,11 +88,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
             # with its training hparams (hparams_registry.py, SE, any dataset): batched=0,
             # worst_of_k_steps=10; mh_proposal="Laplace", mh_dale_scale=0.05,
             # mh_dale_n_steps=30; no temperature. See samplers.metropolis_hastings.
-            worst_of_k=dict(eps=0.3, k=10, select="batch"),
-            metropolis_hastings=dict(eps=0.3, steps=30, proposal="laplace", proposal_std=0.05,
-                                     radius_scaled=True, acceptance="loss_ratio",
-                                     potential="cross_entropy", temperature=1.0,
-                                     per_example=False, outside="project"),
+            worst_of_k=dict(eps=0.3, **_FORK_WORST_OF_K),
+            metropolis_hastings=dict(eps=0.3, **_FORK_MH),
         ),
         # advbench's MNIST network returns log_softmax: ALP and CLP pair log-probabilities.
         losses=dict(TRADES=dict(beta=1.0), ALP=dict(pair_on="log_softmax"),
@@ -107,11 +110,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
                             from_clean=True),
             uniform=dict(eps=0.031),
             # The fork's values, as for mnist (its hparams do not depend on the dataset).
-            worst_of_k=dict(eps=0.031, k=10, select="batch"),
-            metropolis_hastings=dict(eps=0.031, steps=30, proposal="laplace", proposal_std=0.05,
-                                     radius_scaled=True, acceptance="loss_ratio",
-                                     potential="cross_entropy", temperature=1.0,
-                                     per_example=False, outside="project"),
+            worst_of_k=dict(eps=0.031, **_FORK_WORST_OF_K),
+            metropolis_hastings=dict(eps=0.031, **_FORK_MH),
         ),
         losses=dict(TRADES=dict(beta=6.0)),
         eval=dict(eps=8 / 255, pgd_steps=20, pgd_step_size=0.003),

@@ -36,7 +36,6 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from dale_jax import rundir
-from dale_jax import validation
 from dale_jax.research import collect
 from dale_jax.research import plots
 from dale_jax.research import sweep
@@ -179,12 +178,7 @@ def jobs(experiment: Experiment, output_dir: str, *, config_dir: str = sweep.DEF
 def train(job_list: Sequence[sweep.Job], *, n_workers: int = 1, device_env: str | None = None,
           out=None) -> list[sweep.Outcome]:
   """Launches the jobs that are not done; raises ``RuntimeError`` if any fails."""
-  stale = [j for j in job_list if sweep.job_state(j) == sweep.STALE]
-  if stale:
-    raise validation.BadInput(
-        f"{len(stale)} runs were trained with another config ({stale[0].workdir}: "
-        f"{rundir.describe_changes(sweep.stale_changes(stale[0]))}); use another output "
-        "directory, or remove those runs")
+  sweep.check_not_stale(job_list, os.path.commonpath([j.workdir for j in job_list]))
   todo = sweep.select_jobs(job_list)
   counts = sweep.summarize(job_list)
   _print(out, f"# train: {len(job_list)} runs, {counts[sweep.DONE]} done, "

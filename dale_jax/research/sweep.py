@@ -48,6 +48,7 @@ import time
 from typing import Callable, Mapping, Sequence, TextIO
 
 from dale_jax import rundir
+from dale_jax import validation
 
 NOT_LAUNCHED = "not launched"
 INCOMPLETE = "incomplete"
@@ -218,7 +219,6 @@ def job_config(job: Job):
 
   from dale_jax import configs  # pylint: disable=import-outside-toplevel
   from dale_jax import train  # pylint: disable=import-outside-toplevel
-  from dale_jax import validation  # pylint: disable=import-outside-toplevel
 
   argv = configs.expand_config_flags(
       ["dale-train", *(a for a in job.command if a.startswith("--config"))])
@@ -266,6 +266,20 @@ def job_state(job: Job) -> str:
   if rundir.is_done(job.workdir) and not more_epochs:
     return DONE
   return INCOMPLETE
+
+
+def check_not_stale(jobs: Sequence[Job], where: str) -> None:
+  """Refuses a grid whose output directory (``where``) holds runs of another config.
+
+  Raises:
+    validation.BadInput: naming how many, the first one and what differs.
+  """
+  stale = [j for j in jobs if job_state(j) == STALE]
+  if stale:
+    raise validation.BadInput(
+        f"{len(stale)} of the {len(jobs)} runs in {where} were trained with another config "
+        f"({stale[0].workdir}: {rundir.describe_changes(stale_changes(stale[0]))}); use another "
+        "output directory, or remove those runs")
 
 
 def summarize(jobs: Sequence[Job]) -> dict[str, int]:
