@@ -26,14 +26,14 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from dale_jax import perturbations, train
+from dale_jax import configs, perturbations, train
 
 ANGLES = (-30.0, -15.0, 0.0, 15.0, 30.0)
 
 
 def rotation_config(epochs: int, train_examples: int, test_examples: int):
   spec = importlib.util.spec_from_file_location(
-      "spatial", os.path.join(os.path.dirname(__file__), "configs", "spatial.py"))
+      "spatial", os.path.join(configs.CONFIG_DIR, "spatial.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("Gaussian_DALE_PD,rotation")
