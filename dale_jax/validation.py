@@ -16,6 +16,7 @@ before JAX starts.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 from typing import Any, Collection, Iterator
@@ -133,3 +134,63 @@ def prefixed(prefix: str) -> Iterator[None]:
     inside = e.field == prefix or e.field.startswith(prefix + ".")
     field = e.field if inside else f"{prefix}.{e.field}"
     raise InvalidArgument(field, e.accepted, e.value, rest=e.rest) from None
+
+
+# ----------------------------------------------------------------------------
+# Units: what a radius or an epoch number means, not only its type.
+
+
+def linf_radius(field: str, eps: Any) -> None:
+  """Refuses an Linf radius above 1: images are in ``[0, 1]``, where a radius of 1
+  already reaches every image, so a larger one is almost always pixel levels
+  (``8`` for ``8/255``)."""
+  if is_real(eps) and eps > 1:
+    raise InvalidArgument(
+        field, rest=f"is {eps:g}, an Linf radius on images in [0, 1], where 1 already "
+        f"reaches every image: {eps:g} means {eps:g} pixel levels; did you mean "
+        f"{eps:g}/255 = {eps / 255:.4f}?")
+
+
+def linf_radii(config: Any) -> list[tuple[str, Any]]:
+  """``(field, eps)`` of every Linf radius of a config: the sampler's and the
+  evaluators' ``eps`` where their ``norm`` is ``linf``, and the ``linf_eps`` of the
+  spatial perturbation sections. L2 and L1 radii have no such bound and are left out."""
+  radii = []
+  for name in ("sampler", "eval"):
+    section = config.get(name) or {}
+    if "eps" in section and section.get("norm") == "linf":
+      radii.append((f"config.{name}.eps", section["eps"]))
+  for name, section in (("perturbation", config.get("perturbation")),
+                        ("eval.perturbation", (config.get("eval") or {}).get("perturbation"))):
+    if section and "linf_eps" in section:
+      radii.append((f"config.{name}.linf_eps", section["linf_eps"]))
+  return radii
+
+
+def check_linf_radii(config: Any) -> None:
+  """:func:`linf_radius` for every Linf radius of ``config`` (:func:`linf_radii`)."""
+  for field, eps in linf_radii(config):
+    linf_radius(field, eps)
+
+
+def schedule_past_end(boundaries: Any, num_epochs: Any) -> str | None:
+  """The warning for schedule boundaries that training never reaches, else ``None``.
+
+  A boundary ``b`` scales the learning rate from epoch ``b`` on (epochs count from
+  0), so with ``num_epochs`` epochs a ``b >= num_epochs`` never takes effect. That is
+  legitimate for a short run of a long schedule, hence a warning and not an error."""
+  if not (isinstance(boundaries, (tuple, list)) and is_integer(num_epochs)):
+    return None
+  late = [b for b in boundaries if is_integer(b) and b >= num_epochs]
+  if not late:
+    return None
+  return (f"config.schedule.boundaries {tuple(late)} >= config.num_epochs={num_epochs}: "
+          "that learning-rate decay never happens in this run")
+
+
+def warn_schedule(config: Any) -> None:
+  """Logs :func:`schedule_past_end` of ``config`` as one warning line, if any."""
+  message = schedule_past_end((config.get("schedule") or {}).get("boundaries"),
+                              config.get("num_epochs"))
+  if message:
+    logging.getLogger("dale_jax").warning(message)

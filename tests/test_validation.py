@@ -205,3 +205,57 @@ def test_dale_eval_on_a_workdir_without_a_checkpoint(tmp_path):
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith("dale-eval: error: no checkpoint in")
   assert not (tmp_path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize("field", ["sampler.eps", "eval.eps", "perturbation.linf_eps",
+                                   "eval.perturbation.linf_eps"])
+def test_an_linf_radius_above_1_is_refused_as_pixel_levels(field):
+  config = _untyped("PGD")
+  _set(config, field, 8)
+  with pytest.raises(validation.InvalidArgument) as info:
+    configs.validate(config)
+  message = str(info.value)
+  assert message.startswith(f"config.{field} is 8, an Linf radius on images in [0, 1]")
+  assert "8 means 8 pixel levels; did you mean 8/255 = 0.0314?" in message
+  _set(config, field, 1.0)  # the whole range: large, but a radius
+  configs.validate(config)
+
+
+def test_an_l2_radius_has_no_such_bound():
+  config = _untyped("PGD")
+  config.sampler.norm, config.sampler.eps = "l2", 3.0
+  config.eval.norm, config.eval.eps = "l2", 8.0
+  configs.validate(config)
+  config.eval.norm = "linf"  # the same number as an Linf radius
+  with pytest.raises(validation.InvalidArgument, match=r"^config\.eval\.eps is 8"):
+    configs.validate(config)
+
+
+def test_linf_radius_and_schedule_checks_are_pure_functions():
+  validation.linf_radius("eps", 0.5)
+  validation.linf_radius("eps", 1)
+  validation.linf_radius("eps", "not a number")  # the type is another check's
+  with pytest.raises(validation.InvalidArgument, match=r"^eps is 300, .* 300/255 = 1\.1765\?$"):
+    validation.linf_radius("eps", 300)
+  assert validation.schedule_past_end((6,), 8) is None
+  assert validation.schedule_past_end((), 8) is None
+  assert validation.schedule_past_end((6, 8, 100), 8) == (
+      "config.schedule.boundaries (8, 100) >= config.num_epochs=8: that learning-rate "
+      "decay never happens in this run")
+
+
+def test_a_schedule_boundary_past_the_last_epoch_is_one_warning_line(caplog):
+  config = _untyped("PGD")
+  config.num_epochs, config.schedule.boundaries, config.schedule.scales = 8, (6,), (0.1,)
+  with caplog.at_level("WARNING", logger="dale_jax"):
+    configs.validate(config)
+  assert not caplog.records
+  config.schedule.boundaries = (100,)  # legitimate (a short run of a long schedule): no error
+  with caplog.at_level("WARNING", logger="dale_jax"):
+    configs.validate(config)
+  (record,) = caplog.records
+  assert record.levelname == "WARNING" and "\n" not in record.getMessage()
+  assert record.getMessage().startswith("config.schedule.boundaries (100,) >= config.num_epochs=8")

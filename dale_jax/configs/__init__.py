@@ -376,6 +376,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
               s.scales)
     v.require(all(v.is_real(x) and x > 0 for x in s.scales), "schedule.scales",
               "finite numbers > 0", s.scales)
+    v.warn_schedule(config)  # a decay past the last epoch: legitimate, but said
+    v.check_linf_radii(config)  # 8 for 8/255
 
     spec = algorithms.ALGORITHMS[config.algorithm]
     section = config.get("perturbation")
