@@ -5,24 +5,49 @@ The public API::
   from dale_jax import samplers, potentials, losses, dual, threat   # pure building blocks
   from dale_jax import perturbations                                # rotations, shifts, SE(2)
   from dale_jax import algorithms, models, data, evaluation         # what a run is made of
-  from dale_jax import attacks                                      # APGD, Square, AutoAttack-style ensemble
-  from dale_jax import train, configs                               # the training job
+  from dale_jax import attacks                                      # APGD, FAB, Square, AutoAttack
+  from dale_jax import configs, experiment                          # config -> objects, once
+  from dale_jax import steps, checkpoint, train                     # the training job
+  from dale_jax import evaluate                                     # robustness of a finished run
+  dale_jax.evaluate_run(workdir, version="standard")                # what dale-eval runs
+
+The submodules are imported when first used (PEP 562), so that ``import dale_jax``
+and the modules that launch and read runs (:mod:`dale_jax.research`,
+:mod:`dale_jax.validation`, :mod:`dale_jax.rundir`) do not start JAX.
 """
 
-from dale_jax import algorithms
-from dale_jax import attacks
-from dale_jax import configs
-from dale_jax import data
-from dale_jax import dual
-from dale_jax import evaluation
-from dale_jax import losses
-from dale_jax import models
-from dale_jax import perturbations
-from dale_jax import potentials
-from dale_jax import samplers
-from dale_jax import threat
-from dale_jax.dual import DualState, dual_ascent
-from dale_jax.samplers import make_sampler
-from dale_jax.train_state import TrainState
+import importlib
+from typing import Any
 
 __version__ = "0.2.0.dev0"  # the one place the version is written (setup.cfg reads it)
+
+_SUBMODULES = (
+    "algorithms", "attacks", "checkpoint", "configs", "data", "dual", "evaluate", "evaluation",
+    "experiment", "losses", "models", "perturbations", "potentials", "samplers", "steps",
+    "threat", "train", "train_state",
+)
+# Names re-exported from a submodule: {name: (module, attribute)}.
+_EXPORTS = {
+    "DualState": ("dual", "DualState"),
+    "dual_ascent": ("dual", "dual_ascent"),
+    "make_sampler": ("samplers", "make_sampler"),
+    "TrainState": ("train_state", "TrainState"),
+    "Experiment": ("experiment", "Experiment"),
+    "build": ("experiment", "build"),
+    "evaluate_run": ("evaluate", "evaluate_run"),
+}
+
+__all__ = [*_SUBMODULES, *_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _SUBMODULES:
+    return importlib.import_module(f"dale_jax.{name}")
+  if name in _EXPORTS:
+    module, attribute = _EXPORTS[name]
+    return getattr(importlib.import_module(f"dale_jax.{module}"), attribute)
+  raise AttributeError(f"module 'dale_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(__all__)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from dale_jax import attacks
 from dale_jax import losses
 from dale_jax import perturbations
 from dale_jax import potentials
@@ -159,8 +160,6 @@ def _attack(prefix: str, name: str, **fields: str) -> Callable[[Mapping[str, Any
   settings to ``eval`` config fields (e.g. ``steps="apgd_steps"``)."""
 
   def build(s):
-    from dale_jax import attacks  # Imported lazily: attacks itself imports the samplers.
-
     settings = {k: s[v] for k, v in fields.items()}
     return attacked(prefix, attacks.make_attack(name, norm=s["norm"], eps=s["eps"], **settings))
 

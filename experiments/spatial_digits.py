@@ -26,7 +26,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from dale_jax import configs, perturbations, train
+from dale_jax import checkpoint, configs, perturbations, train
 
 ANGLES = (-30.0, -15.0, 0.0, 15.0, 30.0)
 
@@ -81,7 +81,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   config = rotation_config(args.epochs, args.train_examples, args.test_examples)
   results = train.train_and_evaluate(config, args.workdir)
-  _, logits_fn, dataset = train.load_trained(args.workdir)
+  _, logits_fn, dataset = checkpoint.load_trained(args.workdir)
   path = os.path.join(args.workdir, "rotated_digits.png")
   plot_rotated_digits(logits_fn, dataset.test[0], dataset.test[1], path)
   print({k: v for k, v in results.items() if k in ("Epoch", "Test")})

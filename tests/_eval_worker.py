@@ -16,19 +16,20 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from dale_jax import data, parallel, train  # noqa: E402
+from dale_jax import checkpoint, data, experiment, parallel  # noqa: E402
+from dale_jax import steps as steps_lib  # noqa: E402
 
 with open(os.path.join(workdir, "config.json")) as f:
   config = ml_collections.ConfigDict(json.load(f))
 dataset = data.load(config.dataset)
-state = train.create_train_state(config, jax.random.key(0), dataset.input_shape,
-                                 dataset.num_classes)
-state, _ = train._restore(train._checkpoint_manager(workdir), state)
+exp = experiment.build(config, num_classes=dataset.num_classes)
+state = experiment.init_state(exp, jax.random.key(0), dataset.input_shape)
+state, _ = checkpoint.restore(checkpoint.manager(workdir), state)
 mesh = parallel.make_mesh()
 x, y = dataset.test
 x, y = x[:config.eval.max_examples], y[:config.eval.max_examples]
-record = train.evaluate_split(
-    train.make_eval_step(config, dataset.num_classes, mesh),
+record = steps_lib.evaluate_split(
+    steps_lib.make_eval_step(exp, mesh),
     jax.device_put(state.variables, parallel.replicated(mesh)), x, y, jax.random.key(7),
     batch_size=batch_size, mesh=mesh)
 with open(out, "w") as f:

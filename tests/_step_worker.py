@@ -15,7 +15,8 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dale_jax import configs, parallel, train  # noqa: E402
+from dale_jax import configs, experiment, parallel  # noqa: E402
+from dale_jax import steps as steps_lib  # noqa: E402
 
 if len(sys.argv) > 3:
   coordinator, num_processes, process_id = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -24,9 +25,10 @@ if len(sys.argv) > 3:
 config = configs.base_config("mnist_digits", "Gaussian_DALE_PD")
 config.batch_size = 16
 mesh = parallel.make_mesh()
-state = train.create_train_state(config, jax.random.key(0), (28, 28, 1), 10)
+exp = experiment.build(config, num_classes=10)
+state = experiment.init_state(exp, jax.random.key(0), (28, 28, 1))
 state = jax.device_put(state, parallel.replicated(mesh))
-step = train.make_train_step(config, 10, mesh=mesh)
+step = steps_lib.make_train_step(exp, mesh=mesh)
 rng = np.random.RandomState(0)
 rows = parallel.process_rows(config.batch_size)
 for _ in range(2):

@@ -9,7 +9,8 @@ import pytest
 
 from dale_jax import algorithms
 from dale_jax import configs
-from dale_jax import train
+from dale_jax import experiment
+from dale_jax import steps as steps_lib
 
 B, C = 8, 10
 NU = 0.7  # a multiplier away from the default 1.0, so nu-weighted terms are visible
@@ -103,7 +104,7 @@ def _build(name, dataset="mnist_digits", **overrides):
   config = configs.base_config(dataset, name)
   for section, values in overrides.items():
     config[section].update(values)
-  return config, train.algorithm_for(config, steps_per_epoch=STEPS_PER_EPOCH)
+  return config, steps_lib.chunked(experiment.make_algorithm(config, STEPS_PER_EPOCH), config)
 
 
 def _inputs(algorithm, seed=0):
@@ -268,15 +269,15 @@ def test_batch_level_samplers_are_not_cut_into_chunks():
   assert not samplers.couples_examples({"name": "pgd"})
   config = configs.base_config("mnist_digits", "Worst_Of_K")
   assert config.sampler.select == "batch"
-  n = 2 * train.CPU_SAMPLER_CHUNK
+  n = 2 * steps_lib.CPU_SAMPLER_CHUNK
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(n, 4, 4, 1)), jnp.float32)
   y = jnp.asarray(np.arange(n) % C, jnp.int32)
   w = jnp.asarray(np.random.default_rng(1).normal(size=(16, C)), jnp.float32)
   logits_fn = lambda z: z.reshape(z.shape[0], -1) @ w
-  built = train.algorithm_for(config, platform="cpu").sampler
+  built = steps_lib.chunked(experiment.make_algorithm(config), config, platform="cpu").sampler
   whole = samplers.make_sampler(configs.sampler_section(config))
   key = jax.random.key(3)
   np.testing.assert_array_equal(built(key, logits_fn, x, y), whole(key, logits_fn, x, y))
   # The fork's rule keeps one draw for all examples: the whole batch moved alike.
-  chunked = samplers.in_chunks(whole, train.CPU_SAMPLER_CHUNK)(key, logits_fn, x, y)
+  chunked = samplers.in_chunks(whole, steps_lib.CPU_SAMPLER_CHUNK)(key, logits_fn, x, y)
   assert not np.array_equal(np.asarray(chunked), np.asarray(whole(key, logits_fn, x, y)))

@@ -19,7 +19,8 @@ import pytest
 from conftest import require
 
 from dale_jax import host_memory
-from dale_jax import train
+from dale_jax import experiment
+from dale_jax import steps as steps_lib
 from dale_jax.bench import flops
 from dale_jax.bench import profile
 from dale_jax.bench import runner
@@ -90,8 +91,9 @@ def test_count_flops_multiplies_loop_bodies_by_their_trip_count():
 def test_step_flops_count_every_sampler_step():
   options = runner.Options(algorithm="Gaussian_DALE_PD", batch_size=8)
   config = runner.make_config(options)
-  step = train.make_train_step(config, 10)
-  state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), 10)
+  exp = experiment.build(config, num_classes=10)
+  step = steps_lib.make_train_step(exp)
+  state = experiment.init_state(exp, jax.random.PRNGKey(0), (28, 28, 1))
   batch = {"image": jnp.zeros((8, 28, 28, 1)), "label": jnp.zeros((8,), jnp.int32)}
   total = flops.count_flops(step, state, batch)
   fwd = flops.count_flops(lambda x: MnistCNN().apply({"params": state.params}, x), batch["image"])
@@ -160,7 +162,7 @@ def _nhwc_shape(shape) -> tuple:
 
 def _jax_noise(state, config):
   """The torch reference's ``noise(kind, shape, *, draw, step)`` replaying the draws
-  that :func:`train.train_step` makes from ``state``'s key, in NCHW.
+  that :func:`dale_jax.steps.train_step` makes from ``state``'s key, in NCHW.
 
   The keys are derived as in ``train_step`` (the attack key; one per draw when
   ``draws > 1``), :func:`samplers.ascent` (``init_key, loop_key``; step ``i``'s
@@ -243,14 +245,14 @@ def _both_steps(algorithm: str, precision: str = "float32", images=None, steps: 
   model = MnistCNN(dropout_rates=(0.0, 0.0), dtype=getattr(jnp, precision),
                    initializer=initializer)
   variables = init_variables(model, jax.random.PRNGKey(seed), (28, 28, 1))
-  state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), 10,
-                                   steps_per_epoch)
+  exp = experiment.build(config, num_classes=10, steps_per_epoch=steps_per_epoch)
+  state = experiment.init_state(exp, jax.random.PRNGKey(0), (28, 28, 1))
   state = state.replace(params=variables["params"])
   seen = {}
-  algo = train.algorithm_for(config, steps_per_epoch)
+  algo = steps_lib.chunked(exp.algorithm, config)
   if algo.sampler is not None:
     algo = _recording(algo, seen)
-  step = jax.jit(functools.partial(train.train_step, model=model, algorithm=algo),
+  step = jax.jit(functools.partial(steps_lib.train_step, model=model, algorithm=algo),
                  compiler_options=_FAST_COMPILE)
   x, y = images if images is not None else _parity_images(8, seed)
   batch = {"image": jnp.asarray(x), "label": jnp.asarray(y)}
@@ -443,7 +445,7 @@ def test_bench_command_prints_one_json_object_per_framework(capsys):
   require("torch")
   from dale_jax.cli import bench
 
-  bench.main(["--framework=jax,torch", "--batch-size=8", "--steps=1", "--repeats=2",
+  bench.main(["--frameworks=jax,torch", "--batch_size=8", "--steps=1", "--repeats=2",
               "--warmup=0", "--json"])
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["framework"] for r in rows] == ["jax", "torch"]
@@ -461,8 +463,8 @@ def test_bench_command_prints_one_json_object_per_framework(capsys):
 def test_bench_scales_over_simulated_devices(capsys):
   from dale_jax.cli import bench
 
-  bench.main(["--framework=jax", "--devices=2", "--batch-size=8", "--steps=1", "--repeats=1",
-              "--warmup=0", "--json", "--profile=3"])
+  bench.main(["--frameworks=jax", "--simulated_devices=2", "--batch_size=8", "--steps=1",
+              "--repeats=1", "--warmup=0", "--json", "--profile=3"])
   (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert row["devices"] == 2 and row["images_per_sec"] > 0
   assert len(row["top_ops"]) == 3 and all(op["ms_per_step"] >= 0 for op in row["top_ops"])
@@ -491,7 +493,8 @@ def test_bench_precision_flag_and_table(capsys):
   assert bench.parse_args(["--precision=float32,bfloat16"]).precision == ["float32", "bfloat16"]
   with pytest.raises(SystemExit):
     bench.parse_args(["--precision=float16"])
-  assert "float32, bfloat16, got 'float16'" in capsys.readouterr().err
+  assert ("dale-bench: error: --precision=float16: expected distinct names from float32, "
+          "bfloat16") in capsys.readouterr().err
   row = dict(framework="jax", devices=1, batch_size=64, images_per_sec=200.0,
              images_per_sec_min=190.0, images_per_sec_max=210.0, step_ms=320.0, compile_s=5.0,
              peak_rss_mib=1000.0)

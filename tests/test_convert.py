@@ -500,7 +500,7 @@ def test_dale_eval_bad_input_is_one_line_and_exit_2(torch_net, tmp_path):
 @pytest.mark.slow
 @pytest.mark.torch
 def test_exported_run_loads_into_the_torch_network(tmp_path):
-  from dale_jax import configs, train  # pylint: disable=import-outside-toplevel
+  from dale_jax import checkpoint, configs, train  # pylint: disable=import-outside-toplevel
   torch = _torch_nets().torch
   config = configs.base_config("mnist_digits", "ERM")
   config.num_epochs, config.batch_size = 1, 32
@@ -514,7 +514,7 @@ def test_exported_run_loads_into_the_torch_network(tmp_path):
   assert "8 tensors of mnist_cnn" in out.stdout
   net = _torch_nets().mnist_cnn()
   net.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
-  _, logits_fn, dataset = train.load_trained(workdir)
+  _, logits_fn, dataset = checkpoint.load_trained(workdir)
   x = np.asarray(dataset.test[0][:4])
   want = np.asarray(jax.nn.log_softmax(logits_fn(x)))
   np.testing.assert_allclose(_torch_logits(net.eval(), x.transpose(0, 3, 1, 2).copy()), want,

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from dale_jax import attacks
+from dale_jax import checkpoint
 from dale_jax import configs
 from dale_jax import train
-from dale_jax.cli import evaluate
+from dale_jax import evaluate
+from dale_jax import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(configs.CONFIG_DIR, "quickstart.py")
@@ -59,7 +61,7 @@ def test_writes_report_and_prints_table(finished_run):
   out = _dale_eval(f"--workdir={finished_run}", "--version=custom",
                    "--attacks=clean,fgsm,pgd20,apgd-ce", "--n_examples=32", "--batch_size=16", "--eps=0.1", "--apgd_steps=5")
   assert out.returncode == 0, out.stderr[-3000:]
-  with open(os.path.join(finished_run, evaluate.OUTPUT)) as f:
+  with open(os.path.join(finished_run, rundir.ROBUSTNESS)) as f:
     report = json.load(f)
   assert report["dataset"] == "mnist_digits" and report["model"] == "mnist_cnn"
   assert report["algorithm"] == "Gaussian_DALE_PD" and report["split"] == "test"
@@ -76,7 +78,7 @@ def test_writes_report_and_prints_table(finished_run):
 
 @pytest.mark.slow
 def test_bad_flags_fail_before_touching_the_report(finished_run):
-  path = os.path.join(finished_run, evaluate.OUTPUT)
+  path = os.path.join(finished_run, rundir.ROBUSTNESS)
   with open(path, "w") as f:
     f.write('{"kept": true}\n')
   out = _dale_eval(f"--workdir={finished_run}", "--attacks=clean,fab-t")
@@ -117,11 +119,11 @@ def test_killed_dale_eval_resumes_to_the_uninterrupted_numbers(finished_run, tmp
           "--n_examples=64", "--batch_size=8", "--eps=0.1", "--apgd_steps=4", "--save_adversarial"]
   out = _dale_eval(*args)
   assert out.returncode == 0, out.stderr[-3000:]
-  with open(os.path.join(finished_run, evaluate.OUTPUT)) as f:
+  with open(os.path.join(finished_run, rundir.ROBUSTNESS)) as f:
     uninterrupted = json.load(f)
-  with np.load(os.path.join(finished_run, evaluate.ADVERSARIAL)) as z:
+  with np.load(os.path.join(finished_run, rundir.ADVERSARIAL)) as z:
     adv_uninterrupted = {k: z[k] for k in z.files}
-  progress = os.path.join(finished_run, evaluate.PROGRESS)
+  progress = os.path.join(finished_run, rundir.ROBUSTNESS_PROGRESS)
   assert not os.path.exists(progress)  # removed once the report is written
 
   proc = subprocess.Popen([sys.executable, "-m", "dale_jax.cli.evaluate", *args],
@@ -145,10 +147,10 @@ def test_killed_dale_eval_resumes_to_the_uninterrupted_numbers(finished_run, tmp
   out = _dale_eval(*args)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"{done} attack batches already done" in out.stderr
-  with open(os.path.join(finished_run, evaluate.OUTPUT)) as f:
+  with open(os.path.join(finished_run, rundir.ROBUSTNESS)) as f:
     resumed = json.load(f)
   assert _report_numbers(resumed) == _report_numbers(uninterrupted)
-  with np.load(os.path.join(finished_run, evaluate.ADVERSARIAL)) as z:
+  with np.load(os.path.join(finished_run, rundir.ADVERSARIAL)) as z:
     for k in adv_uninterrupted:
       np.testing.assert_array_equal(z[k], adv_uninterrupted[k])
 
@@ -159,11 +161,11 @@ def test_adversarial_examples_and_robustbench_record(finished_run):
                    "--n_examples=48", "--batch_size=16", "--eps=0.15", "--apgd_steps=5",
                    "--save_adversarial")
   assert out.returncode == 0, out.stderr[-3000:]
-  with open(os.path.join(finished_run, evaluate.OUTPUT)) as f:
+  with open(os.path.join(finished_run, rundir.ROBUSTNESS)) as f:
     report = json.load(f)
-  _, logits_fn, dataset = train.load_trained(finished_run)
+  _, logits_fn, dataset = checkpoint.load_trained(finished_run)
   x, y = (a[:48] for a in dataset.test)
-  with np.load(os.path.join(finished_run, evaluate.ADVERSARIAL)) as z:
+  with np.load(os.path.join(finished_run, rundir.ADVERSARIAL)) as z:
     x_adv, broken_by, indices = z["x_adv"], z["broken_by"], z["indices"]
     np.testing.assert_array_equal(z["y"], y)
   np.testing.assert_array_equal(indices, np.arange(48))
@@ -178,7 +180,7 @@ def test_adversarial_examples_and_robustbench_record(finished_run):
   assert np.all(clean_pred[broken_by == "clean"] != y[broken_by == "clean"])
   assert 100 * np.mean(broken_by == "") == pytest.approx(report["robust_accuracy"])
   # RobustBench's model-info shape: no AutoAttack (standard) ran, so no autoattack_acc.
-  with open(os.path.join(finished_run, evaluate.MODEL_INFO)) as f:
+  with open(os.path.join(finished_run, rundir.MODEL_INFO)) as f:
     info = json.load(f)
   assert info == report["robustbench"]
   assert info["clean_acc"] == f"{report['clean_accuracy']:.2f}"

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import mlp_logits_fn, mlp_params
-from dale_jax import data, evaluation, parallel, threat, train
+from dale_jax import data, evaluation, experiment, parallel, threat
+from dale_jax import steps as steps_lib
 
 SHAPE = (10, 6, 6, 1)  # 10 real images
 EPS = 0.1
@@ -199,8 +200,8 @@ def test_evaluate_split_counts_every_example_once(problem, batch_size):
   x, y, params = problem
   evaluators = {n: evaluation.make_evaluator(n, SETTINGS) for n in ("Clean", "PGD", "FGSM")}
   mesh = parallel.make_mesh()
-  eval_fn = jax.jit(functools.partial(train.eval_step, model=_MLP(), evaluators=evaluators))
-  result = train.evaluate_split(eval_fn, {"params": params}, x, y, jax.random.key(0),
+  eval_fn = jax.jit(functools.partial(steps_lib.eval_step, model=_MLP(), evaluators=evaluators))
+  result = steps_lib.evaluate_split(eval_fn, {"params": params}, x, y, jax.random.key(0),
                                 batch_size=batch_size, mesh=mesh)
   expected = _scored("Clean", _np_logits(params, x), y)
   expected.update(_scored("PGD", _np_logits(params, _np_pgd(
@@ -227,9 +228,10 @@ def test_records_of_a_bfloat16_model_are_computed_in_float32():
   def records(model_dtype, eval_dtype):
     c = configs.base_config("mnist_digits", "ERM")
     c.model.dtype, c.eval.dtype, c.eval.evaluators = model_dtype, eval_dtype, ("Clean",)
-    configs.validate(c)
-    return train.evaluate_split(train.make_eval_step(c, 10, mesh), variables, x, y,
-                                jax.random.key(0), batch_size=6, mesh=mesh)
+    experiment.check(c)
+    eval_fn = steps_lib.make_eval_step(experiment.build(c, num_classes=10), mesh)
+    return steps_lib.evaluate_split(eval_fn, variables, x, y, jax.random.key(0),
+                                    batch_size=6, mesh=mesh)
 
   reference = records("float32", "float32")
   assert records("bfloat16", "float32") == reference

@@ -47,13 +47,13 @@ def _refused(runner, capsys, argv) -> str:
                                         ("--algorithms", ",")])
 def test_bad_counts_and_lists_are_refused_in_one_line_naming_the_flag(runner, capsys, tmp_path,
                                                                       flag, value):
-  argv = [f"--advbench={tmp_path}", "--algorithms=PGD", f"--output={tmp_path}", f"{flag}={value}"]
+  argv = [f"--advbench={tmp_path}", "--algorithms=PGD", f"--output_dir={tmp_path}", f"{flag}={value}"]
   assert flag in _refused(runner, capsys, argv)
 
 
 def test_a_folder_that_is_not_an_advbench_checkout_is_refused(runner, capsys, tmp_path):
   err = _refused(runner, capsys, [f"--advbench={tmp_path}", "--algorithms=PGD",
-                                  f"--output={tmp_path / 'out'}"])
+                                  f"--output_dir={tmp_path / 'out'}"])
   assert "--advbench" in err and "advbench/algorithms.py" in err
   assert not (tmp_path / "out").exists()
 
@@ -99,7 +99,7 @@ def test_unknown_algorithm_is_refused_listing_advbenchs_trainable_classes(tmp_pa
   checkout = _fake_advbench(tmp_path / "checkout")
   proc = subprocess.run(
       [sys.executable, str(_SCRIPT), f"--advbench={checkout}", "--algorithms=ERM,Foo",
-       f"--output={tmp_path / 'out'}"], capture_output=True, text=True, cwd=_ROOT, timeout=120)
+       f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=_ROOT, timeout=120)
   err = proc.stderr.strip()
   assert proc.returncode == 2, err
   assert len(err.splitlines()) == 1 and "--algorithms" in err and "'Foo'" in err, err
@@ -139,11 +139,11 @@ def test_conversion_check_passes_the_converted_network_and_fails_a_wrong_convers
 
 
 def test_learning_rate_per_epoch_is_dale_jaxs_schedule(runner):
-  from dale_jax import train  # pylint: disable=import-outside-toplevel
+  from dale_jax import experiment  # pylint: disable=import-outside-toplevel
 
   config = runner.quickstart_config("PGD")
   steps_per_epoch = 62
-  schedule = train.learning_rate_schedule(config, steps_per_epoch)
+  schedule = experiment.learning_rate_schedule(config, steps_per_epoch)
   rates = [runner.learning_rate(config, e) for e in range(config.num_epochs)]
   assert rates == pytest.approx([float(schedule(e * steps_per_epoch))
                                  for e in range(config.num_epochs)])
@@ -160,7 +160,7 @@ def test_results_file_resumes_its_own_setting_and_refuses_another(runner, tmp_pa
            {"algorithm": "ERM", "seed": 1, "setting": setting}]
   path.write_text("".join(json.dumps(r) + "\n" for r in lines))
   assert runner.finished_runs(str(path), setting) == {("PGD", 0), ("ERM", 1)}
-  with pytest.raises(validation.InvalidArgument, match=r"--output .*num_epochs 8, now 1"):
+  with pytest.raises(validation.InvalidArgument, match=r"--output_dir .*num_epochs 8, now 1"):
     runner.finished_runs(str(path), dict(setting, num_epochs=1))
   path.write_text("not json\n")
   with pytest.raises(validation.InvalidArgument, match="line 1"):

@@ -20,7 +20,7 @@ import pytest
 from scipy import ndimage
 
 from conftest import require
-from dale_jax import configs, evaluation, perturbations, samplers, validation
+from dale_jax import configs, evaluation, experiment, perturbations, samplers, validation
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 SIZE, RADIUS, SLOPE = 15, 4.5, 0.03
@@ -542,7 +542,7 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 ])
 def test_spatial_config_trains_over_its_set_and_evaluates_over_se2(arg, perturbation, sampler):
   config = _load(pathlib.Path(configs.CONFIG_DIR) / "spatial.py", "spatial").get_config(arg)
-  configs.validate(config)
+  experiment.check(config)
   assert config.perturbation.name == perturbation
   assert {k: config.sampler[k] for k in sampler} == sampler
   assert "random_start" not in config.sampler or perturbation != "lp"
@@ -554,7 +554,7 @@ def test_rotated_digits_example_builds_its_config_and_draws_predictions(tmp_path
   require("matplotlib")
   example = _load(_ROOT / "experiments" / "spatial_digits.py", "spatial_digits")
   config = example.rotation_config(epochs=2, train_examples=64, test_examples=20)
-  configs.validate(config)
+  experiment.check(config)
   assert config.perturbation.name == "rotation" and config.eval.perturbation.name == "rotation"
   assert tuple(config.schedule.boundaries) == () and config.num_epochs == 2
   x = _images(9, (6, 28, 28, 1))
@@ -568,10 +568,10 @@ def test_grid_needs_a_geometric_set_and_worst_of_k_takes_any():
   config = configs.base_config("mnist_digits", "ERM")
   config.eval.perturbation.linf_eps = 0.1  # se2 then an Linf ball: no finite grid
   config.eval.evaluators = ("Clean", "Worst-of-K")
-  configs.validate(config)
+  experiment.check(config)
   config.eval.evaluators = ("Clean", "Grid")
   with pytest.raises(validation.InvalidArgument, match=r"^config\.eval\.perturbation\.name"):
-    configs.validate(config)
+    experiment.check(config)
   config.eval.perturbation.update(name="lp", linf_eps=0.0)
   with pytest.raises(validation.InvalidArgument, match=r"^config\.eval\.perturbation\.name"):
-    configs.validate(config)
+    experiment.check(config)

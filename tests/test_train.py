@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from dale_jax import configs, rundir, train
+from dale_jax import checkpoint, configs, experiment, rundir, train
+from dale_jax import steps as steps_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_step_worker.py")
@@ -143,7 +144,7 @@ def _config(**overrides):
 ])
 def test_invalid_values_name_the_field(field, value):
   with pytest.raises(ValueError, match=field.split(".")[-1]):
-    configs.validate(_config(**{field: value}))
+    experiment.check(_config(**{field: value}))
 
 
 def test_unknown_algorithm_and_dataset_list_the_valid_ones():
@@ -155,7 +156,7 @@ def test_unknown_algorithm_and_dataset_list_the_valid_ones():
 
 def test_batch_must_divide_over_devices():
   with pytest.raises(ValueError, match="batch_size.*divisible"):
-    configs.validate(_config(batch_size=60), num_devices=8)
+    experiment.check(_config(batch_size=60), num_devices=8)
 
 
 def test_cli_rejects_unknown_field_before_writing(tmp_path):
@@ -195,8 +196,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train.train_and_evaluate(c, str(tmp_path))
   steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
   assert steps, "no checkpoint was kept"
-  state = train.create_train_state(c, jax.random.key(0), (28, 28, 1), 10)
-  restored, sums = train._restore(train._checkpoint_manager(str(tmp_path)), state)
+  state = experiment.init_state(experiment.build(c), jax.random.key(0), (28, 28, 1))
+  restored, sums = checkpoint.restore(checkpoint.manager(str(tmp_path)), state)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
   assert all(np.isfinite(v) for v in sums["sums"].values())
 
@@ -233,10 +234,10 @@ def test_update_that_overflows_with_a_finite_loss_keeps_the_previous_checkpoint(
                  "eval.max_examples": 20, "eval.evaluators": ("Clean",)})
   with pytest.raises(FloatingPointError, match="non-finite .*params.* after step 1 of epoch 1"):
     train.train_and_evaluate(c, str(tmp_path))
-  manager = train._checkpoint_manager(str(tmp_path))
+  manager = checkpoint.manager(str(tmp_path))
   assert manager.latest_step() == 2  # the end of epoch 0, not the overflowed step 3
-  state = train.create_train_state(c, jax.random.key(0), (28, 28, 1), 10)
-  restored, saved = train._restore(manager, state)
+  state = experiment.init_state(experiment.build(c), jax.random.key(0), (28, 28, 1))
+  restored, saved = checkpoint.restore(manager, state)
   assert int(restored.step) == 2
   leaves = jax.tree.leaves((restored.params, restored.opt_state, restored.dual_state))
   assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
@@ -247,7 +248,7 @@ def test_update_that_overflows_with_a_finite_loss_keeps_the_previous_checkpoint(
 
 def test_learning_rate_schedule_uses_advbench_absolute_factors():
   c = configs.base_config("mnist", "ERM")
-  sched = train.learning_rate_schedule(c, steps_per_epoch=10)
+  sched = experiment.learning_rate_schedule(c, steps_per_epoch=10)
   assert float(sched(0)) == pytest.approx(0.01)
   assert float(sched(249)) == pytest.approx(0.01)
   assert float(sched(250)) == pytest.approx(0.001)
@@ -258,17 +259,18 @@ def test_learning_rate_schedule_uses_advbench_absolute_factors():
 def test_sampler_chunk_size_is_chosen_per_platform_unless_set():
   config = configs.base_config("mnist", "Gaussian_DALE_PD")
   assert config.sampler_chunk_size is None
-  configs.validate(config)
-  assert train.sampler_chunk_size(config, "cpu") == train.CPU_SAMPLER_CHUNK
-  assert train.sampler_chunk_size(config, "gpu") == 0
-  assert train.sampler_chunk_size(config, "tpu") == 0
-  assert train.sampler_chunk_size(config) == train.sampler_chunk_size(config,
+  experiment.check(config)
+  assert steps_lib.sampler_chunk_size(config, "cpu") == steps_lib.CPU_SAMPLER_CHUNK
+  assert steps_lib.sampler_chunk_size(config, "gpu") == 0
+  assert steps_lib.sampler_chunk_size(config, "tpu") == 0
+  assert steps_lib.sampler_chunk_size(config) == steps_lib.sampler_chunk_size(config,
                                                                       jax.default_backend())
   for chunk in (0, 8):
     config.sampler_chunk_size = chunk
-    assert train.sampler_chunk_size(config, "cpu") == train.sampler_chunk_size(config, "gpu") == chunk
+    assert (steps_lib.sampler_chunk_size(config, "cpu")
+            == steps_lib.sampler_chunk_size(config, "gpu") == chunk)
   with pytest.raises(ValueError, match="sampler_chunk_size.*None"):
-    configs.validate(_config(sampler_chunk_size=-1))
+    experiment.check(_config(sampler_chunk_size=-1))
 
 
 def test_sampler_chunks_leave_a_noise_free_step_unchanged():
@@ -280,8 +282,9 @@ def test_sampler_chunks_leave_a_noise_free_step_unchanged():
   params = []
   for chunk in (0, 4):
     config.sampler_chunk_size = chunk
-    state = train.create_train_state(config, jax.random.key(0), (28, 28, 1), 10)
-    state, _ = train.make_train_step(config, 10)(state, batch)
+    exp = experiment.build(config, num_classes=10)
+    state = experiment.init_state(exp, jax.random.key(0), (28, 28, 1))
+    state, _ = steps_lib.make_train_step(exp)(state, batch)
     params.append(jax.tree.leaves(state.params))
   for a, b in zip(*params):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -10,16 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dale_jax import algorithms, configs, parallel, train
+from dale_jax import algorithms, configs, experiment, parallel
+from dale_jax import steps as steps_lib
 
 
 def _one_step(c, input_shape=(28, 28, 1)):
   """``(params before, state after, meters)`` of one compiled step on a random batch."""
-  configs.validate(c)
+  experiment.check(c)
   mesh = parallel.make_mesh()
-  state = train.create_train_state(c, jax.random.key(0), input_shape, 10)
+  exp = experiment.build(c, num_classes=10)
+  state = experiment.init_state(exp, jax.random.key(0), input_shape)
   before = jax.tree.map(np.asarray, state.params)
-  step = train.make_train_step(c, 10, mesh=mesh)
+  step = steps_lib.make_train_step(exp, mesh=mesh)
   rng = np.random.RandomState(0)
   batch = {"image": rng.uniform(size=(c.batch_size, *input_shape)).astype(np.float32),
            "label": rng.randint(0, 10, size=(c.batch_size,)).astype(np.int32)}
@@ -83,8 +85,8 @@ def test_every_algorithm_takes_a_finite_step(name, dtype):
 def test_bfloat16_batchnorm_model_keeps_float32_state(monkeypatch):
   """ResNet-18 (BatchNorm) in bfloat16: statistics, parameters and momentum stay float32."""
   # The config's ResNet-18, cut to two stages of one block at width 4 to compile fast.
-  create_model = train.create_model
-  monkeypatch.setattr(train, "create_model", lambda *a, **k: create_model(*a, **k).clone(
+  create_model = experiment.create_model
+  monkeypatch.setattr(experiment, "create_model", lambda *a, **k: create_model(*a, **k).clone(
       width=4, stage_sizes=(1, 1)))
   c = configs.base_config("cifar10", "ERM")
   c.batch_size = 4

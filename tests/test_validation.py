@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dale_jax import algorithms, configs, validation
+from dale_jax import algorithms, configs, experiment, validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(configs.CONFIG_DIR, "quickstart.py")
@@ -102,7 +102,7 @@ def test_every_bad_value_is_refused_naming_the_full_field(algorithm, field):
   config = _untyped(algorithm)
   _set(config, field, BAD[field])
   with pytest.raises(validation.InvalidArgument) as info:
-    configs.validate(config)
+    experiment.check(config)
   assert str(info.value).startswith(f"config.{field} "), str(info.value)
 
 
@@ -110,20 +110,20 @@ def test_coordinator_without_a_port_is_refused_for_several_processes():
   config = _untyped("PGD")
   config.parallel.num_processes, config.parallel.coordinator_address = 2, "localhost"
   with pytest.raises(validation.InvalidArgument, match=r"^config\.parallel\.coordinator_address"):
-    configs.validate(config)
+    experiment.check(config)
 
 
 def test_auto_and_explicit_multi_host_fields_are_refused_together():
   config = _untyped("PGD")
   config.parallel.update(auto=True, num_processes=2, coordinator_address="localhost:1234")
   with pytest.raises(validation.InvalidArgument, match=r"^config\.parallel\.auto must be False"):
-    configs.validate(config)
+    experiment.check(config)
 
 
 def test_the_default_configs_are_valid():
   for algorithm in algorithms.ALGORITHMS:
     for dataset in configs.DATASETS:
-      configs.validate(configs.base_config(dataset, algorithm))
+      experiment.check(configs.base_config(dataset, algorithm))
 
 
 def test_numpy_scalars_are_numbers_and_bools_are_not():
@@ -140,7 +140,7 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
   # The same value is judged the same way by the config and by the sampler factory.
   config = _untyped("PGD")
   config.sampler.steps = np.int64(3)
-  configs.validate(config)
+  experiment.check(config)
 
 
 # ----------------------------------------------------------------------------- console scripts
@@ -174,8 +174,8 @@ _TRAIN = [f"--config={QUICKSTART}:Gaussian_DALE_PD"]
     ("sweep", "dale-sweep", ["--algorithms=PGD", "--datasets=quickstart", "--dry_run",
                              "--config.eval.eps=-1.0"], "config.eval.eps must be"),
     ("collect", "dale-collect", ["--input_dir=/nonexistent/sweep"], "is not a directory"),
-    ("bench", "dale-bench", ["--framework=jax", "--devices=3", "--batch-size=64"],
-     "must be divisible by devices=3"),
+    ("bench", "dale-bench", ["--frameworks=jax", "--simulated_devices=3", "--batch_size=64"],
+     "--batch_size=64 must be divisible by every --simulated_devices, got 3"),
     ("bench", "dale-bench", ["--task=autoattack", "--workdir=/nonexistent/run"],
      "--task=autoattack needs --workdir of a finished dale-train run"),
 ])

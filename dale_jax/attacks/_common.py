@@ -12,6 +12,13 @@ from dale_jax import validation
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
+# AutoAttack's standard budgets (Croce & Hein 2020; fra31/auto-attack's
+# autoattack.py): written here once, read by the attacks' signatures, the registry,
+# the configs' ``eval`` section, dale-eval's flags and the results pages.
+APGD_STEPS = 100
+FAB_STEPS = 100
+SQUARE_QUERIES = 5000
+
 
 def as_pytree_fn(logits_fn: LogitsFn) -> jax.tree_util.Partial:
   """Wraps ``logits_fn`` so that it can be passed to a jitted function.

@@ -424,7 +424,7 @@ def apgd(
     *,
     norm: str,
     eps: float,
-    steps: int = 100,
+    steps: int = _common.APGD_STEPS,
     restarts: int = 1,
     loss: str = "ce",
     targeted: bool = False,

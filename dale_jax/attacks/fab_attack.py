@@ -245,7 +245,7 @@ def fab(
     *,
     norm: str,
     eps: float,
-    steps: int = 100,
+    steps: int = _common.FAB_STEPS,
     restarts: int = 1,
     targeted: bool = False,
     n_target_classes: int = 9,

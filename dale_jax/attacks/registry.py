@@ -20,6 +20,11 @@ from dale_jax.attacks import pgd as pgd_lib
 from dale_jax.attacks import square_attack
 
 
+APGD_STEPS = _common.APGD_STEPS
+FAB_STEPS = _common.FAB_STEPS
+SQUARE_QUERIES = _common.SQUARE_QUERIES
+
+
 class Attack(NamedTuple):
   run: Callable[..., tuple[jax.Array, jax.Array]]
   defaults: Callable[[float], dict[str, Any]]  # eps -> settings
@@ -32,13 +37,13 @@ def _clean(fn, x, y, keys, active, eps, *, norm):
 
 def _apgd(loss: str, targeted: bool, **extra) -> Attack:
   return Attack(autopgd.apgd_batch, lambda eps: dict(
-      steps=100, restarts=1, loss=loss, targeted=targeted, rho=0.75, use_largereps=False,
+      steps=APGD_STEPS, restarts=1, loss=loss, targeted=targeted, rho=0.75, use_largereps=False,
       eot_iter=1, **extra))
 
 
 def _fab(targeted: bool, **extra) -> Attack:
   return Attack(fab_lib.fab_batch, lambda eps: dict(
-      steps=100, restarts=1, targeted=targeted, alpha_max=0.1, eta=1.05, beta=0.9, **extra))
+      steps=FAB_STEPS, restarts=1, targeted=targeted, alpha_max=0.1, eta=1.05, beta=0.9, **extra))
 
 
 REGISTRY: Mapping[str, Attack] = {
@@ -53,7 +58,7 @@ REGISTRY: Mapping[str, Attack] = {
     "fab": _fab(False),
     "fab-t": _fab(True, n_target_classes=9),
     "square": Attack(square_attack.square_batch, lambda eps: dict(
-        n_queries=5000, p_init=0.8, restarts=1, loss="margin", rescale_schedule=False)),
+        n_queries=SQUARE_QUERIES, p_init=0.8, restarts=1, loss="margin", rescale_schedule=False)),
 }
 ATTACKS = tuple(REGISTRY)  # the names, in the order of their keys
 
@@ -85,6 +90,21 @@ def resolve_settings(names: Sequence[str], eps: float,
       s[k] = v
     out[name] = s
   return out
+
+
+def budget_settings(names: Sequence[str], *, apgd_steps: int | None = None,
+                    square_queries: int | None = None) -> dict[str, dict[str, int]]:
+  """Overrides of the budgets for the attacks among ``names`` that have them.
+
+  ``apgd_steps`` sets the iterations of APGD-CE, APGD-DLR and APGD-T,
+  ``square_queries`` Square's queries; ``None`` keeps the default
+  (:data:`APGD_STEPS`, :data:`SQUARE_QUERIES`). The result is the ``settings``
+  argument of :func:`dale_jax.attacks.evaluate_robustness`.
+  """
+  budgets = {"apgd-ce": {"steps": apgd_steps}, "apgd-dlr": {"steps": apgd_steps},
+             "apgd-t": {"steps": apgd_steps}, "square": {"n_queries": square_queries}}
+  return {name: dict(budget) for name, budget in budgets.items()
+          if name in names and None not in budget.values()}
 
 
 def freeze(settings: Mapping[str, Any]) -> tuple:

@@ -385,7 +385,7 @@ def square(
     *,
     norm: str,
     eps: float,
-    n_queries: int = 5000,
+    n_queries: int = _common.SQUARE_QUERIES,
     p_init: float = 0.8,
     restarts: int = 1,
     loss: str = "margin",

@@ -68,10 +68,10 @@ def compare(workdir: str, *, n_examples: int, batch_size: int, repeats: int = 1,
   import torch  # pylint: disable=import-outside-toplevel
 
   from dale_jax import attacks  # pylint: disable=import-outside-toplevel
-  from dale_jax import train  # pylint: disable=import-outside-toplevel
+  from dale_jax import checkpoint  # pylint: disable=import-outside-toplevel
   from dale_jax.bench import torch_reference  # pylint: disable=import-outside-toplevel
 
-  config, logits_fn, dataset = train.load_trained(workdir)
+  config, logits_fn, dataset = checkpoint.load_trained(workdir)
   x, y = dataset.test
   x, y = np.asarray(x[:n_examples], np.float32), np.asarray(y[:n_examples], np.int32)
   norm = norm or str(config.eval.norm)

@@ -10,7 +10,7 @@ only ever taken between numbers of the same run.
 
 Frameworks:
 
-* ``jax``: :func:`dale_jax.train.make_train_step` (jitted, state donated), with
+* ``jax``: :func:`dale_jax.steps.make_train_step` (jitted, state donated), with
   ``devices`` simulated host devices (``--xla_force_host_platform_device_count``)
   when asked, the batch split over them;
 * ``torch``: :class:`dale_jax.bench.torch_reference.TrainStep`, eager;
@@ -78,7 +78,7 @@ class Options:
     width: ResNet width (64 is ResNet-18); ignored for the MNIST CNN.
     sampler_chunk: the config's ``sampler_chunk_size`` for ``jax`` (examples per
       device the sampler perturbs at a time; 0 = the whole batch; ``None`` = the
-      config's default for the platform, see :func:`dale_jax.train.sampler_chunk_size`).
+      config's default for the platform, see :func:`dale_jax.steps.sampler_chunk_size`).
     seed: seed of the weights and the synthetic batch.
     precision: ``float32``, or ``bfloat16``: ``jax`` runs with
       ``config.model.dtype = "bfloat16"``, the torch workers under
@@ -187,7 +187,8 @@ class _JaxWorker:
     import jax.numpy as jnp
 
     from dale_jax import parallel
-    from dale_jax import train
+    from dale_jax import experiment
+    from dale_jax import steps
     from dale_jax.bench import flops
 
     self.jax = jax
@@ -197,18 +198,19 @@ class _JaxWorker:
       raise ValueError(f"devices={options.devices} but only {len(devices)} are visible")
     mesh = jax.sharding.Mesh(devices, (parallel.DATA_AXIS,))
     variables = initial_variables(options)
-    state = train.create_train_state(config, jax.random.PRNGKey(options.seed),
-                                     input_shape(options.model), 10)
+    exp = experiment.build(config, num_classes=10)
+    state = experiment.init_state(exp, jax.random.PRNGKey(options.seed),
+                                  input_shape(options.model))
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=state.tx.init(variables["params"]))
     repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     if _model_kwargs(options) in ({}, {"width": 64}):
-      step = train.make_train_step(config, 10, mesh=mesh)  # The step dale-train runs.
+      step = steps.make_train_step(exp, mesh=mesh)  # The step dale-train runs.
     else:  # The same step for a narrower ResNet.
-      model = train.create_model(config, 10).clone(**_model_kwargs(options))
-      algorithm = train.algorithm_for(config, num_devices=len(devices),
-                                       platform=devices[0].platform)
-      step = jax.jit(lambda s, b: train.train_step(s, b, model=model, algorithm=algorithm),
+      model = exp.model.clone(**_model_kwargs(options))
+      algorithm = steps.chunked(exp.algorithm, config, num_devices=len(devices),
+                                platform=devices[0].platform)
+      step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, algorithm=algorithm),
                      in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=0)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic_batch(options).items()},
                            sharded)
@@ -228,7 +230,7 @@ class _JaxWorker:
     if devices[0].platform == "cpu":
       self.device = f"cpu: {cpu_name()}"
     self.devices = len(devices)
-    self.sampler_chunk = train.sampler_chunk_size(config, devices[0].platform)
+    self.sampler_chunk = steps.sampler_chunk_size(config, devices[0].platform)
 
   def run(self, steps: int) -> float:
     start = time.perf_counter()

@@ -4,14 +4,14 @@ This is the baseline that :mod:`dale_jax.bench.runner` times against the JAX ste
 the independent implementation that ``tests/test_bench.py`` checks the JAX step against.
 Its samplers and losses transcribe advbench's ``attacks.py`` and ``algorithms.py``
 (arobey1/advbench bd2071d; Worst_Of_K's and MH's from the fork constrainedlearning/advbench
-31c09cb) and compute what :func:`dale_jax.train.train_step` computes for the same config:
+31c09cb) and compute what :func:`dale_jax.steps.train_step` computes for the same config:
 
 1. perturbations from the config's sampler, model in ``eval()`` mode, gradient w.r.t.
    the input only (``torch.autograd.grad(loss, [x_adv])``) of advbench's *batch-mean*
    loss (dale_jax ascends the sum: the sign steps are the same, and the Laplacian
    noise, added to the gradient inside the sign, is scaled by ``mean_over`` there);
 2. the algorithm's loss on train-mode forwards of the clean and perturbed batches
-   (clean first, as in :func:`dale_jax.train.train_step`), one ``torch.optim.SGD`` step
+   (clean first, as in :func:`dale_jax.steps.train_step`), one ``torch.optim.SGD`` step
    (weight decay added to the gradient, heavy-ball momentum);
 3. the dual update ``nu <- max(0, nu + eta_d (constraint - rho))``, or with
    ``dual.every="epoch"`` (DALE, the paper's Algorithm 1) once per epoch by the sum

@@ -16,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from dale_jax import configs
+from dale_jax import experiment
 from dale_jax import host_memory
 from dale_jax import report
 from dale_jax import train
@@ -61,7 +62,8 @@ def main(argv):
 def print_config(config, overrides) -> None:
   """The resolved config (random search applied, validated), one field a line with its
   source; nothing is compiled or written."""
-  resolved = train.resolve_config(config)
+  resolved = experiment.resolve(config)
+  experiment.build(resolved)  # what only the factories know is checked too
   rows = configs.config_sources(config, resolved, overrides)
   width = max(len(f"{f} = {json.dumps(v)}") for f, v, _ in rows)
   source = config_flags.get_config_filename(flags.FLAGS["config"])

@@ -232,10 +232,10 @@ def evaluate_run(workdir: str, settings: EvalSettings, *, log: Callable[[str], N
   if existing is not None and existing.get("settings") == wanted and "pgd20_aa" in existing:
     return existing
   from dale_jax import attacks  # pylint: disable=import-outside-toplevel
-  from dale_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from dale_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
   start = time.time()
-  config, logits_fn, dataset = train_lib.load_trained(workdir)
+  config, logits_fn, dataset = checkpoint.load_trained(workdir)
   x, y = dataset.test
   if settings.test_examples:
     x, y = x[:settings.test_examples], y[:settings.test_examples]

@@ -218,7 +218,7 @@ def job_config(job: Job):
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   from dale_jax import configs  # pylint: disable=import-outside-toplevel
-  from dale_jax import train  # pylint: disable=import-outside-toplevel
+  from dale_jax import experiment  # pylint: disable=import-outside-toplevel
 
   argv = configs.expand_config_flags(
       ["dale-train", *(a for a in job.command if a.startswith("--config"))])
@@ -228,7 +228,9 @@ def job_config(job: Job):
                                   sys_argv=argv)
   try:
     values(argv)
-    return train.resolve_config(values.config)
+    config = experiment.resolve(values.config)
+    experiment.build(config)
+    return config
   except (LookupError, AttributeError) as e:  # an override of no field
     raise validation.InvalidArgument(
         f"run {job.workdir}: {configs.unknown_field_message(e, argv)}") from e
