@@ -14,10 +14,11 @@ the checkpoint kept, with exit status 1 (:data:`DIVERGED_EXIT`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
-from typing import Callable, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from dale_jax import configs
 from dale_jax import validation
@@ -76,10 +77,18 @@ def _original(error: BaseException, kind: type) -> BaseException | None:
   return found
 
 
-def run_argparse(prog: str, main: Callable[[list[str]], int]) -> NoReturn:
-  """``sys.exit(main(argv))`` with :class:`validation.BadInput` as one line."""
+@contextlib.contextmanager
+def one_line(prog: str) -> Iterator[None]:
+  """Turns a :class:`validation.BadInput` raised in the block into ``prog: error: ...``
+  and exit status 2, so that a script's ``main(argv)`` keeps the contract when it is
+  called from Python (the tests) as well as from its console script."""
   try:
-    code = main(sys.argv[1:])
+    yield
   except validation.BadInput as e:
-    fail(prog, e)
-  sys.exit(code)
+    fail(prog, " ".join(str(e).split()))
+
+
+def run_main(main: Callable[[], object]) -> NoReturn:
+  """``sys.exit(main())`` for a console script whose ``main`` parses ``sys.argv``."""
+  code = main()
+  sys.exit(code if isinstance(code, int) else 0)

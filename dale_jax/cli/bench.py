@@ -1,8 +1,8 @@
 """``dale-bench``: throughput of dale_jax against PyTorch, training steps or AutoAttack.
 
-  dale-bench --algorithm=Gaussian_DALE_PD --model=mnist_cnn --batch-size=64,256 \
-      --steps=20 --framework=both --json
-  dale-bench --task=autoattack --workdir=runs/quickstart --n-examples=40 --batch-size=40 \
+  dale-bench --algorithm=Gaussian_DALE_PD --model=mnist_cnn --batch_size=64,256 \
+      --steps=20 --frameworks=jax,torch,torch-compile --json
+  dale-bench --task=autoattack --workdir=runs/quickstart --n_examples=40 --batch_size=40 \
       --repeats=3
 
 ``--task=autoattack`` times AutoAttack's standard version in dale_jax and in
@@ -10,10 +10,10 @@ torchattacks on a finished run's weights and test points, attack by attack, the
 median of ``--repeats`` interleaved runs (:mod:`dale_jax.bench.autoattack`).
 
 Times the full step (sampler loop, primal and dual update) after warm-up; see
-:mod:`dale_jax.bench.runner`. ``--framework`` is ``jax``, ``torch`` (eager),
-``torch-compile``, a comma-separated list of these, or ``both`` (all three).
-``--devices=1,2,4`` adds JAX runs on that many simulated host devices (scaling).
-``--precision=bfloat16`` times every framework in bfloat16 (dale_jax's
+:mod:`dale_jax.bench.runner`. ``--frameworks`` lists any of ``jax``, ``torch``
+(eager) and ``torch-compile`` (default: all three).
+``--simulated_devices=1,2,4`` adds JAX runs on that many simulated host devices
+(scaling). ``--precision=bfloat16`` times every framework in bfloat16 (dale_jax's
 ``config.model.dtype``, torch's ``autocast``); ``--precision=float32,bfloat16`` runs
 both precisions interleaved in one run, each row with its speed-up against eager
 torch at its own precision and against eager torch in float32.
@@ -23,75 +23,67 @@ The torch side needs the ``bench`` extra (``pip install -e .[bench]``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from absl import flags
 
 from dale_jax.bench import ALGORITHMS
 from dale_jax.bench import runner
 from dale_jax.cli import _errors
+from dale_jax.cli import _flags
+
+PROG = "dale-bench"
+# Old spellings, named in the error when used.
+RENAMED = {"batch-size": "--batch_size", "n-examples": "--n_examples",
+           "devices": "--simulated_devices", "framework": "--frameworks (a list; 'both' was "
+           "jax,torch,torch-compile)", "sampler-chunk": "--sampler_chunk_size"}
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("task", "step", ["step", "autoattack"], "step: the training step; "
+                  "autoattack: the standard AutoAttack chain.", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "autoattack: a finished dale-train run.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("n_examples", 500, "autoattack: the first N test points.",
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("algorithm", "Gaussian_DALE_PD", list(ALGORITHMS), "step: the algorithm "
+                  "whose training step is timed.", flag_values=FLAGS)
+flags.DEFINE_enum("model", "mnist_cnn", list(runner.MODELS), "step: the network.",
+                  flag_values=FLAGS)
+_flags.define_integer_list("batch_size", [64], "Global batch; several separated by commas "
+                           "(autoattack: one).", FLAGS)
+flags.DEFINE_integer("steps", 20, "Timed steps per repeat.", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 5, "Timed repeats per framework (autoattack: interleaved "
+                     "runs, the median reported).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", lower_bound=0,
+                     flag_values=FLAGS)
+_flags.define_enum_list("frameworks", list(runner.FRAMEWORKS), runner.FRAMEWORKS,
+                        "Frameworks timed, comma-separated: jax, torch (eager), "
+                        "torch-compile.", FLAGS)
+_flags.define_integer_list("simulated_devices", [1], "JAX runs on this many simulated host "
+                           "devices (scaling); several separated by commas.", FLAGS)
+flags.DEFINE_integer("width", 64, "ResNet width (64 = ResNet-18).", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer("sampler_chunk_size", None, "JAX: the sampler perturbs N examples per "
+                     "device at a time (0 = the whole batch; default: the config's choice "
+                     "for the platform, 32 on a CPU, 0 on a GPU).", lower_bound=0,
+                     flag_values=FLAGS)
+_flags.define_enum_list("precision", ["float32"], runner.PRECISIONS,
+                        "Compute dtype(s) of every framework, comma-separated: float32, "
+                        "bfloat16 (dale_jax's model.dtype; torch.autocast); several run "
+                        "interleaved in one run.", FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the weights and the synthetic batch.",
+                     lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("profile", 0, "Also list the N most expensive XLA ops of the JAX "
+                     "step (0: none).", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "One JSON object per line and framework instead of a "
+                  "table.", flag_values=FLAGS)
 
 
-def _int_list(text: str) -> list[int]:
-  try:
-    values = [int(v) for v in text.split(",") if v]
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-  return values
-
-
-def _precisions(text: str) -> list[str]:
-  values = [v.strip() for v in text.split(",") if v.strip()]
-  bad = [v for v in values if v not in runner.PRECISIONS]
-  if not values or bad:
-    raise argparse.ArgumentTypeError(
-        f"expected a comma-separated list of {', '.join(runner.PRECISIONS)}, got {text!r}")
-  return values
-
-
-def _frameworks(text: str) -> list[str]:
-  names = runner.FRAMEWORKS if text == "both" else text.split(",")
-  for name in names:
-    if name not in runner.FRAMEWORKS:
-      raise argparse.ArgumentTypeError(
-          f"framework must be 'both' or a comma-separated list of {runner.FRAMEWORKS}, got {name!r}")
-  return list(names)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="dale-bench", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--task", default="step", choices=["step", "autoattack"],
-                 help="step: the training step; autoattack: the standard AutoAttack chain")
-  p.add_argument("--workdir", default=None, help="autoattack: a finished dale-train run")
-  p.add_argument("--n-examples", type=int, default=500, help="autoattack: test points")
-  p.add_argument("--algorithm", default="Gaussian_DALE_PD", choices=ALGORITHMS)
-  p.add_argument("--model", default="mnist_cnn", choices=runner.MODELS)
-  p.add_argument("--batch-size", type=_int_list, default=[64],
-                 help="global batch; several separated by commas")
-  p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
-  p.add_argument("--repeats", type=int, default=5, help="timed repeats per framework")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-  p.add_argument("--framework", type=_frameworks, default=list(runner.FRAMEWORKS),
-                 help="jax, torch (eager), torch-compile, a comma-separated list of these, "
-                      "or both (all three; the default)")
-  p.add_argument("--devices", type=_int_list, default=[1],
-                 help="simulated JAX host devices; several separated by commas")
-  p.add_argument("--width", type=int, default=64, help="ResNet width (64 = ResNet-18)")
-  p.add_argument("--sampler-chunk", type=int, default=None, metavar="N",
-                 help="JAX: the sampler perturbs N examples per device at a time "
-                      "(config sampler_chunk_size; 0 = the whole batch; default: the "
-                      "config's choice for the platform, 32 on a CPU, 0 on a GPU)")
-  p.add_argument("--precision", type=_precisions, default=["float32"],
-                 help="compute dtype(s) of every framework, comma-separated: float32, bfloat16 "
-                 "(dale_jax's model.dtype; torch.autocast); several run interleaved in one run")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--profile", type=int, default=0, metavar="N",
-                 help="also list the N most expensive XLA ops of the JAX step")
-  p.add_argument("--json", action="store_true", help="one JSON object per line and framework")
-  return p.parse_args(argv)
+def parse_args(argv=None) -> flags.FlagValues:
+  """The flags of ``argv`` (without the program name); bad ones exit 2 in one line."""
+  _flags.parse(PROG, FLAGS, argv, description=__doc__, renamed=RENAMED)
+  return FLAGS
 
 
 def _settings(frameworks: list[str], devices: list[int]) -> list[tuple[list[str], int]]:
@@ -113,16 +105,16 @@ def _autoattack(args, log) -> list[dict]:
   from dale_jax.bench import autoattack  # pylint: disable=import-outside-toplevel
 
   if not args.workdir or not rundir.has_config(args.workdir):
-    _errors.fail("dale-bench", f"--task=autoattack needs --workdir of a finished dale-train run, "
-                 f"got {args.workdir!r}")
-  if args.n_examples < 1 or len(args.batch_size) != 1 or args.repeats < 1:
-    _errors.fail("dale-bench", "--task=autoattack takes --n-examples >= 1, --repeats >= 1 and "
-                 "one --batch-size")
+    _flags.fail(PROG, f"--task=autoattack needs --workdir of a finished dale-train run, "
+                f"got {args.workdir!r}")
+  if len(args.batch_size) != 1:
+    _flags.fail(PROG, f"--batch_size={','.join(map(str, args.batch_size))}: --task=autoattack "
+                "takes one batch size")
   try:
     rows = autoattack.compare(args.workdir, n_examples=args.n_examples,
                               batch_size=args.batch_size[0], repeats=args.repeats, log=log)
   except (ValueError, RuntimeError) as e:
-    _errors.fail("dale-bench", e)
+    _flags.fail(PROG, e)
   for row in rows:
     if args.json:
       print(json.dumps(row), flush=True)
@@ -132,22 +124,31 @@ def _autoattack(args, log) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
+  """Parses ``argv`` (without the program name), times, prints; returns the rows.
+
+  Bad input is one line ``dale-bench: error: ...`` and exit status 2 before any worker
+  starts."""
   args = parse_args(argv)
   log = lambda message: print(message, file=sys.stderr, flush=True)
   if args.task == "autoattack":
     return _autoattack(args, log)
+  for batch_size in args.batch_size:
+    for devices in args.simulated_devices:
+      if batch_size % devices and "jax" in args.frameworks:
+        _flags.fail(PROG, f"--batch_size={batch_size} must be divisible by every "
+                    f"--simulated_devices, got {devices}")
   results = []
   for batch_size in args.batch_size:
-    for frameworks, devices in _settings(args.framework, args.devices):
+    for frameworks, devices in _settings(args.frameworks, args.simulated_devices):
       options = runner.Options(
           algorithm=args.algorithm, model=args.model, batch_size=batch_size, steps=args.steps,
           repeats=args.repeats, warmup=args.warmup, devices=devices, width=args.width,
-          sampler_chunk=args.sampler_chunk, seed=args.seed)
+          sampler_chunk=args.sampler_chunk_size, seed=args.seed)
       try:
         rows = runner.run(options, frameworks, profile_top=args.profile,
                           precisions=args.precision, log=log)
       except (ValueError, RuntimeError) as e:
-        _errors.fail("dale-bench", e)
+        _flags.fail(PROG, e)
       results += rows
       for row in rows:
         if args.json:
@@ -164,7 +165,7 @@ def main(argv=None) -> list[dict]:
 
 
 def run():
-  main()
+  _errors.run_main(main)
 
 
 if __name__ == "__main__":

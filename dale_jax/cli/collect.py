@@ -14,42 +14,72 @@ the figures into ``<input_dir>/plots/<dataset>/``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
 
+from absl import flags
+
+from dale_jax import validation
 from dale_jax.cli import _errors
+from dale_jax.cli import _flags
 from dale_jax.research import collect
 
-
-def _split_list(values: Sequence[str] | None) -> list[str] | None:
-  if values is None:
-    return None
-  return [v for value in values for v in value.split(",") if v]
-
-
-def add_selection_flags(parser: argparse.ArgumentParser) -> None:
-  """Flags shared by ``dale-collect`` and ``dale-plot``."""
-  parser.add_argument("--input_dir", required=True,
-                      help="a sweep's output_dir, or one run's workdir")
-  parser.add_argument("--selection_metric", default=None,
-                      help=f"validation metric for model and hparams selection (default "
-                      f"{collect.DEFAULT_METRIC}, falling back to {collect.FALLBACK_METRIC})")
-  parser.add_argument("--split", default="Test", choices=collect.SPLITS[1:],
-                      help="split shown in tables and plots")
-  parser.add_argument("--algorithms", nargs="+", default=None,
-                      help="algorithms shown, in this order (default: all, alphabetical)")
-  parser.add_argument("--include_incomplete", action="store_true",
-                      help="also read runs without a 'done' file")
+PROG = "dale-collect"
+# The split flags' lowercase values and the record keys they stand for.
+SPLITS = {"test": "Test", "validation": "Validation"}
+FORMATS = ("markdown", "latex")
 
 
-def load(args) -> list[collect.Run]:
-  """Loads the runs named by the shared flags, reporting skipped incomplete runs."""
+def define_selection_flags(flag_values: flags.FlagValues) -> None:
+  """Flags shared by ``dale-collect`` and ``dale-plot``, defined in ``flag_values``."""
+  flags.DEFINE_string("input_dir", None, "A sweep's output_dir, or one run's workdir.",
+                      flag_values=flag_values)
+  flags.DEFINE_string(
+      "selection_metric", None, "Validation metric for model and hparams selection "
+      f"(default {collect.DEFAULT_METRIC}, falling back to {collect.FALLBACK_METRIC}).",
+      flag_values=flag_values)
+  flags.DEFINE_enum("split", "test", list(SPLITS), "Split shown in tables and plots.",
+                    case_sensitive=False, flag_values=flag_values)
+  _flags.define_name_list("algorithms", None, "Algorithms shown, comma-separated, in this "
+                          "order (default: all, alphabetical).", flag_values)
+  flags.DEFINE_bool("include_incomplete", False, "Also read runs without a 'done' file.",
+                    flag_values=flag_values)
+  flags.DEFINE_enum(
+      "plot_selection", "EarlyStop", list(collect.SELECTION_METHODS), "Selection method "
+      "whose choices the plots show (LastStep where a dataset has no validation records).",
+      flag_values=flag_values)
+  _flags.mark_required(["input_dir"], flag_values)
+
+
+FLAGS = flags.FlagValues()
+define_selection_flags(FLAGS)
+_flags.define_enum_list(
+    "selection", list(collect.SELECTION_METHODS), collect.SELECTION_METHODS,
+    "Model selection methods of the tables, comma-separated.", FLAGS)
+_flags.define_name_list("metrics", None, "Table columns, comma-separated (default: every "
+                        "*-Accuracy of the split).", FLAGS)
+_flags.define_enum_list("format", list(FORMATS), FORMATS, "Printed formats, comma-separated.",
+                        FLAGS)
+flags.DEFINE_integer("decimals", 1, "Decimals of accuracies (losses get two more).",
+                     lower_bound=0, upper_bound=10, flag_values=FLAGS)
+flags.DEFINE_bool("plots", False, "Also draw figures into <input_dir>/plots (needs "
+                  "matplotlib), for --plot_selection.", flag_values=FLAGS)
+
+
+def split_key(flag_value: str) -> str:
+  """The record key (``Test``) of a ``--split`` value (``test``)."""
+  return SPLITS[flag_value.lower()]
+
+
+def load(args: flags.FlagValues) -> list[collect.Run]:
+  """Loads the runs named by the shared flags, reporting skipped incomplete runs; no
+  finished run is bad input."""
+  if not os.path.isdir(args.input_dir):
+    raise validation.InvalidArgument(f"--input_dir={args.input_dir}: is not a directory")
   runs = collect.load_runs(args.input_dir, include_incomplete=args.include_incomplete)
-  algorithms = _split_list(args.algorithms)
-  if algorithms:
-    runs = [r for r in runs if r.algorithm in algorithms]
+  if args.algorithms:
+    runs = [r for r in runs if r.algorithm in args.algorithms]
   if not args.include_incomplete:
     skipped = collect.count_incomplete(args.input_dir)
     if skipped:
@@ -77,64 +107,44 @@ def choose(runs: Sequence[collect.Run], selection: str, metric: str | None,
   return choices
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="dale-collect", allow_abbrev=False,
-      description="Tables of a sweep's results after model and hparams selection.")
-  add_selection_flags(parser)
-  parser.add_argument("--selection", nargs="+", default=list(collect.SELECTION_METHODS),
-                      help="model selection methods: LastStep, EarlyStop")
-  parser.add_argument("--metrics", nargs="+", default=None,
-                      help="table columns (default: every *-Accuracy of the split)")
-  parser.add_argument("--format", nargs="+", default=["markdown", "latex"],
-                      help="printed formats: markdown, latex")
-  parser.add_argument("--precision", type=int, default=1,
-                      help="decimals of accuracies (losses get two more)")
-  parser.add_argument("--plots", action="store_true",
-                      help="also draw figures into <input_dir>/plots (needs matplotlib)")
-  parser.add_argument("--plot_selection", default="EarlyStop",
-                      choices=collect.SELECTION_METHODS,
-                      help="selection method whose choices the plots show")
-  return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  """Parses ``argv`` (without the program name) and collects; returns the exit code."""
-  parser = _parser()
-  args = parser.parse_args(argv)
-  selections = _split_list(args.selection)
-  formats = _split_list(args.format)
-  for s in selections:
-    if s not in collect.SELECTION_METHODS:
-      parser.error(f"--selection must name {collect.SELECTION_METHODS}, got {s!r}")
-  for f in formats:
-    if f not in ("markdown", "latex"):
-      parser.error(f"--format must name markdown and/or latex, got {f!r}")
+  """Parses ``argv`` (without the program name) and collects; returns the exit code.
+
+  Bad input (a flag, a folder without finished runs, runs that must not be averaged)
+  is one line ``dale-collect: error: ...`` and exit status 2, and nothing is written."""
+  _flags.parse(PROG, FLAGS, argv, description=__doc__,
+               renamed={"precision": "--decimals"})
+  with _errors.one_line(PROG):
+    return _collect(FLAGS)
+
+
+def _collect(args: flags.FlagValues) -> int:
+  split = split_key(args.split)
   try:
     runs = load(args)
   except (FileNotFoundError, ValueError) as e:
-    parser.error(str(e))
+    _flags.fail(PROG, e)
   if not runs:
-    print(f"no finished runs (results.jsonl + done) under {args.input_dir}", file=sys.stderr)
-    return 1
+    _flags.fail(PROG, f"--input_dir={args.input_dir}: no finished runs (results.jsonl + done)"
+                + ("" if args.include_incomplete else "; --include_incomplete reads the others"))
 
   rows = []
-  for selection in selections:
+  for selection in args.selection:
     try:
       choices = choose(runs, selection, args.selection_metric)
     except ValueError as e:
-      parser.error(f"{selection}: {e}")
+      _flags.fail(PROG, f"{selection}: {e}")
     rows.extend(collect.summarize(choices))
 
-  tables = collect.make_tables(rows, split=args.split, metrics=_split_list(args.metrics),
-                               algorithms=_split_list(args.algorithms))
-  markdown = "\n\n".join(collect.to_markdown(t, args.precision) for t in tables)
-  latex = "\n\n".join(collect.to_latex(t, args.precision) for t in tables)
+  tables = collect.make_tables(rows, split=split, metrics=args.metrics,
+                               algorithms=args.algorithms)
+  markdown = "\n\n".join(collect.to_markdown(t, args.decimals) for t in tables)
+  latex = "\n\n".join(collect.to_latex(t, args.decimals) for t in tables)
   n_runs = len(runs)
   print(f"# {n_runs} run(s) from {args.input_dir}\n")
-  if "markdown" in formats:
+  if "markdown" in args.format:
     print(markdown + "\n")
-  if "latex" in formats:
+  if "latex" in args.format:
     print(latex + "\n")
 
   csv_path = os.path.join(args.input_dir, "results.csv")
@@ -148,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.plots:
     from dale_jax.research import plots  # matplotlib is optional
     choices = choose(runs, args.plot_selection, args.selection_metric, fallback="LastStep")
-    paths = plots.plot_all(choices, os.path.join(args.input_dir, "plots"), split=args.split)
+    paths = plots.plot_all(choices, os.path.join(args.input_dir, "plots"), split=split)
     print(f"# wrote {len(paths)} plot(s):")
     for path in paths:
       print(f"#   {path}")
@@ -157,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
   """Console-script entry point."""
-  _errors.run_argparse("dale-collect", main)
+  _errors.run_main(main)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shlex
 import shutil
@@ -21,49 +20,46 @@ import sys
 import time
 from typing import Sequence
 
+from absl import flags
+
 from dale_jax import validation
 from dale_jax.cli import _errors
+from dale_jax.cli import _flags
 from dale_jax.research import paper
 from dale_jax.research import sweep
 
 
-def _split_list(values: Sequence[str]) -> list[str]:
-  return [v for value in values for v in value.split(",") if v]
-
-
-def _parser(experiment: paper.Experiment, doc: str) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog=f"experiments/paper/{experiment.name}.py", allow_abbrev=False,
-      description=f"The {experiment.name} results page: train, evaluate, report. "
-      "Rerunning continues where it stopped.")
-  parser.add_argument("--output_dir", default=f"runs/paper_{experiment.name}",
-                      help="root of the runs' workdirs")
-  parser.add_argument("--doc", default=doc, help="where the Markdown page goes (figures in "
-                      "results/<name>/ beside it)")
-  parser.add_argument("--stages", default=",".join(paper.STAGES),
-                      help=f"comma-separated, any of {', '.join(paper.STAGES)}")
-  parser.add_argument("--algorithms", nargs="+", default=None,
-                      help="the table's rows (default: "
-                      f"{','.join(experiment.algorithms)})")
-  parser.add_argument("--seeds", type=int, default=experiment.seeds,
-                      help="trial seeds per algorithm")
-  parser.add_argument("--aa_examples", type=int, default=experiment.aa_examples,
-                      help="AutoAttack on the first N test images (0: all)")
-  parser.add_argument("--test_examples", type=int, default=0,
-                      help="PGD-20 on the first N test images (0: all)")
-  parser.add_argument("--batch_size", type=int, default=paper.EvalSettings.batch_size,
-                      help="examples per attack call")
-  parser.add_argument("--apgd_steps", type=int, default=paper.EvalSettings.apgd_steps,
-                      help="APGD-CE / APGD-T iterations (100: AutoAttack's standard)")
-  parser.add_argument("--square_queries", type=int,
-                      default=paper.EvalSettings.square_queries,
-                      help="Square's queries (5000: AutoAttack's standard)")
-  parser.add_argument("--n_workers", type=int, default=1,
-                      help="concurrent training processes (one per GPU)")
-  parser.add_argument("--config_dir", default=sweep.DEFAULT_CONFIG_DIR,
-                      help="folder of the <dataset>.py config files (default: the bundled "
-                      "dale_jax/configs)")
-  return parser
+def flag_values(experiment: paper.Experiment, doc: str) -> flags.FlagValues:
+  """The command's flags, with this experiment's defaults."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("output_dir", f"runs/paper_{experiment.name}",
+                      "Root of the runs' workdirs.", flag_values=fv)
+  flags.DEFINE_string("doc", doc, "Where the Markdown page goes (figures in "
+                      "results/<name>/ beside it).", flag_values=fv)
+  _flags.define_enum_list("stages", list(paper.STAGES), paper.STAGES,
+                          "Stages to run, comma-separated.", fv)
+  _flags.define_name_list("algorithms", list(experiment.algorithms), "The table's rows, "
+                          "comma-separated.", fv)
+  flags.DEFINE_integer("seeds", experiment.seeds, "Trial seeds per algorithm.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("aa_examples", experiment.aa_examples, "AutoAttack on the first N "
+                       "test images (0: all).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("test_examples", 0, "PGD-20 on the first N test images (0: all).",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("batch_size", paper.EvalSettings.batch_size, "Examples per attack "
+                       "call.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("apgd_steps", paper.EvalSettings.apgd_steps, "APGD-CE / APGD-T "
+                       "iterations (100: AutoAttack's standard).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("square_queries", paper.EvalSettings.square_queries, "Square's "
+                       "queries (5000: AutoAttack's standard).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("n_workers", 1, "Concurrent training processes (one per GPU).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("config_dir", sweep.DEFAULT_CONFIG_DIR, "Folder of the <dataset>.py "
+                      "config files (the default is the bundled dale_jax/configs).",
+                      flag_values=fv)
+  return fv
 
 
 def _device_env(n_workers: int) -> str | None:
@@ -92,23 +88,30 @@ def _check_ready(experiment: paper.Experiment, stages: Sequence[str],
 
 
 def main(experiment: paper.Experiment, doc: str, argv: Sequence[str] | None = None) -> int:
-  """Parses ``argv`` (without the program name) and runs the stages; returns the exit code."""
-  parser = _parser(experiment, doc)
-  args, extra = parser.parse_known_args(argv)
-  stages = _split_list([args.stages])
-  for stage in stages:
-    if stage not in paper.STAGES:
-      parser.error(f"--stages must name some of {', '.join(paper.STAGES)}, got {stage!r}")
-  if args.algorithms:
-    experiment = dataclasses.replace(experiment,
-                                     algorithms=tuple(_split_list(args.algorithms)))
-  experiment = dataclasses.replace(experiment, seeds=args.seeds)
+  """Parses ``argv`` (without the program name) and runs the stages; returns the exit code.
+
+  Bad input is one line ``<prog>: error: ...`` and exit status 2 before anything runs.
+  The ``--config.<field>=<value>`` overrides are not this command's flags: they pass
+  through to every training run (and are checked against the run's config first)."""
+  prog = f"experiments/paper/{experiment.name}.py"
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = flag_values(experiment, doc)
+  description = (f"The {experiment.name} results page: train, evaluate, report. Rerunning "
+                 "continues where it stopped.\n\n" + (__doc__ or ""))
+  extra = _flags.parse(prog, args, argv, description=description, passthrough="--config.")
+  with _errors.one_line(prog):
+    return _run(prog, experiment, args, extra, argv)
+
+
+def _run(prog: str, experiment: paper.Experiment, args: flags.FlagValues,
+         extra: list[str], argv: list[str]) -> int:
+  stages = args.stages
+  experiment = dataclasses.replace(experiment, algorithms=tuple(args.algorithms),
+                                   seeds=args.seeds)
   settings = paper.EvalSettings(
       test_examples=args.test_examples, aa_examples=args.aa_examples,
       batch_size=args.batch_size, apgd_steps=args.apgd_steps,
       square_queries=args.square_queries)
-  if args.n_workers < 1:
-    parser.error(f"--n_workers must be >= 1, got {args.n_workers}")
   config_dir = args.config_dir
   try:
     sweep.check_overrides(extra)
@@ -117,9 +120,9 @@ def main(experiment: paper.Experiment, doc: str, argv: Sequence[str] | None = No
     sweep.check_configs(job_list, config_dir)
     _check_ready(experiment, stages, job_list)
   except validation.BadInput:
-    raise  # one line from run(), as every console script's
+    raise  # one line, as every console script's
   except (ValueError, FileNotFoundError) as e:
-    parser.error(str(e))
+    _flags.fail(prog, e)
 
   start = time.time()
   try:
@@ -131,13 +134,12 @@ def main(experiment: paper.Experiment, doc: str, argv: Sequence[str] | None = No
       paper.evaluate(job_list, settings)
     if "report" in stages:
       # The page is the work of every stage: its command is the one that runs them all.
-      flags = [a for a in (argv if argv is not None else sys.argv[1:])
-               if not a.startswith("--stages")]
+      flags_ = [a for a in argv if not a.startswith("--stages")]
       command = " ".join([f"python experiments/paper/{experiment.name}.py",
-                          shlex.join(flags)]).strip()
+                          shlex.join(flags_)]).strip()
       paper.report(experiment, args.output_dir, settings, doc=args.doc, command=command)
   except RuntimeError as e:
-    print(f"{parser.prog}: {e}", file=sys.stderr)
+    print(f"{prog}: {e}", file=sys.stderr)
     return 1
   print(f"# {','.join(stages)}: {time.time() - start:.0f} s")
   return 0
@@ -145,5 +147,4 @@ def main(experiment: paper.Experiment, doc: str, argv: Sequence[str] | None = No
 
 def run(experiment: paper.Experiment, doc: str) -> None:
   """Entry point of ``experiments/paper/<name>.py``."""
-  _errors.run_argparse(f"experiments/paper/{experiment.name}.py",
-                       lambda argv: main(experiment, doc, argv))
+  _errors.run_main(lambda: main(experiment, doc))

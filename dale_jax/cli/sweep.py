@@ -10,7 +10,7 @@ a ``done`` file) are skipped, incomplete ones resume from their checkpoint
 (``--clean_incomplete`` deletes them instead). ``--dry_run`` prints the commands
 as a shell script. Any ``--config.<field>=<value>`` flag is passed to every run.
 On GPUs, ``--n_workers=N`` runs N processes, each pinned to one GPU through
-``CUDA_VISIBLE_DEVICES`` (``--device_env``, ``--devices``).
+``CUDA_VISIBLE_DEVICES`` (``--device_env``, ``--device_ids``).
 
 ``--launcher=slurm`` submits the runs to Slurm through submitit instead (one job
 array; ``pip install -e .[cluster]``), with the ``--slurm_*`` flags as executor
@@ -26,89 +26,85 @@ parameters, and waits for them; see :mod:`dale_jax.research.cluster`. Example::
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
 from typing import Sequence
 
+from absl import flags
+
 from dale_jax.cli import _errors
+from dale_jax.cli import _flags
 from dale_jax.research import cluster
 from dale_jax.research import sweep
 
+PROG = "dale-sweep"
 LAUNCHERS = {"local": None, "slurm": "slurm", "submitit-local": "local",
              "submitit-debug": "debug"}
 
-
-def _split_list(values: Sequence[str]) -> list[str]:
-  return [v for value in values for v in value.split(",") if v]
-
-
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="dale-sweep", allow_abbrev=False,
-      description="Train a grid of dale-train runs: algorithms x datasets x "
-      "hparams seeds x trial seeds. Extra --config.<field>=<value> flags are "
-      "passed to every run.")
-  parser.add_argument("--algorithms", nargs="+", required=True,
-                      help="algorithm names, space- or comma-separated")
-  parser.add_argument("--datasets", nargs="+", required=True,
-                      help="dataset config names (files <config_dir>/<dataset>.py)")
-  parser.add_argument("--n_hparams", type=int, default=1,
-                      help="hparams seeds 0..n-1; seed 0 = default hyperparameters")
-  parser.add_argument("--n_trials", type=int, default=3, help="trial seeds 0..n-1")
-  parser.add_argument("--output_dir", required=True, help="root of the runs' workdirs")
-  parser.add_argument("--num_epochs", type=int, default=None,
-                      help="passed as --config.num_epochs (default: the config's)")
-  parser.add_argument("--config_dir", default=sweep.DEFAULT_CONFIG_DIR,
-                      help="folder of the <dataset>.py config files (default: the bundled "
-                      "dale_jax/configs)")
-  parser.add_argument("--n_workers", type=int, default=1,
-                      help="concurrent training processes (one per device on GPUs)")
-  parser.add_argument("--devices", default=None,
-                      help="comma-separated device ids, one per worker (default: "
-                      "$CUDA_VISIBLE_DEVICES or 0..n_workers-1)")
-  parser.add_argument("--device_env", default="auto",
-                      help="variable pinning a process to its device: 'auto' "
-                      "(CUDA_VISIBLE_DEVICES when n_workers > 1 and nvidia-smi "
-                      "exists), 'none', or a variable name")
-  parser.add_argument("--resume_incomplete", action=argparse.BooleanOptionalAction,
-                      default=True,
-                      help="relaunch runs without 'done' in place, so that they "
-                      "resume from their checkpoint (--no-resume_incomplete skips them)")
-  parser.add_argument("--noresume_incomplete", dest="resume_incomplete",
-                      action="store_false", help=argparse.SUPPRESS)
-  parser.add_argument("--clean_incomplete", action="store_true",
-                      help="delete runs without 'done' (checkpoints included) and rerun them")
-  parser.add_argument("--dry_run", action="store_true",
-                      help="print the commands as a shell script and exit")
-  parser.add_argument("--launcher", default="local", choices=list(LAUNCHERS),
-                      help="local: a pool of --n_workers child processes; slurm: one Slurm "
-                      "job per run through submitit; submitit-local / submitit-debug: "
-                      "submitit's executors without a cluster")
-  slurm = parser.add_argument_group("Slurm (--launcher=slurm; submitit executor parameters)")
-  defaults = cluster.SlurmOptions()
-  slurm.add_argument("--slurm_partition", default=None)
-  slurm.add_argument("--slurm_account", default=None)
-  slurm.add_argument("--slurm_time_min", type=int, default=defaults.time_min,
-                     help="time limit of each job in minutes; a preempted or timed-out "
-                     "job is requeued and resumes from its checkpoint")
-  slurm.add_argument("--slurm_nodes", type=int, default=defaults.nodes)
-  slurm.add_argument("--slurm_tasks_per_node", type=int, default=defaults.tasks_per_node,
-                     help="processes per node; more than one task in all trains each run "
-                     "over all of them (--config.parallel.auto=True)")
-  slurm.add_argument("--slurm_gpus_per_node", type=int, default=defaults.gpus_per_node)
-  slurm.add_argument("--slurm_cpus_per_task", type=int, default=None)
-  slurm.add_argument("--slurm_mem_gb", type=float, default=None)
-  slurm.add_argument("--slurm_array_parallelism", type=int,
-                     default=defaults.array_parallelism,
-                     help="at most this many of the sweep's jobs run at once")
-  slurm.add_argument("--slurm_sbatch", action="append", default=[], metavar="KEY=VALUE",
-                     help="a further #SBATCH option, e.g. qos=high (repeatable)")
-  parser.add_argument("--train_command", default=None,
-                      help="command that trains one run (default: "
-                      f"'{shlex.join(sweep.DEFAULT_TRAIN_COMMAND)}')")
-  return parser
+# Old spellings, named in the error when used.
+RENAMED = {"devices": "--device_ids", "no-resume_incomplete": "--noresume_incomplete"}
+FLAGS = flags.FlagValues()
+_SLURM = cluster.SlurmOptions()
+_flags.define_name_list("algorithms", None, "Algorithm names, comma-separated (ERM,PGD,...).",
+                        FLAGS)
+_flags.define_name_list("datasets", None, "Config names, comma-separated: files "
+                        "<config_dir>/<name>.py (quickstart, mnist, ...).", FLAGS)
+flags.DEFINE_integer("n_hparams", 1, "Hparams seeds 0..N-1; seed 0 = the default "
+                     "hyperparameters.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("n_trials", 3, "Trial seeds 0..N-1 per hparams seed.", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_string("output_dir", None, "Root of the runs' workdirs.", flag_values=FLAGS)
+flags.DEFINE_integer("num_epochs", None, "Passed as --config.num_epochs (default: the "
+                     "config's).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string("config_dir", sweep.DEFAULT_CONFIG_DIR, "Folder of the <dataset>.py "
+                    "config files (the default is the bundled dale_jax/configs).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("n_workers", 1, "Concurrent training processes (one per device on "
+                     "GPUs).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_list("device_ids", None, "Device ids, one per worker, comma-separated, each "
+                  "exported in --device_env (default: $CUDA_VISIBLE_DEVICES or "
+                  "0..n_workers-1).", flag_values=FLAGS)
+flags.DEFINE_string("device_env", "auto", "Variable pinning a process to its device: 'auto' "
+                    "(CUDA_VISIBLE_DEVICES when n_workers > 1 and nvidia-smi exists), "
+                    "'none', or a variable name.", flag_values=FLAGS)
+flags.DEFINE_bool("resume_incomplete", True, "Relaunch runs without 'done' in place, so "
+                  "that they resume from their checkpoint (--noresume_incomplete skips "
+                  "them).", flag_values=FLAGS)
+flags.DEFINE_bool("clean_incomplete", False, "Delete runs without 'done' (checkpoints "
+                  "included) and rerun them.", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "Print the commands as a shell script and exit.",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("launcher", "local", list(LAUNCHERS), "local: a pool of --n_workers child "
+                  "processes; slurm: one Slurm job per run through submitit; "
+                  "submitit-local / submitit-debug: submitit's executors without a "
+                  "cluster.", flag_values=FLAGS)
+flags.DEFINE_string("slurm_partition", None, "Slurm partition of the jobs (default: the "
+                    "cluster's).", flag_values=FLAGS)
+flags.DEFINE_string("slurm_account", None, "Slurm account charged (default: the user's).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("slurm_time_min", _SLURM.time_min, "Time limit of each job in minutes; "
+                     "a preempted or timed-out job is requeued and resumes from its "
+                     "checkpoint.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("slurm_nodes", _SLURM.nodes, "Nodes per job.", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer("slurm_tasks_per_node", _SLURM.tasks_per_node, "Processes per node; "
+                     "more than one task in all trains each run over all of them "
+                     "(--config.parallel.auto=True).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("slurm_gpus_per_node", _SLURM.gpus_per_node, "GPUs per node.",
+                     lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("slurm_cpus_per_task", None, "CPUs per task (default: the cluster's).",
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("slurm_mem_gb", None, "Memory per node in GB (default: the cluster's).",
+                   lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("slurm_array_parallelism", _SLURM.array_parallelism, "At most this "
+                     "many of the sweep's jobs run at once.", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_multi_string("slurm_sbatch", [], "A further #SBATCH option KEY=VALUE, e.g. "
+                          "qos=high (repeatable).", flag_values=FLAGS)
+flags.DEFINE_string("train_command", None, "Command that trains one run (default: "
+                    f"'{shlex.join(sweep.DEFAULT_TRAIN_COMMAND)}').", flag_values=FLAGS)
+_flags.mark_required(["algorithms", "datasets", "output_dir"], FLAGS)
 
 
 def _device_env(flag: str, n_workers: int) -> str | None:
@@ -121,9 +117,9 @@ def _device_env(flag: str, n_workers: int) -> str | None:
   return None
 
 
-def _devices(flag: str | None, device_env: str | None, n_workers: int) -> list[str]:
-  if flag is not None:
-    return _split_list([flag])
+def _devices(ids: list[str] | None, device_env: str | None, n_workers: int) -> list[str]:
+  if ids:
+    return list(ids)
   visible = os.environ.get(device_env or "", "")
   if visible:
     return visible.split(",")
@@ -134,26 +130,40 @@ def _check_algorithms(names: Sequence[str]) -> None:
   from dale_jax import algorithms  # imports JAX, but touches no device
 
   for name in names:
-    algorithms.check_name(name)
+    try:
+      algorithms.check_name(name)
+    except ValueError as e:
+      _flags.fail(PROG, f"--algorithms={','.join(names)}: {e}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Parses ``argv`` (without the program name), runs the sweep; returns the exit code."""
-  parser = _parser()
-  args, extra = parser.parse_known_args(argv)
+  """Parses ``argv`` (without the program name), runs the sweep; returns the exit code.
+
+  Bad input (a flag, an override, a run's config, a stale output_dir) is one line
+  ``dale-sweep: error: ...`` and exit status 2 before anything is written."""
+  extra = _flags.parse(PROG, FLAGS, argv, description=__doc__, passthrough="--config.",
+                       renamed=RENAMED)
+  with _errors.one_line(PROG):
+    return _sweep(FLAGS, extra)
+
+
+def _sweep(args: flags.FlagValues, extra: list[str]) -> int:
   try:
     sweep.check_overrides(extra)
   except ValueError as e:
-    parser.error(str(e))
+    _flags.fail(PROG, e)
+  if args.device_ids and len(args.device_ids) < args.n_workers:
+    _flags.fail(PROG, f"--device_ids={','.join(args.device_ids)}: expected one device id per "
+                f"worker (--n_workers={args.n_workers})")
 
   config_dir = args.config_dir
   train_command = (shlex.split(args.train_command) if args.train_command
                    else sweep.DEFAULT_TRAIN_COMMAND)
   try:
     if not args.train_command:
-      _check_algorithms(_split_list(args.algorithms))
+      _check_algorithms(args.algorithms)
     jobs = sweep.make_jobs(
-        algorithms=_split_list(args.algorithms), datasets=_split_list(args.datasets),
+        algorithms=args.algorithms, datasets=args.datasets,
         n_hparams=args.n_hparams, n_trials=args.n_trials, output_dir=args.output_dir,
         config_dir=config_dir, num_epochs=args.num_epochs, overrides=extra,
         train_command=train_command)
@@ -161,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.train_command:
       sweep.validate_configs(jobs)
   except (ValueError, FileNotFoundError) as e:
-    parser.error(str(e))
+    _flags.fail(PROG, e)
 
   slurm_options = cluster.SlurmOptions(
       partition=args.slurm_partition, account=args.slurm_account,
@@ -173,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       slurm_options.validate()
     except ValueError as e:
-      parser.error(f"--slurm_{e}")
+      _flags.fail(PROG, f"--slurm_{e}")
 
   sweep.check_not_stale(jobs, args.output_dir)
   counts = sweep.summarize(jobs)
@@ -202,12 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _report(outcomes)
   n_workers = min(args.n_workers, len(to_launch))
   device_env = _device_env(args.device_env, args.n_workers)
-  devices = _devices(args.devices, device_env, args.n_workers)
+  devices = _devices(args.device_ids, device_env, args.n_workers)
   try:
     outcomes = sweep.launch(to_launch, n_workers=n_workers, devices=devices,
                             device_env=device_env, clean_incomplete=args.clean_incomplete)
   except ValueError as e:
-    parser.error(str(e))
+    _flags.fail(PROG, e)
   return _report(outcomes)
 
 
@@ -220,7 +230,7 @@ def _report(outcomes: Sequence[sweep.Outcome]) -> int:
 
 def run() -> None:
   """Console-script entry point."""
-  _errors.run_argparse("dale-sweep", main)
+  _errors.run_main(main)
 
 
 if __name__ == "__main__":

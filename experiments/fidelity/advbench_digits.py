@@ -5,7 +5,7 @@ Run::
   git clone https://github.com/arobey1/advbench /tmp/advbench  # written against bd2071d
   python experiments/fidelity/advbench_digits.py --advbench=/tmp/advbench \\
       --algorithms=ERM,PGD,TRADES,MART,Gaussian_DALE_PD --seeds=0,1 \\
-      --output=runs/fidelity/advbench
+      --output_dir=runs/fidelity/advbench
 
 The authors' PyTorch code is not part of dale_jax: it is imported from the local
 checkout given by ``--advbench``. For each (algorithm, seed) the script trains
@@ -18,10 +18,10 @@ incomplete one dropped, as dale_jax batches. It then converts the trained networ
 to dale_jax's ``MnistCNN`` (:mod:`dale_jax.bench.torch_reference`), checks that
 the two compute the same outputs, and measures clean, PGD-10 and FGSM accuracy
 on the 1,000 test digits with dale_jax's evaluators
-(:func:`dale_jax.train.make_eval_step`), the code that measures dale_jax's own
+(:func:`dale_jax.steps.make_eval_step`), the code that measures dale_jax's own
 runs, so that both implementations face the very same attacks.
 
-Each run appends one JSON line to ``<output>/results.jsonl``: the test results
+Each run appends one JSON line to ``<output_dir>/results.jsonl``: the test results
 under ``Test`` (dale_jax's keys, e.g. ``PGD-Accuracy`` in percent), advbench's
 epoch meters, the training time, whether training diverged, the hyperparameters,
 advbench's commit and the machine. Rerunning skips the (algorithm, seed) pairs
@@ -32,7 +32,6 @@ examples, advbench commit, ...) is refused rather than mixed with.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import json
@@ -45,8 +44,11 @@ import time
 import types
 from typing import Any, NoReturn, Sequence
 
+from absl import flags
+
 from dale_jax import configs
 from dale_jax import validation
+from dale_jax.cli import _flags as _cli_flags
 
 PROG = "experiments/fidelity/advbench_digits.py"
 _QUICKSTART = os.path.join(configs.CONFIG_DIR, "quickstart.py")
@@ -62,63 +64,32 @@ _RESULTS = "results.jsonl"
 # ----------------------------------------------------------------------------
 # Flags.
 
-
-class _Parser(argparse.ArgumentParser):
-  """argparse with its errors as one line (``prog: error: ...``) and exit status 2."""
-
-  def error(self, message: str) -> NoReturn:
-    _refuse(message)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("advbench", None, "A local checkout of advbench (the folder that holds "
+                    "advbench/).", flag_values=FLAGS)
+_cli_flags.define_name_list("algorithms", None, "Comma-separated names from advbench's "
+                            "algorithms.ALGORITHMS (or MART, a class of algorithms.py that "
+                            "the list leaves out).", FLAGS)
+_cli_flags.define_integer_list("seeds", [0, 1], "Comma-separated seeds, each a run per "
+                               "algorithm.", FLAGS, minimum=0)
+flags.DEFINE_string("output_dir", "runs/fidelity/advbench", f"Folder of {_RESULTS}, one "
+                    "JSON line per run.", flag_values=FLAGS)
+flags.DEFINE_integer("max_train_examples", None, "Train on the first N training digits "
+                     "(default: all 4,000).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("num_epochs", None, "Epochs (default: the quickstart config's).",
+                     lower_bound=1, flag_values=FLAGS)
+_cli_flags.mark_required(["advbench", "algorithms"], FLAGS)
 
 
 def _refuse(message: object) -> NoReturn:
-  print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  _cli_flags.fail(PROG, message)
 
 
-def _names(text: str) -> list[str]:
-  names = [n.strip() for n in text.split(",") if n.strip()]
-  if not names or len(set(names)) != len(names):
-    raise argparse.ArgumentTypeError(f"expected distinct names separated by commas, got {text!r}")
-  return names
-
-
-def _seeds(text: str) -> list[int]:
-  try:
-    seeds = [int(s) for s in text.split(",") if s.strip()]
-  except ValueError:
-    seeds = []
-  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-    raise argparse.ArgumentTypeError(
-        f"expected distinct integers >= 0 separated by commas, got {text!r}")
-  return seeds
-
-
-def _count(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-  return value
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = _Parser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n")[0])
-  parser.add_argument("--advbench", required=True,
-                      help="a local checkout of advbench (the folder that holds advbench/)")
-  parser.add_argument("--algorithms", type=_names, required=True,
-                      help="comma-separated names from advbench's algorithms.ALGORITHMS "
-                      "(or MART, a class of algorithms.py that the list leaves out)")
-  parser.add_argument("--seeds", type=_seeds, default=[0, 1],
-                      help="comma-separated seeds, each a run per algorithm (default: 0,1)")
-  parser.add_argument("--output", default="runs/fidelity/advbench",
-                      help=f"folder of {_RESULTS}, one JSON line per run")
-  parser.add_argument("--max_train_examples", type=_count, default=None,
-                      help="train on the first N training digits (default: all 4,000)")
-  parser.add_argument("--num_epochs", type=_count, default=None,
-                      help="epochs (default: the quickstart config's)")
-  return parser.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> flags.FlagValues:
+  """The flags of ``argv`` (without the program name); bad ones exit 2 in one line."""
+  _cli_flags.parse(PROG, FLAGS, argv, description=__doc__,
+                   renamed={"output": "--output_dir"})
+  return FLAGS
 
 
 # ----------------------------------------------------------------------------
@@ -439,14 +410,14 @@ def finished_runs(path: str, setting: dict) -> set[tuple[str, int]]:
         theirs = record["setting"]
       except (ValueError, KeyError, TypeError):
         raise validation.InvalidArgument(
-            "--output", rest=f"holds {path}, whose line {number} is not one of this "
-            "script's records: choose another --output") from None
+            "--output_dir", rest=f"holds {path}, whose line {number} is not one of this "
+            "script's records: choose another --output_dir") from None
       changed = sorted(k for k in set(setting) | set(theirs) if setting.get(k) != theirs.get(k))
       if changed:
         raise validation.InvalidArgument(
-            "--output", rest=f"holds {path}, written in another setting ({changed[0]} "
+            "--output_dir", rest=f"holds {path}, written in another setting ({changed[0]} "
             f"{theirs.get(changed[0])!r}, now {setting.get(changed[0])!r}): choose "
-            "another --output")
+            "another --output_dir")
       done.add(key)
   return done
 
@@ -494,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   from dale_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from dale_jax import parallel  # pylint: disable=import-outside-toplevel
-  from dale_jax import train as dale_train  # pylint: disable=import-outside-toplevel
+  from dale_jax import experiment  # pylint: disable=import-outside-toplevel
+  from dale_jax import steps  # pylint: disable=import-outside-toplevel
 
   dataset = data_lib.load(first.dataset, data_dir=first.data.data_dir,
                           validation_size=first.data.validation_size)
@@ -504,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     y_train = y_train[:first.data.max_train_examples]
   x_test, y_test = dataset.test
   setting = run_setting(advbench, first, len(y_train), len(y_test))
-  path = os.path.join(args.output, _RESULTS)
+  path = os.path.join(args.output_dir, _RESULTS)
   try:
     for config in settings.values():
       if run_setting(advbench, config, len(y_train), len(y_test)) != setting:
@@ -513,11 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = finished_runs(path, setting)
   except validation.BadInput as e:
     _refuse(e)
-  os.makedirs(args.output, exist_ok=True)
+  os.makedirs(args.output_dir, exist_ok=True)
 
   mesh = parallel.make_mesh()
-  eval_fn = dale_train.make_eval_step(first, dataset.num_classes, mesh)
-  model = dale_train.create_model(first, dataset.num_classes, dale_train.eval_dtype(first))
+  built = experiment.build(first, num_classes=dataset.num_classes)
+  eval_fn = steps.make_eval_step(built, mesh)
+  model = built.eval_model
   host = machine()
   for name in args.algorithms:
     for seed in args.seeds:
@@ -535,8 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = check_conversion(classifier, variables, model, x_test[:_CHECK_EXAMPLES])
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1),
                                  int(config.num_epochs) - 1)
-        test = dale_train.evaluate_split(eval_fn, variables, x_test, y_test, key,
-                                         batch_size=config.eval.batch_size, mesh=mesh)
+        test = steps.evaluate_split(eval_fn, variables, x_test, y_test, key,
+                                    batch_size=config.eval.batch_size, mesh=mesh)
       record = {
           "algorithm": name, "seed": seed, "setting": setting,
           "advbench_dirty": advbench.dirty, "advbench_patches": advbench.patches,
