@@ -167,7 +167,9 @@ def warp(x: Array, angle: Array, shift_x: Array, shift_y: Array, padding: str = 
 
   Args:
     x: images ``(batch, H, W, C)``.
-    angle, shift_x, shift_y: ``(batch,)``, degrees and pixels.
+    angle: ``(batch,)``, degrees.
+    shift_x: ``(batch,)``, pixels.
+    shift_y: ``(batch,)``, pixels.
     padding: ``"zeros"`` or ``"edge"``.
   """
   validation.one_of("padding", padding, PADDINGS)

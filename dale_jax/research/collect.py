@@ -74,7 +74,8 @@ class Choice:
   """The outcome of model + hyperparameter selection for one (dataset, algorithm).
 
   Attributes:
-    dataset, algorithm: the group.
+    dataset: the group's dataset.
+    algorithm: the group's algorithm.
     selection: ``LastStep`` or ``EarlyStop``.
     metric: validation metric used for selection; ``None`` when the runs have
       no validation records.

@@ -43,7 +43,8 @@ def save(fig, path: str, dpi: int = 120) -> str:
   return path
 
 
-def curve(runs: Sequence[collect.Run], split: str, metric: str):
+def curve(runs: Sequence[collect.Run], split: str,
+          metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Epochs and the mean / std over ``runs`` of ``records[split][metric]``.
 
   Only epochs that every run has a value for are kept, so trials of unequal
