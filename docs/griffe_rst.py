@@ -12,7 +12,8 @@ docstring of the package:
   code font otherwise (private helpers, other libraries);
 * a paragraph ending in ``::`` and the indented block after it into the paragraph
   (ending in ``:``) and a fenced code block (``bash`` when it reads like a command,
-  ``python`` when it parses, plain text otherwise);
+  ``python`` when it parses, plain text otherwise), and an indented block of commands
+  after a paragraph (``dale-eval ...``) into a ``bash`` block;
 * an ``Args:`` or ``Attributes:`` entry that documents several names at once
   (``norm, eps: the threat model.``) into one entry per name, each with the text and
   the names it goes with, when every name is one of the function's parameters (or
@@ -99,6 +100,16 @@ def _blocks(text: str) -> str:
         out += [pad + "```" + lang] + [pad + c if c.strip() else "" for c in code]
         out += [pad + "```"]
         continue
+    prev = next((o for o in reversed(out) if o.strip()), None)
+    if (stripped and _COMMAND.match(stripped) and out and not out[-1].strip()
+        and prev is not None and base > _indent(prev)):
+      # An indented command after a paragraph (a reST block quote) is a command to run.
+      base = _indent(prev)
+      block, i = _take_block(lines, i, base)
+      code = textwrap.dedent("\n".join(block)).split("\n")
+      pad = " " * base
+      out += [pad + "```bash"] + [pad + c if c.strip() else "" for c in code] + [pad + "```"]
+      continue
     out.append(line)
     i += 1
   return "\n".join(out)
