@@ -23,9 +23,10 @@ import ml_collections
 import numpy as np
 
 from dale_jax import algorithms
+from dale_jax import attacks
+from dale_jax import evaluation
 from dale_jax import perturbations
 from dale_jax import rundir
-from dale_jax import samplers
 from dale_jax import threat
 from dale_jax import validation
 from dale_jax.models import MODELS
@@ -168,8 +169,8 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
   c.perturbation = ml_collections.ConfigDict(_PERTURBATION)
   c.draws = spec.draws
   # Examples per device that the sampler perturbs at a time; 0: the whole batch;
-  # None: train.CPU_SAMPLER_CHUNK on CPUs (the chunk stays in cache), the whole
-  # batch on a GPU or TPU (see train.sampler_chunk_size).
+  # None: steps.CPU_SAMPLER_CHUNK on CPUs (the chunk stays in cache), the whole
+  # batch on a GPU or TPU (see steps.sampler_chunk_size).
   c.sampler_chunk_size = ml_collections.config_dict.placeholder(int)
   c.loss = ml_collections.ConfigDict(
       {**spec.loss_defaults, **family["losses"].get(algorithm, {})})
@@ -185,7 +186,7 @@ def base_config(dataset: str, algorithm: str) -> ml_collections.ConfigDict:
       **family["eval"],
       cvar_t_step_size=0.5, cvar_beta=0.05, cvar_draws=10, cvar_steps=10,
       augmented_draws=100, augmented_betas=(0.1, 0.05, 0.01),
-      apgd_steps=100, square_queries=5000,
+      apgd_steps=attacks.APGD_STEPS, square_queries=attacks.SQUARE_QUERIES,
       # The Grid and Worst-of-K evaluators: the set they search (a geometric one), the
       # grid's points per axis (one count for all axes, or one per axis) and k.
       perturbation=dict(_PERTURBATION, name="se2"), grid_points=(5, 5, 5), worst_of_k=10,
@@ -333,10 +334,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
 
   Every field of every section is checked for its type and range (the message
   gives the full path, e.g. ``config.eval.pgd_step_size``, and what it accepts),
-  the sampler, loss, dual and evaluator sections are built once to catch what
-  only their factories know, and the global batch must split evenly over
-  ``num_devices`` (``None`` skips that check, for use before the devices are
-  known). Nothing is compiled.
+  and the global batch must split evenly over ``num_devices`` (``None`` skips that
+  check, for use before the devices are known). What only the factories know (a
+  sampler field, a loss hyperparameter) is checked by building:
+  :func:`dale_jax.experiment.build`. Nothing is compiled.
   """
   v = validation
   with v.prefixed("config"):
@@ -379,22 +380,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
     v.warn_schedule(config)  # a decay past the last epoch: legitimate, but said
     v.check_linf_radii(config)  # 8 for 8/255
 
-    spec = algorithms.ALGORITHMS[config.algorithm]
-    section = config.get("perturbation")
-    section = None if section is None else section.to_dict()
-    pset = perturbations.make_perturbation(section)
-    if spec.uses_sampler:
-      samplers.make_sampler(sampler_section(config), pset)
-    try:
-      algorithms.make_algorithm(config.algorithm, sampler=sampler_section(config),
-                                perturbation=section,
-                                loss=config.loss.to_dict(), dual=config.dual.to_dict(),
-                                draws=config.draws)
-    except v.InvalidArgument:
-      raise
-    except (ValueError, TypeError) as e:
-      raise v.InvalidArgument("config", rest=f"does not fit {config.algorithm}: {e}") from None
-
     d = config.data
     v.string("data.data_dir", d.data_dir, allow_none=True)
     if d.validation_size is not None:
@@ -419,8 +404,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
   """The ``eval`` section (field names without the ``config.`` prefix)."""
-  from dale_jax import evaluation  # pylint: disable=import-outside-toplevel
-
   v = validation
   _names("eval.evaluators", e.evaluators, evaluation.EVALUATORS)
   _names("eval.splits", e.splits, _SPLITS)
@@ -446,8 +429,3 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
   v.require(isinstance(e.augmented_betas, (tuple, list)) and len(e.augmented_betas) > 0
             and all(v.is_real(b) and 0 < b < 1 for b in e.augmented_betas),
             "eval.augmented_betas", "a non-empty tuple of numbers in (0, 1)", e.augmented_betas)
-  # The evaluators' own factories catch whatever the checks above do not know of.
-  settings = e.to_dict()
-  with v.prefixed("eval"):
-    for name in e.evaluators:
-      evaluation.make_evaluator(name, settings)
