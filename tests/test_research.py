@@ -501,10 +501,10 @@ def test_tiny_quickstart_sweep_then_collect_reports_the_records(tmp_path, capsys
   for name in ("accuracy_curves.png", "pareto.png", "primal_dual_Gaussian_DALE_PD.png"):
     assert (plots / name).read_bytes()[:4] == b"\x89PNG"
 
-  # The same run through submitit (its local executor: a process per job) writes the
-  # same records.
+  # The same runs through submitit (its local executor: a process per job; its debug
+  # executor: in this process) write the same records.
   require("submitit")
-  for launcher, alg in (("submitit-local", "ERM"),):
+  for launcher, alg in (("submitit-local", "ERM"), ("submitit-debug", "ERM")):
     other = tmp_path / launcher
     argv_other = [a for a in argv if not a.startswith(("--output_dir", "--algorithms"))]
     assert sweep_cli.main([*argv_other, f"--output_dir={other}", f"--algorithms={alg}",
