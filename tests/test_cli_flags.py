@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -250,3 +252,26 @@ def test_splits_are_lowercase_and_map_to_the_record_keys(tmp_path):
                 "--format=markdown", "--decimals=2"])
   table = (tmp_path / "results.md").read_text()
   assert "50.00" in table and "60.00" not in table
+
+
+
+@pytest.mark.parametrize("command,module,names", [
+    ("dale-train", "dale_jax.cli.train", ("config", "workdir", "print_config")),
+    ("dale-eval", "dale_jax.cli.evaluate",
+     ("workdir", "torch_checkpoint", "attacks", "version", "n_examples", "batch_size")),
+])
+def test_train_and_eval_help_show_their_own_flags_and_exit_0(command, module, names):
+  # These two parse with absl's global flags (ml_collections' --config.<field> needs
+  # them); --help shows the command's own flags, each with its help, before anything else.
+  proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  assert out.startswith(f"usage: {command} "), out[:200]
+  flags_at = out.index("\nflags:\n")
+  for name in names:
+    shown = [f"  --{name}: ", f"  --[no]{name}: "]
+    assert any(s in out[flags_at:] for s in shown), (name, out)
+  for absl_flag in ("--flagfile", "--verbosity", "--logtostderr", "--undefok"):
+    assert absl_flag not in out  # the libraries' flags: --helpfull
+  assert "--helpfull" in out

@@ -44,6 +44,8 @@ def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
   from absl import logging  # pylint: disable=import-outside-toplevel
 
   def parse(argv):
+    if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
+      _print_help(prog, main)  # absl's --helpfull still lists every library's flags too
     # A bundled config by name (--config=quickstart:PGD) from any directory.
     argv = configs.expand_config_flags(argv)
     try:
@@ -64,6 +66,21 @@ def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
       fail(prog, e, show_traceback=logging.get_verbosity() >= 1, status=DIVERGED_EXIT)
 
   app.run(guarded, flags_parser=parse)
+
+
+def _print_help(prog: str, main: Callable) -> NoReturn:
+  """The script's docstring and its own flags (those its module defines), exit 0."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  from dale_jax.cli import _flags  # pylint: disable=import-outside-toplevel
+
+  module = sys.modules[main.__module__]
+  own = flags.FLAGS.get_flags_for_module(module.__name__)
+  lines = [f"usage: {prog} [--flag=value ...]", "", (module.__doc__ or "").strip(), "",
+           "flags:", *_flags.flag_lines(own), "",
+           "--helpfull lists every flag, absl's and the libraries' too."]
+  print("\n".join(lines))
+  sys.exit(0)
 
 
 def _original(error: BaseException, kind: type) -> BaseException | None:

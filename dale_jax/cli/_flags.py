@@ -107,10 +107,17 @@ def help_text(prog: str, flag_values: flags.FlagValues, description: str,
   if passthrough:
     usage += f" [{passthrough}<field>=<value> ...]"
   lines = [usage, "", description.strip(), "", "flags:"]
-  for name in flag_values:
-    flag = flag_values[name]
-    if flag.name != name:  # a short name
-      continue
+  lines += flag_lines(flag_values[name] for name in flag_values
+                      if flag_values[name].name == name)  # not a short name
+  lines += ["", "absl: --flagfile=FILE reads further flags from FILE, one a line."]
+  return "\n".join(lines)
+
+
+def flag_lines(flag_list) -> list[str]:
+  """Each flag with its help text, its default and what it accepts, in the given order."""
+  lines = []
+  for flag in flag_list:
+    name = flag.name
     shown = f"--[no]{name}" if flag.boolean else f"--{name}"
     lines += textwrap.wrap(f"{shown}: {flag.help}", 88, initial_indent="  ",
                            subsequent_indent="    ")
@@ -123,8 +130,7 @@ def help_text(prog: str, flag_values: flags.FlagValues, description: str,
     if notes:
       lines += textwrap.wrap(f"({'; '.join(notes)})", 88, initial_indent="    ",
                              subsequent_indent="     ")
-  lines += ["", "absl: --flagfile=FILE reads further flags from FILE, one a line."]
-  return "\n".join(lines)
+  return lines
 
 
 class _ListParser(flags.ArgumentParser):

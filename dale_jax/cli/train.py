@@ -1,6 +1,6 @@
 """``dale-train``: train one algorithm from an ml-collections config.
 
-  dale-train --config=mnist:Gaussian_DALE_PD --workdir=runs/x \
+  dale-train --config=mnist:Gaussian_DALE_PD --workdir=runs/x \\
       --config.optimizer.learning_rate=0.02 --config.num_epochs=10
 """
 
