@@ -38,6 +38,8 @@ ROBUSTNESS = "robustness.json"
 MODEL_INFO = "model_info.json"
 ADVERSARIAL = "adversarial.npz"
 ROBUSTNESS_PROGRESS = "robustness_progress"
+PAPER_EVAL = "paper_eval.json"  # a results page's PGD-20 and AutoAttack of the run
+PAPER_EVAL_PROGRESS = "paper_eval_progress"
 DONE = "done"
 
 

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from conftest import require
 
 from dale_jax import data
+from dale_jax import rundir
 from dale_jax.cli import paper as paper_cli
 from dale_jax.research import collect
 from dale_jax.research import paper
@@ -71,7 +72,7 @@ def test_digits_command_end_to_end_builds_the_table_from_the_records(tmp_path, c
   for algorithm, cells in rows.items():
     workdirs = [out / "quickstart" / algorithm / f"h0_t{seed}" for seed in (0, 1)]
     last = [json.loads((w / "results.jsonl").read_text().splitlines()[-1]) for w in workdirs]
-    evals = [json.loads((w / paper.EVAL_FILE).read_text()) for w in workdirs]
+    evals = [json.loads((w / rundir.PAPER_EVAL).read_text()) for w in workdirs]
     assert all(r["Epoch"] == 0 for r in last)
     expected = [_expected_cell([r["Test"][m] for r in last])
                 for m in ("Clean-Accuracy", "FGSM-Accuracy", "PGD-Accuracy")]
@@ -110,7 +111,7 @@ def test_digits_command_end_to_end_builds_the_table_from_the_records(tmp_path, c
 
   # Rerun = continue: nothing is trained or attacked again, the page is the same.
   stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")
-            if p.name in ("results.jsonl", paper.EVAL_FILE)}
+            if p.name in ("results.jsonl", rundir.PAPER_EVAL)}
   assert len(stamps) == 8
   capsys.readouterr()
   assert paper_cli.main(digits.EXPERIMENT, str(doc), argv) == 0
@@ -120,7 +121,7 @@ def test_digits_command_end_to_end_builds_the_table_from_the_records(tmp_path, c
 
   # A run whose evaluation is missing (or was made with other settings) is attacked
   # again, and only that one.
-  lost = out / "quickstart" / "ERM" / "h0_t1" / paper.EVAL_FILE
+  lost = out / "quickstart" / "ERM" / "h0_t1" / rundir.PAPER_EVAL
   kept = {p: s for p, s in stamps.items() if p != lost}
   lost.unlink()
   assert paper_cli.main(digits.EXPERIMENT, str(doc),

@@ -48,12 +48,10 @@ def flag_values(experiment: paper.Experiment, doc: str) -> flags.FlagValues:
                        lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("batch_size", paper.EvalSettings.batch_size, "Examples per attack "
                        "call.", lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("apgd_steps", paper.EvalSettings.apgd_steps, "APGD-CE / APGD-T "
-                       "iterations (100: AutoAttack's standard).", lower_bound=1,
-                       flag_values=fv)
-  flags.DEFINE_integer("square_queries", paper.EvalSettings.square_queries, "Square's "
-                       "queries (5000: AutoAttack's standard).", lower_bound=1,
-                       flag_values=fv)
+  flags.DEFINE_integer("apgd_steps", None, "APGD-CE / APGD-T iterations (default: "
+                       "AutoAttack's standard, 100).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("square_queries", None, "Square's queries (default: AutoAttack's "
+                       "standard, 5000).", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("n_workers", 1, "Concurrent training processes (one per GPU).",
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_string("config_dir", sweep.DEFAULT_CONFIG_DIR, "Folder of the <dataset>.py "

@@ -41,8 +41,6 @@ from dale_jax.research import plots
 from dale_jax.research import sweep
 
 STAGES = ("train", "evaluate", "report")
-EVAL_FILE = "paper_eval.json"
-EVAL_PROGRESS = "paper_eval_progress"
 
 # The accuracies of the table, in its column order, with their column titles.
 # Clean, FGSM and PGD-10 come from the run's own last-epoch test record (advbench's
@@ -136,14 +134,17 @@ class EvalSettings:
   test_examples: int = 0   # PGD-20 on the first N test images (0: all)
   aa_examples: int = 0     # AutoAttack on the first N (0: all)
   batch_size: int = 500
-  apgd_steps: int = 100
-  square_queries: int = 5000
+  apgd_steps: int | None = None     # None: AutoAttack's standard (attacks.APGD_STEPS)
+  square_queries: int | None = None  # None: AutoAttack's standard (attacks.SQUARE_QUERIES)
   seed: int = 0
 
   @property
   def standard(self) -> bool:
-    """Whether AutoAttack runs with its standard budgets (100 APGD steps, 5,000 queries)."""
-    return self.apgd_steps == 100 and self.square_queries == 5000
+    """Whether AutoAttack runs with its standard budgets (the attacks' defaults)."""
+    from dale_jax import attacks  # pylint: disable=import-outside-toplevel  # starts JAX
+
+    return (self.apgd_steps in (None, attacks.APGD_STEPS)
+            and self.square_queries in (None, attacks.SQUARE_QUERIES))
 
 
 def check_experiment(experiment: Experiment, settings: EvalSettings) -> None:
@@ -156,6 +157,8 @@ def check_experiment(experiment: Experiment, settings: EvalSettings) -> None:
                                ("batch_size", settings.batch_size, 1),
                                ("apgd_steps", settings.apgd_steps, 1),
                                ("square_queries", settings.square_queries, 1)):
+    if value is None and name in ("apgd_steps", "square_queries"):
+      continue
     if isinstance(value, bool) or int(value) != value or value < minimum:
       raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
   if experiment.published not in PUBLISHED:
@@ -196,7 +199,7 @@ def train(job_list: Sequence[sweep.Job], *, n_workers: int = 1, device_env: str 
 
 def read_eval(workdir: str) -> dict | None:
   """The run's ``paper_eval.json``, or ``None``."""
-  path = rundir.path(workdir, EVAL_FILE)
+  path = rundir.path(workdir, rundir.PAPER_EVAL)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -247,10 +250,10 @@ def evaluate_run(workdir: str, settings: EvalSettings, *, log: Callable[[str], N
                                        **common)
   chain = attacks.evaluate_robustness(
       logits_fn, x[:n_aa], y[:n_aa], attacks=("clean",), version="standard",
-      settings={"apgd-ce": {"steps": settings.apgd_steps},
-                "apgd-t": {"steps": settings.apgd_steps},
-                "square": {"n_queries": settings.square_queries}},
-      progress_dir=rundir.path(workdir, EVAL_PROGRESS), log=log, **common)
+      settings=attacks.budget_settings(attacks.AUTOATTACK_STANDARD,
+                                       apgd_steps=settings.apgd_steps,
+                                       square_queries=settings.square_queries),
+      progress_dir=rundir.path(workdir, rundir.PAPER_EVAL_PROGRESS), log=log, **common)
   record = {
       "settings": wanted, "norm": norm, "eps": eps,
       "pgd20": {"n_examples": pgd["n_examples"], "clean_accuracy": pgd["clean_accuracy"],
@@ -267,8 +270,8 @@ def evaluate_run(workdir: str, settings: EvalSettings, *, log: Callable[[str], N
       "machine": machine(),
       "date": datetime.date.today().isoformat(),
   }
-  rundir.write_json(rundir.path(workdir, EVAL_FILE), record, indent=2)
-  shutil.rmtree(rundir.path(workdir, EVAL_PROGRESS), ignore_errors=True)
+  rundir.write_json(rundir.path(workdir, rundir.PAPER_EVAL), record, indent=2)
+  shutil.rmtree(rundir.path(workdir, rundir.PAPER_EVAL_PROGRESS), ignore_errors=True)
   return record
 
 
@@ -301,7 +304,7 @@ def with_evaluation(choice: collect.Choice) -> collect.Choice:
   for run, record in zip(choice.runs, choice.records):
     evaluation = read_eval(run.workdir)
     if evaluation is None:
-      raise RuntimeError(f"run {run.workdir} has no {EVAL_FILE}: run the evaluate stage")
+      raise RuntimeError(f"run {run.workdir} has no {rundir.PAPER_EVAL}: run the evaluate stage")
     test = dict(record.get("Test") or {})
     test[PGD20] = evaluation["pgd20"]["accuracy"]
     test[PGD20_AA] = evaluation["pgd20_aa"]["accuracy"]
