@@ -174,10 +174,12 @@ EVALUATORS: dict[str, Callable[[Mapping[str, Any]], Evaluator]] = {
     "Augmented": augmented,
     # Stronger, parameter-free attacks (Croce & Hein 2020; Andriushchenko et al. 2020).
     # AutoAttack is the standard version for eval.norm.
-    "APGD-CE": _attack("APGD-CE", "apgd-ce", steps="apgd_steps"),
-    "APGD-T": _attack("APGD-T", "apgd-t", steps="apgd_steps"),
-    "FAB-T": _attack("FAB-T", "fab-t"),
-    "Square": _attack("Square", "square", n_queries="square_queries"),
+    # Named by their labels in dale_jax.attacks.LABELS, as dale-eval's tables name them.
+    attacks.LABELS["apgd-ce"]: _attack(attacks.LABELS["apgd-ce"], "apgd-ce", steps="apgd_steps"),
+    attacks.LABELS["apgd-t"]: _attack(attacks.LABELS["apgd-t"], "apgd-t", steps="apgd_steps"),
+    attacks.LABELS["fab-t"]: _attack(attacks.LABELS["fab-t"], "fab-t"),
+    attacks.LABELS["square"]: _attack(attacks.LABELS["square"], "square",
+                                      n_queries="square_queries"),
     "AutoAttack": _attack("AutoAttack", "autoattack"),
     # Spatial robustness over eval.perturbation (rotations, translations, SE(2)).
     "Grid": grid,

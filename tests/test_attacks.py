@@ -578,3 +578,25 @@ def test_standard_autoattack_matches_torchattacks(trained, norm, eps, n):
   print(f"AutoAttack (standard) {norm} eps={eps}: ours {ours['ensemble_accuracy']:.2f}%, "
         f"torchattacks {theirs:.2f}%")
   assert abs(ours["ensemble_accuracy"] - theirs) <= 1.0  # two examples of 200
+
+
+def test_one_table_of_attacks_names_labels_and_budgets():
+  from dale_jax import evaluation  # pylint: disable=import-outside-toplevel
+
+  assert set(attacks.LABELS) == set(attacks.ATTACKS)
+  for name, label in attacks.LABELS.items():
+    assert attacks.canonical(name) == attacks.canonical(label) == name
+    assert attacks.canonical(label.lower()) == name
+  with pytest.raises(ValueError, match="attack must be one of .*got 'pgd99'"):
+    attacks.canonical("pgd99")
+  # The training evaluators that run a registry attack are named by its label, with the
+  # registry's budgets as the configs' defaults.
+  for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
+    assert attacks.LABELS[name] in evaluation.EVALUATORS
+  assert attacks.default_settings("apgd-ce", 0.1)["steps"] == attacks.APGD_STEPS == 100
+  assert attacks.default_settings("square", 0.1)["n_queries"] == attacks.SQUARE_QUERIES == 5000
+  assert attacks.budget_settings(("apgd-ce", "square"), apgd_steps=7) == {
+      "apgd-ce": {"steps": 7}}
+  assert attacks.budget_settings(attacks.ATTACKS, apgd_steps=3, square_queries=9) == {
+      "apgd-ce": {"steps": 3}, "apgd-dlr": {"steps": 3}, "apgd-t": {"steps": 3},
+      "square": {"n_queries": 9}}

@@ -169,7 +169,7 @@ _TRAIN = [f"--config={QUICKSTART}:Gaussian_DALE_PD"]
     ("train", "dale-train", ["--config=mnist:PGD",
                              "--config.data.data_dir=/nonexistent/tfds"],
      "is not prepared as ArrayRecord"),
-    ("evaluate", "dale-eval", ["--attacks=clean,pgd99"], "unknown attack 'pgd99'"),
+    ("evaluate", "dale-eval", ["--attacks=clean,pgd99"], "--attacks: attack must be one of clean"),
     ("evaluate", "dale-eval", ["--attacks=clean,fab-t"], "use --version=custom"),
     ("sweep", "dale-sweep", ["--algorithms=PGD", "--datasets=quickstart", "--dry_run",
                              "--config.eval.eps=-1.0"], "config.eval.eps must be"),

@@ -39,7 +39,9 @@ from dale_jax.attacks.registry import APGD_STEPS
 from dale_jax.attacks.registry import ATTACKS
 from dale_jax.attacks.registry import FAB_STEPS
 from dale_jax.attacks.registry import SQUARE_QUERIES
+from dale_jax.attacks.registry import LABELS
 from dale_jax.attacks.registry import budget_settings
+from dale_jax.attacks.registry import canonical
 from dale_jax.attacks.registry import default_settings
 from dale_jax.attacks.robustness import DEFAULT_ATTACKS
 from dale_jax.attacks.robustness import evaluate_robustness
@@ -48,7 +50,7 @@ from dale_jax.attacks.square_attack import margin_and_loss
 from dale_jax.attacks.square_attack import square
 
 __all__ = [
-    "APGD_STEPS", "ATTACKS", "AUTOATTACK_LABEL", "FAB_STEPS", "SQUARE_QUERIES", "budget_settings", "AUTOATTACK_STANDARD", "DEFAULT_ATTACKS", "Randomized",
+    "APGD_STEPS", "ATTACKS", "AUTOATTACK_LABEL", "FAB_STEPS", "LABELS", "SQUARE_QUERIES", "budget_settings", "canonical", "AUTOATTACK_STANDARD", "DEFAULT_ATTACKS", "Randomized",
     "VERSIONS", "apgd", "autoattack", "checkpoints", "default_settings", "dlr_loss",
     "dlr_loss_targeted", "evaluate_robustness", "fab", "fgsm", "halving_condition", "make_attack",
     "margin_and_loss", "pgd", "robustbench_model_info", "square", "target_classes", "version",

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 
+from dale_jax import validation
 from dale_jax.attacks import _common
 from dale_jax.attacks import autopgd
 from dale_jax.attacks import fab_attack as fab_lib
@@ -61,11 +62,34 @@ REGISTRY: Mapping[str, Attack] = {
         n_queries=SQUARE_QUERIES, p_init=0.8, restarts=1, loss="margin", rescale_schedule=False)),
 }
 ATTACKS = tuple(REGISTRY)  # the names, in the order of their keys
+# Each attack's label: how records, tables and the configs' ``eval.evaluators`` write
+# it (AutoAttack's and advbench's spelling). :func:`canonical` takes either.
+LABELS: Mapping[str, str] = {
+    "clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "apgd-ce": "APGD-CE",
+    "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "fab": "FAB", "fab-t": "FAB-T",
+    "square": "Square",
+}
+_BY_SPELLING = {**{k: k for k in REGISTRY}, **{v.lower(): k for k, v in LABELS.items()}}
+
+
+def canonical(name: str) -> str:
+  """The registry name of the attack ``name`` names by its name or its label, in any
+  case: ``"APGD-CE"``, ``"apgd-ce"`` -> ``"apgd-ce"``; ``"PGD-20"`` -> ``"pgd20"``.
+
+  Raises:
+    dale_jax.validation.InvalidArgument: no attack is spelled so.
+  """
+  key = _BY_SPELLING.get(str(name).lower())
+  if key is None:
+    raise validation.InvalidArgument(
+        "attack", f"one of {', '.join(ATTACKS)} (or their labels "
+        f"{', '.join(LABELS.values())})", name)
+  return key
 
 
 def check_name(name: str) -> None:
   if name not in REGISTRY:
-    raise ValueError(f"attack must be one of {ATTACKS}, got {name!r}")
+    raise validation.InvalidArgument("attack", f"one of {', '.join(ATTACKS)}", name)
 
 
 def default_settings(name: str, eps: float) -> dict[str, Any]:

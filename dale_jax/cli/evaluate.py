@@ -23,6 +23,16 @@ shape, ``adversarial.npz`` with ``--save_adversarial``) and the progress kept pe
 attack and batch, so that a killed dale-eval rerun with the same flags continues
 where it stopped: :mod:`dale_jax.evaluate`, the library this command calls.
 
+Several processes or hosts (as dale-train's ``config.parallel``): ``--auto`` reads
+them from the cluster, e.g. one ``srun`` task per host or GPU::
+
+  srun --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 \\
+      dale-eval --workdir=runs/x --version=standard --auto
+
+or ``--coordinator_address=host:port --num_processes=N --process_id=I`` on each
+process. Every process feeds its rows of each batch; process 0 prints the table and
+writes the files, which are those of one process on as many devices.
+
 A model trained in PyTorch: ``--torch_checkpoint`` (a ``state_dict`` saved by
 ``torch.save``, or a checkpoint dict holding one under ``state_dict``,
 ``model_state_dict`` or ``model``) in the parameter names of ``--arch``
@@ -55,6 +65,7 @@ from dale_jax import data
 from dale_jax import evaluate
 from dale_jax import host_memory
 from dale_jax import models
+from dale_jax import parallel
 from dale_jax import rundir
 from dale_jax import threat
 from dale_jax import validation
@@ -82,7 +93,8 @@ _OUTPUT_DIR = flags.DEFINE_string(
 _ATTACKS = flags.DEFINE_list(
     "attacks", ["clean", "pgd20"],
     "Attacks to run, in order: with --version=custom any of "
-    f"{', '.join(attacks.ATTACKS)}; otherwise clean, fgsm, pgd20, run before the chain.")
+    f"{', '.join(attacks.ATTACKS)} (or their labels: APGD-CE, PGD-20, ...); otherwise "
+    "clean, fgsm, pgd20, run before the chain.")
 _VERSION = flags.DEFINE_enum(
     "version", "standard", ["standard", "plus", "rand", "custom"],
     "AutoAttack's chain by name (as AutoAttack(version=...)), or custom: --attacks only.")
@@ -104,14 +116,27 @@ _INDIVIDUAL = flags.DEFINE_boolean(
     "individual", False, "Run every ensemble attack on all points and report each alone.")
 _SAVE_ADVERSARIAL = flags.DEFINE_boolean(
     "save_adversarial", False, f"Also write the adversarial examples to <workdir>/{rundir.ADVERSARIAL}.")
+# Several processes or hosts: the fields of dale-train's config.parallel section.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0, with --num_processes > 1 "
+    "(config.parallel.coordinator_address).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1, "Processes evaluating together, each with its own rows of every "
+    "batch; process 0 writes the report (config.parallel.num_processes).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", 0, "This process's id, 0 to --num_processes - 1 (config.parallel.process_id).")
+_AUTO = flags.DEFINE_boolean(
+    "auto", False, "Read the coordinator, the process count and this process's id from the "
+    "cluster's environment (an srun task, a Cloud TPU pod, Open MPI) instead "
+    "(config.parallel.auto).")
 
 
 def _check_flags() -> tuple[tuple[str, ...], str | None]:
   """The attack flags, checked: ``(names, version)``."""
-  names = tuple(_ATTACKS.value)
-  for name in names:
-    if name not in attacks.ATTACKS:
-      raise app.UsageError(f"--attacks: unknown attack {name!r}; known: {attacks.ATTACKS}")
+  try:
+    names = tuple(attacks.canonical(name) for name in _ATTACKS.value)
+  except validation.InvalidArgument as e:
+    raise app.UsageError(f"--attacks: {e}") from None
   version = None if _VERSION.value == "custom" else _VERSION.value
   if version is not None:
     chain = [n for n in names if n not in ("clean", "fgsm", "pgd20")]
@@ -127,6 +152,8 @@ def _check_flags() -> tuple[tuple[str, ...], str | None]:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
   if _EPS.value is not None:
     validation.nonnegative("--eps", _EPS.value)
+  parallel.check_distributed(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                             _PROCESS_ID.value, _AUTO.value, prefix="--")
   return names, version
 
 
@@ -182,6 +209,8 @@ def main(argv):
   names, version = _check_flags()
   _check_source()
   host_memory.keep_freed_memory()
+  parallel.initialize_distributed(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value, auto=_AUTO.value, prefix="--")
   if _TORCH_CHECKPOINT.value is not None:
     model = evaluate.from_torch_checkpoint(_TORCH_CHECKPOINT.value, _ARCH.value, _NORMALIZE.value)
   else:
@@ -194,7 +223,8 @@ def main(argv):
       square_queries=_SQUARE_QUERIES.value, individual=_INDIVIDUAL.value,
       save_adversarial=_SAVE_ADVERSARIAL.value,
       log=lambda line: print(f"dale-eval: {line}", file=sys.stderr, flush=True))
-  print(evaluate.table(result))
+  if parallel.is_main_process():
+    print(evaluate.table(result))
 
 
 def run():
