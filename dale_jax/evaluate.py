@@ -20,6 +20,14 @@ attack that broke each point). Progress is kept per attack and batch in
 continues where it stopped with the numbers of an uninterrupted run; the folder
 is removed once the report is written.
 
+Several processes or hosts evaluate together under ``jax.distributed``
+(:func:`dale_jax.parallel.initialize_distributed`, which :func:`evaluate_run` calls
+with its ``parallel`` settings, the fields of a config's ``parallel`` section):
+every process runs the same call, feeds its own rows of every batch and gets the
+same report; process 0 alone writes the files and keeps the progress, so the
+output folder need only be on its host, and a resumed run may use another number
+of processes as long as the device count stays the same.
+
 Bad input (images of a shape the model does not take, labels it does not know, an
 empty split) raises :class:`dale_jax.validation.BadInput` before anything is
 compiled or written.
@@ -40,6 +48,7 @@ from dale_jax import checkpoint
 from dale_jax import configs
 from dale_jax import data
 from dale_jax import models
+from dale_jax import parallel as parallel_lib
 from dale_jax import points
 from dale_jax import rundir
 from dale_jax import validation
@@ -183,7 +192,11 @@ def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("
       (:func:`dale_jax.attacks.budget_settings`).
     individual: every chain attack on every correctly classified point.
     save_adversarial: also write ``adversarial.npz``.
-    log: called with a line per attack and batch.
+    log: called with a line per attack and batch (on process 0 only).
+
+  Under ``jax.distributed`` (initialised before ``model`` is built) every process
+  calls this with the same arguments and returns the same report; process 0
+  writes the files.
   """
   x, y, dataset, split = select_points(model, dataset=dataset, split=split, data_dir=data_dir,
                                        n_examples=n_examples)
@@ -191,36 +204,49 @@ def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("
   running = tuple(attacks) + (attacks_lib.version(version, norm, eps)[0] if version else ())
   settings = attacks_lib.budget_settings(running, apgd_steps=apgd_steps,
                                                   square_queries=square_queries)
-  os.makedirs(output_dir, exist_ok=True)
+  main = parallel_lib.is_main_process()
+  if main:
+    os.makedirs(output_dir, exist_ok=True)
   progress_dir = rundir.path(output_dir, rundir.ROBUSTNESS_PROGRESS)
   result = attacks_lib.evaluate_robustness(
       model.logits_fn, x, y, attacks=tuple(attacks), norm=norm, eps=eps, batch_size=batch_size,
       seed=seed, settings=settings, version=version, individual=individual,
-      progress_dir=progress_dir, keep_adversarial=save_adversarial, log=log)
+      progress_dir=progress_dir, keep_adversarial=save_adversarial, log=log if main else None)
   result.update(model.report, dataset=dataset, split=split)
+  result["robustbench"] = attacks_lib.robustbench_model_info(
+      result, dataset=dataset, architecture=model.report["model"], name=model.name)
   if save_adversarial:
     x_adv, broken_by = result.pop("x_adv"), result.pop("broken_by")
+  if not main:
+    return result
+  if save_adversarial:
     file = rundir.path(output_dir, rundir.ADVERSARIAL)
     with open(file + ".tmp", "wb") as f:
       np.savez_compressed(f, x_adv=x_adv, y=np.asarray(y), indices=np.arange(len(y)),
                           broken_by=broken_by)
     os.replace(file + ".tmp", file)
-  result["robustbench"] = attacks_lib.robustbench_model_info(
-      result, dataset=dataset, architecture=model.report["model"], name=model.name)
   rundir.write_json(rundir.path(output_dir, rundir.MODEL_INFO), result["robustbench"], indent=2)
   rundir.write_json(rundir.path(output_dir, rundir.ROBUSTNESS), result, indent=2)
   shutil.rmtree(progress_dir, ignore_errors=True)
   return result
 
 
-def evaluate_run(workdir: str, *, output_dir: str | None = None, **kwargs: Any) -> dict:
+def evaluate_run(workdir: str, *, output_dir: str | None = None,
+                 parallel: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
   """:func:`evaluate_model` on the run in ``workdir``, the report in ``workdir`` by default.
+
+  ``parallel``: :func:`dale_jax.parallel.initialize_distributed`'s arguments
+  (``coordinator_address``, ``num_processes``, ``process_id``, ``auto``: a config's
+  ``parallel`` section), to evaluate with several processes; default one.
 
   Raises:
     dale_jax.checkpoint.MissingCheckpointError: ``workdir`` holds no checkpoint.
   """
   if not rundir.has_config(workdir):
     raise validation.BadInput(f"--workdir: {workdir} holds no config.json of a dale-train run")
+  if parallel:
+    parallel_lib.check_distributed(**parallel)
+    parallel_lib.initialize_distributed(**parallel)
   return evaluate_model(from_run(workdir), output_dir=output_dir or workdir, **kwargs)
 
 

@@ -1,8 +1,9 @@
 """Robustness of a model on a data set: FGSM, PGD-20 and the AutoAttack chain, with warnings.
 
 :func:`evaluate_robustness` is the host driver behind ``dale-eval``: it shards batches
-over the ``data`` mesh axis, runs the reference attacks on every correctly classified
-point and the chain attacks on the points still robust, and flags the patterns of
+over the ``data`` mesh axis (across processes and hosts under ``jax.distributed``),
+runs the reference attacks on every correctly classified point and the chain attacks
+on the points still robust, and flags the patterns of
 gradient masking that AutoAttack's authors list (a weaker attack beating a stronger
 one, the black-box Square attack breaking points every white-box attack missed,
 probabilities passed as logits, all-zero input gradients). With a progress directory
@@ -129,12 +130,15 @@ def evaluate_robustness(
       gradient over ``eot_iter`` draws (``version="rand"``: 20); a point's
       draws then depend on its batch, unlike the attacks' own draws.
     mesh: a mesh with a ``"data"`` axis to shard batches over; by default
-      :func:`dale_jax.parallel.make_mesh` (all devices).
+      :func:`dale_jax.parallel.make_mesh` (all devices, of every process).
+      Under ``jax.distributed`` every process calls this function with the same
+      arguments, feeds its own rows of each batch and returns the same result.
     warning_margin: accuracy gap (points) that triggers an ordering warning.
     progress_dir: keep the finished batches of every attack here
       (:mod:`dale_jax.attacks.progress`); a rerun with the same model, data
       and settings loads them and attacks only the rest, ending with the same
-      numbers as an uninterrupted run.
+      numbers as an uninterrupted run. With several processes only process 0
+      reads and writes it and tells the others which batches are done.
     keep_adversarial: also return ``x_adv`` (the first adversarial example
       found for each point, ``x`` where none was) and ``broken_by`` (the name
       of the attack that broke each point, ``""`` for robust points and
@@ -194,8 +198,7 @@ def evaluate_robustness(
     raise ValueError("x holds no example")
   mesh = mesh or parallel.make_mesh()
   # Weights bound in a Partial are traced arguments: replicate them over the mesh.
-  fn = jax.device_put(fn, parallel.replicated(mesh))
-  sharding = parallel.batch_sharded(mesh)
+  fn = parallel.replicate(fn, mesh)
   batch_size = parallel.padded_batch_size(min(batch_size, n), mesh)
   seed_key = jax.random.key(seed)
   model_key = jax.random.fold_in(seed_key, 1 << 20)
@@ -206,15 +209,20 @@ def evaluate_robustness(
       return fn
     return _common.Randomized(fn, jax.random.fold_in(jax.random.fold_in(model_key, k), start))
 
+  several = jax.process_count() > 1
+
   def put(*arrays):
-    return tuple(jax.device_put(jnp.asarray(a), sharding) for a in arrays)
+    """The batch on the mesh; with several processes each places its own rows."""
+    rows = parallel.process_rows(len(arrays[0]))
+    return parallel.shard_batch(tuple(np.asarray(a)[rows] for a in arrays), mesh)
 
   for name in ("apgd-t", "fab-t"):
     if name in resolved:
       resolved[name]["n_target_classes"] = min(resolved[name]["n_target_classes"], n_classes - 1)
 
   progress = None
-  if progress_dir is not None:
+  # Only process 0 keeps the progress (it alone writes); the others follow its records.
+  if progress_dir is not None and parallel.is_main_process():
     description = dict(
         attacks=attacks, settings=resolved, eps=float(eps), norm=norm, seed=int(seed),
         batch_size=batch_size, devices=mesh.size, individual=bool(individual),
@@ -230,9 +238,10 @@ def evaluate_robustness(
   zero_grad = np.zeros(n, bool)
   probs_like = False
   for chunk, padded, _ in _batches(np.arange(n), batch_size, mesh):
-    c, z, p = _clean_batch(model_at(0, int(chunk[0])), *put(x[padded], y[padded]))
-    correct[chunk] = np.asarray(c)[:len(chunk)]
-    zero_grad[chunk] = np.asarray(z)[:len(chunk)]
+    c, z, p = parallel.to_host(
+        _clean_batch(model_at(0, int(chunk[0])), *put(x[padded], y[padded])))
+    correct[chunk] = c[:len(chunk)]
+    zero_grad[chunk] = z[:len(chunk)]
     probs_like |= bool(p)
 
   seconds: dict[str, float] = {}
@@ -257,16 +266,18 @@ def evaluate_robustness(
     seconds[name] = 0.0
     for b, (chunk, padded, mask) in enumerate(_batches(np.nonzero(active)[0], batch_size, mesh)):
       record = progress.load(k, name, b) if progress else None
-      if record is None or not np.array_equal(record.indices, chunk):
+      if record is not None and not np.array_equal(record.indices, chunk):
+        record = None
+      if several and progress_dir is not None:
+        record = _record_of_main(record, chunk, x)
+      if record is None:
         started = time.perf_counter()
-        adv, out = _attack_batch(model_at(k + 1, int(chunk[0])), *put(x[padded], y[padded]),
-                                 attack_key, *put(padded, mask), eps, name=name,
-                                 settings=frozen, norm=norm)
-        out = np.asarray(out)[:len(chunk)]
-        lost = ~out
+        adv, out = parallel.to_host(_attack_batch(
+            model_at(k + 1, int(chunk[0])), *put(x[padded], y[padded]), attack_key,
+            *put(padded, mask), eps, name=name, settings=frozen, norm=norm))
+        out = out[:len(chunk)]
         record = progress_lib.BatchRecord(
-            chunk, out, np.asarray(adv)[:len(chunk)][lost],
-            time.perf_counter() - started)
+            chunk, out, adv[:len(chunk)][~out], time.perf_counter() - started)
         if progress:
           progress.save(k, name, b, record)
       still[chunk] = record.still_correct
@@ -318,6 +329,27 @@ def evaluate_robustness(
     result["x_adv"] = x_adv
     result["broken_by"] = broken_by.astype(str)
   return result
+
+
+def _record_of_main(record: progress_lib.BatchRecord | None, chunk: np.ndarray,
+                    x: np.ndarray) -> progress_lib.BatchRecord | None:
+  """Process 0's stored record of a batch (``None``: none), on every process.
+
+  Only process 0 keeps progress, so that a resumed run does not depend on a file
+  system shared by the hosts; every process must attack the same batches (the
+  attack's all-reduces span them all) and learn the same points broken.
+  """
+  if not parallel.from_main(np.int32(record is not None)):
+    return None
+  n = len(chunk)
+  still = np.zeros(n, np.int32) if record is None else record.still_correct.astype(np.int32)
+  adv = np.zeros((n,) + x.shape[1:], x.dtype)
+  seconds = np.float32(0 if record is None else record.seconds)
+  if record is not None:
+    adv[~record.still_correct] = record.adv
+  still, adv, seconds = parallel.from_main((still, adv, seconds))
+  still = still.astype(bool)
+  return progress_lib.BatchRecord(chunk, still, adv[~still], float(seconds))
 
 
 _THREAT_MODELS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
