@@ -297,6 +297,7 @@ def report(trained):
       norm="linf", eps=EPS, batch_size=100, seed=0, settings=_SHORT)
 
 
+@pytest.mark.slow
 def test_report_fields_and_strength_order(report):
   acc = report["per_attack"]
   assert report["ensemble"] == "AutoAttack (standard)"
@@ -314,6 +315,7 @@ def test_report_fields_and_strength_order(report):
   assert report["attack_settings"]["fab-t"]["n_target_classes"] == 9
 
 
+@pytest.mark.slow
 def test_apgd_with_pgd20_budget_is_as_strong_and_batching_changes_nothing(trained, report):
   *_, logits_fn, x, y = trained
   kw = dict(attacks=("apgd-ce",), norm="linf", eps=EPS, settings={"apgd-ce": {"steps": 20}})
@@ -323,6 +325,7 @@ def test_apgd_with_pgd20_budget_is_as_strong_and_batching_changes_nothing(traine
   assert other_batches["per_attack"] == same_budget["per_attack"]
 
 
+@pytest.mark.slow
 def test_traceable_ensemble_matches_the_report(trained, report):
   *_, logits_fn, x, y = trained
   # Same keys as evaluate_robustness, without its host-side gathering of the
@@ -393,6 +396,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_device_equals_four_simulated_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
@@ -420,6 +424,7 @@ class _TorchMLP:
     return net.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_apgd_matches_torchattacks(trained):
   torchattacks = require("torchattacks")
@@ -518,6 +523,7 @@ def _norms(adv, x, norm):
   return {"linf": d.max(1), "l2": np.sqrt((d**2).sum(1)), "l1": d.sum(1)}[norm]
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0), ("l1", 8.0)])
 def test_fab_t_matches_torchattacks_and_stays_in_the_ball(trained, norm, eps):
@@ -552,6 +558,7 @@ def test_fab_t_matches_torchattacks_and_stays_in_the_ball(trained, norm, eps):
   assert np.mean(ours == theirs) >= 0.98
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("norm,eps,n", [("linf", 0.1, 200), ("l2", 1.0, 200)])
 def test_standard_autoattack_matches_torchattacks(trained, norm, eps, n):
