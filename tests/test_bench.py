@@ -49,6 +49,7 @@ def _digits_like(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   return x, rng.integers(0, 10, batch).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_mnist_cnn_equals_conv_and_reduce_window_formulation():
   x, y = _digits_like(4)
   key = jax.random.PRNGKey(0)
@@ -287,6 +288,7 @@ def test_parity_covers_every_algorithm():
   assert sorted(_PARITY) == sorted(algorithms.ALGORITHMS)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("algorithm", _PARITY)
 def test_torch_reference_step_equals_jax_step(algorithm):
@@ -315,6 +317,7 @@ def test_torch_reference_step_equals_jax_step(algorithm):
     np.testing.assert_allclose(r.torch_nu[-1], nu[-1], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("algorithm", ["ERM", "Gaussian_DALE_PD"])
 def test_torch_autocast_step_agrees_with_jax_bfloat16_step(algorithm):
@@ -352,6 +355,7 @@ def test_torch_autocast_step_agrees_with_jax_bfloat16_step(algorithm):
                                rtol=2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_torch_weights_round_trip_and_give_the_same_logits():
   torch = require("torch")

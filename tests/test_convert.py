@@ -464,6 +464,7 @@ def test_dale_eval_of_a_torch_checkpoint_on_npz_points(torch_net, tmp_path):
   assert "model.pt (preact_resnet18) on" in out.stdout and "| clean | 50.00 |" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_dale_eval_bad_input_is_one_line_and_exit_2(torch_net, tmp_path):
   torch = _torch_nets().torch

@@ -57,6 +57,7 @@ def _expected_cell(values) -> str:
   return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
+@pytest.mark.slow
 def test_digits_command_end_to_end_builds_the_table_from_the_records(tmp_path, capsys):
   require("matplotlib")
   digits = _load("digits")
