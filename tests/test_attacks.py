@@ -208,8 +208,8 @@ def test_attacks_stay_admissible_and_deterministic(trained, norm, eps):
   apgd_kw = dict(loss="ce") if norm == "linf" else dict(loss="dlr", targeted=True,
                                                           n_target_classes=3)
   runs = {
-      "apgd": lambda k: attacks.apgd(logits_fn, x, y, k, norm=norm, eps=eps, steps=20, **apgd_kw),
-      "square": lambda k: attacks.square(logits_fn, x, y, k, norm=norm, eps=eps, n_queries=200),
+      "apgd": lambda k: attacks.apgd(k, logits_fn, x, y, norm=norm, eps=eps, steps=20, **apgd_kw),
+      "square": lambda k: attacks.square(k, logits_fn, x, y, norm=norm, eps=eps, n_queries=200),
   }
   for name, run in runs.items():
     first = run(key)
@@ -220,7 +220,7 @@ def test_attacks_stay_admissible_and_deterministic(trained, norm, eps):
     np.testing.assert_array_equal(np.asarray(first)[wrong], x[wrong], err_msg=name)
   # One trace per shape: a new key or radius reuses the compiled program.
   compiled = autopgd._apgd_jit._cache_size()  # pylint: disable=protected-access
-  other = attacks.apgd(logits_fn, x, y, jax.random.key(8), norm=norm, eps=eps / 2, steps=20,
+  other = attacks.apgd(jax.random.key(8), logits_fn, x, y, norm=norm, eps=eps / 2, steps=20,
                        **apgd_kw)
   _assert_admissible(other, x, norm, eps / 2)
   assert autopgd._apgd_jit._cache_size() == compiled  # pylint: disable=protected-access
@@ -232,18 +232,18 @@ def test_apgd_l1_follows_the_reference_schedule_and_stays_admissible(trained):
   assert autopgd.large_reps_schedule(100) == [(3.0, 30), (2.0, 30), (1.0, 40)]
   assert autopgd.large_reps_schedule(10) == [(3.0, 3), (2.0, 3), (1.0, 4)]
   key = jax.random.key(3)
-  plain = attacks.apgd(logits_fn, x, y, key, norm="l1", eps=6.0, steps=20)
-  large = attacks.apgd(logits_fn, x, y, key, norm="l1", eps=6.0, steps=20, use_largereps=True)
+  plain = attacks.apgd(key, logits_fn, x, y, norm="l1", eps=6.0, steps=20)
+  large = attacks.apgd(key, logits_fn, x, y, norm="l1", eps=6.0, steps=20, use_largereps=True)
   for adv in (plain, large):
     _assert_admissible(adv, x, "l1", 6.0)
   np.testing.assert_array_equal(
-      large, attacks.apgd(logits_fn, x, y, key, norm="l1", eps=6.0, steps=20, use_largereps=True))
+      large, attacks.apgd(key, logits_fn, x, y, norm="l1", eps=6.0, steps=20, use_largereps=True))
   # An L1 budget of 6 breaks this MLP on about half of the points (the comparison with
   # the reference code is in docs/performance.md).
   broken = np.mean(np.asarray(logits_fn(large)).argmax(-1) != y)
   assert broken > 0.3
   with pytest.raises(ValueError, match="use_largereps"):
-    attacks.apgd(logits_fn, x, y, key, norm="linf", eps=0.1, use_largereps=True)
+    attacks.apgd(key, logits_fn, x, y, norm="linf", eps=0.1, use_largereps=True)
 
 
 def test_square_l2_pattern_matches_reference():
@@ -270,11 +270,11 @@ def test_bad_arguments_raise_before_compiling(trained):
   *_, logits_fn, x, y = trained
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="norm"):
-    attacks.apgd(logits_fn, x[:4], y[:4], key, norm="l0", eps=0.1)
+    attacks.apgd(key, logits_fn, x[:4], y[:4], norm="l0", eps=0.1)
   with pytest.raises(ValueError, match="loss"):
-    attacks.apgd(logits_fn, x[:4], y[:4], key, norm="linf", eps=0.1, loss="hinge")
+    attacks.apgd(key, logits_fn, x[:4], y[:4], norm="linf", eps=0.1, loss="hinge")
   with pytest.raises(ValueError, match="n_target_classes"):
-    attacks.apgd(logits_fn, x[:4], y[:4], key, norm="linf", eps=0.1, loss="dlr",
+    attacks.apgd(key, logits_fn, x[:4], y[:4], norm="linf", eps=0.1, loss="dlr",
                  targeted=True, n_target_classes=10)
   with pytest.raises(ValueError, match="attacks"):
     attacks.evaluate_robustness(logits_fn, x[:4], y[:4], attacks=("cw",), norm="linf", eps=0.1)
@@ -380,7 +380,7 @@ _SHARDED = textwrap.dedent("""
     shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     xs, ys = jax.device_put(x, shard), jax.device_put(y, shard)
     key = jax.random.key(5)
-    run = lambda a, b: attacks.apgd(fn, a, b, key, norm="l2", eps=0.5, steps=10, loss="dlr",
+    run = lambda a, b: attacks.apgd(key, fn, a, b, norm="l2", eps=0.5, steps=10, loss="dlr",
                                     targeted=True, n_target_classes=3)
     one, four = run(x, y), run(xs, ys)
     assert len(four.sharding.device_set) == 4
@@ -532,7 +532,7 @@ def test_fab_t_matches_torchattacks_and_stays_in_the_ball(trained, norm, eps):
   n = 200
   x, y = x[:n], y[:n]
   net, xt, yt = _torch_data(params, x, y)
-  adv = np.asarray(attacks.fab(logits_fn, x, y, jax.random.key(0), norm=norm, eps=eps,
+  adv = np.asarray(attacks.fab(jax.random.key(0), logits_fn, x, y, norm=norm, eps=eps,
                                targeted=True, n_target_classes=9))
   assert np.all(_norms(adv, x, norm) <= eps * (1 + 1e-6))
   assert adv.min() >= 0.0 and adv.max() <= 1.0

@@ -107,5 +107,5 @@ def test_randomized_checks_its_function():
     attacks.Randomized(3, jax.random.key(0))
   with pytest.raises(ValueError, match="eot_iter"):
     w, x, y = _linear_problem()
-    attacks.apgd(attacks.Randomized(_noisy_linear(w, 1.0), jax.random.key(0)), x, y,
-                 jax.random.key(0), norm="linf", eps=0.1, eot_iter=0)
+    attacks.apgd(jax.random.key(0), attacks.Randomized(_noisy_linear(w, 1.0), jax.random.key(0)), x,
+                 y, norm="linf", eps=0.1, eot_iter=0)

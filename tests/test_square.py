@@ -240,7 +240,7 @@ def test_square_l1_stays_admissible_and_leaves_inactive_points(trained):
   x, y = x[:32], y[:32]
   active = np.arange(32) % 4 != 3
   key = jax.random.key(5)
-  adv = attacks.square(logits_fn, x, y, key, norm="l1", eps=EPS, n_queries=100,
+  adv = attacks.square(key, logits_fn, x, y, norm="l1", eps=EPS, n_queries=100,
                        active=jnp.asarray(active))
   _assert_admissible_l1(adv, x, EPS)
   adv = np.asarray(adv)
@@ -249,7 +249,7 @@ def test_square_l1_stays_admissible_and_leaves_inactive_points(trained):
   wrong = np.asarray(logits_fn(x)).argmax(-1) != y
   np.testing.assert_array_equal(adv[wrong], x[wrong])
   np.testing.assert_array_equal(adv, attacks.square(
-      logits_fn, x, y, key, norm="l1", eps=EPS, n_queries=100, active=jnp.asarray(active)))
+      key, logits_fn, x, y, norm="l1", eps=EPS, n_queries=100, active=jnp.asarray(active)))
   broken = active & ~wrong & (np.asarray(logits_fn(adv)).argmax(-1) != y)
   assert broken.sum() >= 3  # the search does something in 100 queries
   # Broken points use the budget (the search proposes points on the sphere).
@@ -266,7 +266,7 @@ def test_square_l1_multichannel_stays_admissible():
   logits_fn = mlp_logits_fn(mlp_params(int(np.prod(shape))), scale=3.0)
   y = np.asarray(logits_fn(jnp.asarray(x))).argmax(-1).astype(np.int32)
   for eps in (0.5, 3.0):
-    adv = attacks.square(logits_fn, x, y, jax.random.key(1), norm="l1", eps=eps, n_queries=60,
+    adv = attacks.square(jax.random.key(1), logits_fn, x, y, norm="l1", eps=eps, n_queries=60,
                          restarts=2)
     _assert_admissible_l1(adv, x, eps)
 
@@ -275,7 +275,7 @@ def test_square_l1_arguments():
   x = jnp.zeros((2, 8, 8, 1))
   y = jnp.zeros((2,), jnp.int32)
   with pytest.raises(ValueError, match="10x10"):
-    attacks.square(lambda z: jnp.zeros((z.shape[0], 10)), x, y, jax.random.key(0),
+    attacks.square(jax.random.key(0), lambda z: jnp.zeros((z.shape[0], 10)), x, y,
                    norm="l1", eps=1.0)
   sizes = square_attack.square_sizes(5000, 0.8, 28, 28, 1, "l1", False)
   np.testing.assert_array_equal(sizes, square_attack.square_sizes(5000, 0.8, 28, 28, 1, "l2",

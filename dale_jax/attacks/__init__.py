@@ -3,11 +3,14 @@
 One module per concern:
 
 * ``pgd``, ``autopgd``, ``fab_attack``, ``square_attack``: the attack families. Each has a host
-  entry point ``attack(logits_fn, x, y, key, *, norm, eps, ...) -> x_adv`` whose loop
+  entry point ``attack(key, logits_fn, x, y, *, norm, eps, ...) -> x_adv``, in the
+  samplers' order of arguments (:mod:`dale_jax.samplers`), whose loop
   is one ``lax.scan``/``while_loop`` under ``jax.jit``, and a traceable batch
   function (``pgd_batch``, ``apgd_batch``, ``fab_batch``, ``square_batch``) that returns
   ``(x_adv, still_correct)`` for the active points of one batch.
-* ``registry``: every attack by name, with its batch function and default settings.
+* ``registry``: every attack by name and label, with its batch function and default
+  settings: the one table of attack defaults (AutoAttack's budgets :data:`APGD_STEPS`,
+  :data:`SQUARE_QUERIES`) that the configs, ``dale-eval`` and the results pages read.
 * ``chain``: AutoAttack's versions (``standard``, ``plus``, ``rand``) in AutoAttack's order and
   :func:`make_attack`, an attack
   with its settings bound for use inside a jitted evaluation step.

@@ -417,10 +417,10 @@ _apgd_jit = jax.jit(apgd_batch, static_argnames=(
 
 
 def apgd(
+    key: jax.Array,
     logits_fn,
     x: jax.Array,
     y: jax.Array,
-    key: jax.Array,
     *,
     norm: str,
     eps: float,

@@ -71,7 +71,7 @@ def version(name: str, norm: str, eps: float, n_classes: int = 10
   return names, settings, label
 
 
-def autoattack(logits_fn, x, y, key, *, norm, eps, version="standard", attacks=None,
+def autoattack(key, logits_fn, x, y, *, norm, eps, version="standard", attacks=None,
                settings=None, active=None) -> jax.Array:
   """The chain on one batch, jit-compiled; returns ``x_adv``.
 

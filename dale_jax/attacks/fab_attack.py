@@ -238,10 +238,10 @@ _fab_jit = jax.jit(fab_batch, static_argnames=(
 
 
 def fab(
+    key: jax.Array,
     logits_fn,
     x: jax.Array,
     y: jax.Array,
-    key: jax.Array,
     *,
     norm: str,
     eps: float,

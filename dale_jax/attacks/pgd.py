@@ -18,7 +18,7 @@ from dale_jax import threat
 from dale_jax.attacks import _common
 
 
-def pgd(logits_fn, x, y, key, *, norm, eps, steps=20, step_size=None, random_start=False,
+def pgd(key, logits_fn, x, y, *, norm, eps, steps=20, step_size=None, random_start=False,
         active=None):
   """PGD on the cross-entropy, ``steps`` steps of ``step_size`` (default ``2.5 eps / steps``).
 
@@ -43,9 +43,9 @@ def pgd(logits_fn, x, y, key, *, norm, eps, steps=20, step_size=None, random_sta
   return adv
 
 
-def fgsm(logits_fn, x, y, key, *, norm, eps, active=None):
+def fgsm(key, logits_fn, x, y, *, norm, eps, active=None):
   """One steepest-ascent step of size ``eps`` on the cross-entropy, from ``x``."""
-  return pgd(logits_fn, x, y, key, norm=norm, eps=eps, steps=1, step_size=eps, active=active)
+  return pgd(key, logits_fn, x, y, norm=norm, eps=eps, steps=1, step_size=eps, active=active)
 
 
 def pgd_batch(fn, x, y, key, active, eps, *, step_size, norm, steps, random_start):

@@ -378,10 +378,10 @@ _square_jit = jax.jit(square_batch, static_argnames=(
 
 
 def square(
+    key: jax.Array,
     logits_fn,
     x: jax.Array,
     y: jax.Array,
-    key: jax.Array,
     *,
     norm: str,
     eps: float,
