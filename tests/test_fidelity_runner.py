@@ -13,6 +13,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -248,3 +249,32 @@ def test_a_non_finite_meter_stops_training_and_is_flagged(runner):
   assert len(run["algorithm"].seen) == 5 and len(run["epochs"]) == 2
   assert run["epochs"][1]["meters"] == {"Loss": None}  # NaN is written as null, not hidden
   assert run["non_finite_weights"] == ["fc2.weight"]
+
+
+def test_start_from_dale_jax_takes_its_initial_weights_and_batch_order(runner):
+  torch = require("torch")
+  from dale_jax import data  # pylint: disable=import-outside-toplevel
+  from dale_jax.bench import torch_reference  # pylint: disable=import-outside-toplevel
+
+  config = runner.quickstart_config("PGD")
+  x, y = data.load("mnist_digits").train
+  x, y = x[:200], y[:200]
+  advbench = types.SimpleNamespace(
+      algorithms=types.SimpleNamespace(PGD=_recording_algorithm(torch, None)))
+  run = runner.train_advbench(advbench, "PGD", {"batch_size": 64, "learning_rate": 0.02},
+                              config, x, y, num_classes=10, seed=3, num_epochs=2,
+                              start="dale_jax")
+  model = run["algorithm"]
+  # The batches are dale-train's: the labels of data.batches for seed 3, epochs 0 and 1.
+  want = [by for e in range(2) for _, by in data.batches(x, y, 64, seed=3, epoch=e)]
+  assert [b.tolist() for b in model.seen] == [w.tolist() for w in want]
+  # The weights (untouched by the recording step) are dale-train's initial ones for seed 3,
+  # which differ from seed 4's.
+  params = runner.dale_initial_variables(config, 3)["params"]
+  expected = torch_reference.MnistCNN()
+  torch_reference.load_flax_variables(expected, {"params": params})
+  for name, tensor in expected.state_dict().items():
+    torch.testing.assert_close(model.classifier.state_dict()[name], tensor, rtol=0, atol=0)
+  other = runner.dale_initial_variables(config, 4)["params"]
+  assert not np.array_equal(np.asarray(other["fc2"]["kernel"]),
+                            np.asarray(params["fc2"]["kernel"]))

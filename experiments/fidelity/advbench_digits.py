@@ -78,6 +78,11 @@ flags.DEFINE_integer("max_train_examples", None, "Train on the first N training 
                      "(default: all 4,000).", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("num_epochs", None, "Epochs (default: the quickstart config's).",
                      lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("start", "advbench", ["advbench", "dale_jax"],
+                  "advbench: torch's initial weights and DataLoader order for the seed; "
+                  "dale_jax: the initial weights and batch order of dale-train's run with "
+                  "the same seed, so that only the attacks' and dropout's draws differ.",
+                  flag_values=FLAGS)
 _cli_flags.mark_required(["advbench", "algorithms"], FLAGS)
 
 
@@ -271,7 +276,8 @@ def _finite(value: float) -> float | None:
 
 
 def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x, y, *,
-                   num_classes: int, seed: int, num_epochs: int) -> dict[str, Any]:
+                   num_classes: int, seed: int, num_epochs: int,
+                   start: str = "advbench") -> dict[str, Any]:
   """Trains ``advbench.algorithms.<algorithm>`` on NHWC ``x`` and labels ``y``.
 
   As advbench's train.py: the algorithm in train mode, the learning rate of every
@@ -280,6 +286,11 @@ def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x,
   Unlike train.py (which always seeds 0 and keeps the last incomplete batch) the
   torch seed is ``seed`` and the last incomplete batch is dropped, as in dale_jax.
   Training stops at the first step whose meters are not finite.
+
+  ``start="dale_jax"`` replaces torch's initial weights by those of ``dale-train``'s
+  run of ``config`` with this seed and the DataLoader's order by dale_jax's batches
+  (:func:`dale_jax.data.batches`): the two implementations then differ only in the
+  draws of the attacks and of dropout.
 
   Returns:
     ``{"algorithm": the trained object, "epochs": [...], "seconds": training time,
@@ -297,6 +308,10 @@ def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x,
   dataset = TensorDataset(torch_reference.to_nchw(x), torch.from_numpy(y.astype("int64")))
   loader = DataLoader(dataset, batch_size=hparams["batch_size"], shuffle=True, drop_last=True,
                       generator=torch.Generator().manual_seed(seed))
+  if start == "dale_jax":
+    with torch.no_grad():
+      torch_reference.load_flax_variables(model.classifier, dale_initial_variables(config, seed))
+    loader = _DaleBatches(x, y, int(hparams["batch_size"]), seed)
   epochs, diverged_at = [], None
   start = time.perf_counter()
   for epoch in range(num_epochs):
@@ -305,6 +320,8 @@ def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x,
     for group in model.optimizer.param_groups:
       group["lr"] = lr
     model.train()
+    if isinstance(loader, _DaleBatches):
+      loader.epoch = epoch
     for step, (imgs, labels) in enumerate(loader):
       model.step(imgs, labels)
       bad = [k for k, m in model.meters.items() if not math.isfinite(m.val)]
@@ -324,6 +341,34 @@ def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x,
     diverged_at = {"epoch": len(epochs) - 1, "step": None, "non_finite": bad}
   return {"algorithm": model, "epochs": epochs, "seconds": seconds, "diverged_at": diverged_at,
           "non_finite_weights": bad}
+
+
+def dale_initial_variables(config, seed: int) -> dict:
+  """The initial ``{"params": ...}`` of ``dale-train``'s run of ``config`` with ``seed``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from dale_jax import experiment  # pylint: disable=import-outside-toplevel
+
+  config = config.copy_and_resolve_references()
+  config.seed = seed
+  built = experiment.build(config, num_classes=10)
+  state = experiment.init_state(built, jax.random.key(seed), (28, 28, 1))
+  return {"params": jax.device_get(state.params)}
+
+
+class _DaleBatches:
+  """dale_jax's batches of one epoch (set ``epoch`` first) as NCHW torch tensors."""
+
+  def __init__(self, x, y, batch_size: int, seed: int):
+    self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 0
+
+  def __iter__(self):
+    import torch  # pylint: disable=import-outside-toplevel
+    from dale_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from dale_jax.bench import torch_reference  # pylint: disable=import-outside-toplevel
+
+    for bx, by in data_lib.batches(self.x, self.y, self.batch_size, seed=self.seed,
+                                   epoch=self.epoch):
+      yield torch_reference.to_nchw(bx), torch.from_numpy(by.astype("int64"))
 
 
 # ----------------------------------------------------------------------------
@@ -377,9 +422,11 @@ def check_conversion(classifier, variables: dict, model, x, atol: float = _CHECK
 # Records.
 
 
-def run_setting(advbench: Advbench, config, train_examples: int, test_examples: int) -> dict:
+def run_setting(advbench: Advbench, config, train_examples: int, test_examples: int,
+                start: str = "advbench") -> dict:
   """What every line of one results file shares (all but algorithm, seed and hparams)."""
   return {
+      **({} if start == "advbench" else {"start": start}),
       "advbench_commit": advbench.commit,
       "dataset": config.dataset,
       "train_examples": train_examples,
@@ -475,11 +522,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     x_train = x_train[:first.data.max_train_examples]
     y_train = y_train[:first.data.max_train_examples]
   x_test, y_test = dataset.test
-  setting = run_setting(advbench, first, len(y_train), len(y_test))
+  setting = run_setting(advbench, first, len(y_train), len(y_test), args.start)
   path = os.path.join(args.output_dir, _RESULTS)
   try:
     for config in settings.values():
-      if run_setting(advbench, config, len(y_train), len(y_test)) != setting:
+      if run_setting(advbench, config, len(y_train), len(y_test), args.start) != setting:
         raise validation.InvalidArgument(
             "--algorithms", rest="need quickstart configs that differ only in the algorithm")
     done = finished_runs(path, setting)
@@ -500,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       config = settings[name]
       trained = train_advbench(advbench, name, hparams[name], config, x_train, y_train,
                                num_classes=dataset.num_classes, seed=seed,
-                               num_epochs=int(config.num_epochs))
+                               num_epochs=int(config.num_epochs), start=args.start)
       classifier = trained["algorithm"].classifier
       test, error = None, None
       if not trained["non_finite_weights"]:
