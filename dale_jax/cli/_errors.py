@@ -20,7 +20,6 @@ import sys
 import traceback
 from typing import Callable, Iterator, NoReturn
 
-from dale_jax import configs
 from dale_jax import validation
 
 USAGE_EXIT = 2
@@ -42,6 +41,10 @@ def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
+
+  # Here, not at the top: the configs start JAX, which dale-train and dale-eval need
+  # anyway and the research tools (which share this module) must not.
+  from dale_jax import configs  # pylint: disable=import-outside-toplevel
 
   def parse(argv):
     if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
