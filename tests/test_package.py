@@ -1,12 +1,12 @@
-"""The package's metadata: one version, the license and the citation file it ships with."""
+"""The package: one version, the license and citation it ships with, and what importing it costs."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import importlib.metadata
 import pathlib
 import re
+import subprocess
+import sys
 
 import dale_jax
 
