@@ -20,6 +20,10 @@ import sys
 import traceback
 from typing import Callable, Iterator, NoReturn
 
+from absl import app
+from absl import flags
+from absl import logging
+
 from dale_jax import validation
 
 USAGE_EXIT = 2
@@ -38,10 +42,6 @@ def fail(prog: str, message: object, *, show_traceback: bool = False,
 
 def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
   """``absl.app.run(main)`` with flag errors and :class:`validation.BadInput` as one line."""
-  from absl import app  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from absl import logging  # pylint: disable=import-outside-toplevel
-
   # Here, not at the top: the configs start JAX, which dale-train and dale-eval need
   # anyway and the research tools (which share this module) must not.
   from dale_jax import configs  # pylint: disable=import-outside-toplevel
@@ -73,9 +73,7 @@ def run_absl(prog: str, main: Callable[[list[str]], object]) -> None:
 
 def _print_help(prog: str, main: Callable) -> NoReturn:
   """The script's docstring and its own flags (those its module defines), exit 0."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  from dale_jax.cli import _flags  # pylint: disable=import-outside-toplevel
+  from dale_jax.cli import _flags  # pylint: disable=import-outside-toplevel  # _flags imports us
 
   module = sys.modules[main.__module__]
   own = flags.FLAGS.get_flags_for_module(module.__name__)

@@ -28,6 +28,7 @@ import sys
 
 from absl import flags
 
+from dale_jax import rundir
 from dale_jax.bench import ALGORITHMS
 from dale_jax.bench import runner
 from dale_jax.cli import _errors
@@ -101,7 +102,6 @@ def _settings(frameworks: list[str], devices: list[int]) -> list[tuple[list[str]
 
 
 def _autoattack(args, log) -> list[dict]:
-  from dale_jax import rundir  # pylint: disable=import-outside-toplevel
   from dale_jax.bench import autoattack  # pylint: disable=import-outside-toplevel
 
   if not args.workdir or not rundir.has_config(args.workdir):
