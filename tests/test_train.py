@@ -246,6 +246,56 @@ def test_update_that_overflows_with_a_finite_loss_keeps_the_previous_checkpoint(
     assert [json.loads(line)["Epoch"] for line in f] == [0]
 
 
+def _advbench_draw(seed, name, sample):
+  """advbench's ``_hparam``: ``random_val_fn(RandomState(misc.seed_hash(seed, name)))``."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  h = int(hashlib.md5(str((seed, name)).encode("utf-8")).hexdigest(), 16) % (2**31)
+  return sample(np.random.RandomState(h))
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_a_search_seed_draws_what_advbenchs_hparams_registry_draws(dataset):
+  # advbench's hparams_registry.py (bd2071d), transcribed: name -> random_val_fn.
+  mnist = dataset == "mnist"
+  u = lambda lo, hi: (lambda r: r.uniform(lo, hi))
+  want = {
+      ("PGD", "batch_size"): ("batch_size", lambda r: int(2 ** r.uniform(3, 8))),
+      ("PGD", "optimizer.learning_rate"): ("learning_rate", lambda r: 10 ** r.uniform(-4.5, -2.5)),
+      ("PGD", "optimizer.momentum"): ("sgd_momentum", u(0.8, 0.95)),
+      ("PGD", "optimizer.weight_decay"): ("weight_decay", lambda r: 10 ** r.uniform(-6, -3)),
+      ("PGD", "sampler.step_size"): ("pgd_step_size", u(0.05, 0.2) if mnist else lambda r: 0.007),
+      ("TRADES", "sampler.steps"): ("trades_n_steps", lambda r: 7 if mnist else 15),
+      ("TRADES", "sampler.step_size"): ("trades_step_size", u(0.01, 0.1)),
+      ("TRADES", "loss.beta"): ("trades_beta", u(0.1, 10.0)),
+      ("MART", "loss.beta"): ("mart_beta", u(0.1, 10.0)),
+      ("Gaussian_DALE_PD", "sampler.noise_scale"): (
+          "g_dale_noise_coeff", (lambda r: 10 ** r.uniform(-6.0, -2.0)) if mnist else lambda r: 0),
+      ("DALE", "sampler.noise_scale"): (
+          "l_dale_noise_coeff", (lambda r: 10 ** r.uniform(-6.0, -2.0)) if mnist else lambda r: 1e-2),
+      ("CVaR_SGD_PD", "loss.t_step_size"): ("cvar_sgd_t_step_size", lambda r: 0.001),
+      ("CVaR_SGD", "loss.beta"): ("cvar_sgd_beta", lambda r: 0.1),
+      ("CVaR_SGD_Autograd", "draws"): ("cvar_sgd_M", lambda r: 10),
+      ("CVaR_SGD", "loss.n_steps"): ("cvar_sgd_n_steps", lambda r: 10),
+      ("TERM", "loss.t"): ("term_t", lambda r: 1.0),
+      ("RandSmoothing", "sampler.sigma"): ("rand_smoothing_sigma", lambda r: 0.12),
+      ("RandSmoothing", "sampler.steps"): ("rand_smoothing_n_steps", lambda r: 10 if mnist else 7),
+      ("RandSmoothing", "sampler.step_size"): ("rand_smoothing_step_size", u(0.01, 0.1)),
+      ("RandSmoothing", "sampler.num_samples"): ("rand_smoothing_n_samples", lambda r: 1),
+  }
+  for seed in (1, 3):
+    for (algorithm, field), (name, sample) in want.items():
+      config = configs.base_config(dataset, algorithm)
+      config.hparams_seed = seed
+      resolved = experiment.resolve(config)
+      section, _, key = field.rpartition(".")
+      got = (resolved[section] if section else resolved)[key]
+      assert got == pytest.approx(_advbench_draw(seed, name, sample), rel=1e-12), (
+          algorithm, field, seed)
+  # Seed 0 keeps the defaults.
+  config = configs.base_config(dataset, "TRADES")
+  assert experiment.resolve(config).to_dict() == config.to_dict()
+
+
 def test_learning_rate_schedule_uses_advbench_absolute_factors():
   c = configs.base_config("mnist", "ERM")
   sched = experiment.learning_rate_schedule(c, steps_per_epoch=10)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import ml_collections
 import numpy as np
@@ -263,35 +263,86 @@ def seed_hash(*args: Any) -> int:
   return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
 
 
+class _Searched(NamedTuple):
+  """One hyperparameter of advbench's random search (``hparams_registry.py``)."""
+  name: str  # advbench's name, which seeds its draw
+  field: str  # the config field it sets
+  sample: Callable[[np.random.RandomState], float]
+  applies: Callable[[ml_collections.ConfigDict], bool] = lambda config: True
+
+
+def _sampler_is(*names: str, family: str | None = None):
+  return lambda c: (c.sampler.get("name") in names
+                    and (family is None or FAMILY[c.dataset] == family))
+
+
+def _algorithm_is(*names: str):
+  return lambda c: c.algorithm in names
+
+
+_CVAR_ALGORITHMS = ("CVaR_SGD", "CVaR_SGD_Autograd", "CVaR_SGD_PD")
+
+# advbench's search space (hparams_registry.py at bd2071d: each hyperparameter's
+# ``random_val_fn``, under advbench's name, which seeds its draw), each with the configs
+# it applies to. Some of advbench's "random" values are constants that differ from the
+# defaults (CVaR's, TERM's, RandSmoothing's, TRADES' steps on CIFAR): they are here too,
+# so that a search seed gives what advbench gives.
+SEARCH_SPACE = (
+    _Searched("batch_size", "batch_size", lambda r: int(2 ** r.uniform(3, 8))),
+    _Searched("learning_rate", "optimizer.learning_rate",
+              lambda r: float(10 ** r.uniform(-4.5, -2.5))),
+    _Searched("sgd_momentum", "optimizer.momentum", lambda r: float(r.uniform(0.8, 0.95))),
+    _Searched("weight_decay", "optimizer.weight_decay", lambda r: float(10 ** r.uniform(-6, -3))),
+    _Searched("pgd_step_size", "sampler.step_size", lambda r: float(r.uniform(0.05, 0.2)),
+              _sampler_is("pgd", family="mnist")),
+    _Searched("trades_n_steps", "sampler.steps", lambda r: 15,
+              _sampler_is("trades_kl", family="cifar")),
+    _Searched("trades_step_size", "sampler.step_size", lambda r: float(r.uniform(0.01, 0.1)),
+              _sampler_is("trades_kl")),
+    _Searched("trades_beta", "loss.beta", lambda r: float(r.uniform(0.1, 10.0)),
+              _algorithm_is("TRADES")),
+    _Searched("mart_beta", "loss.beta", lambda r: float(r.uniform(0.1, 10.0)),
+              _algorithm_is("MART")),
+    _Searched("g_dale_noise_coeff", "sampler.noise_scale",
+              lambda r: float(10 ** r.uniform(-6.0, -2.0)),
+              _sampler_is("langevin_gaussian", family="mnist")),
+    _Searched("l_dale_noise_coeff", "sampler.noise_scale",
+              lambda r: float(10 ** r.uniform(-6.0, -2.0)),
+              _sampler_is("langevin_laplacian", family="mnist")),
+    _Searched("cvar_sgd_t_step_size", "loss.t_step_size", lambda r: 0.001,
+              _algorithm_is(*_CVAR_ALGORITHMS)),
+    _Searched("cvar_sgd_beta", "loss.beta", lambda r: 0.1, _algorithm_is(*_CVAR_ALGORITHMS)),
+    _Searched("cvar_sgd_M", "draws", lambda r: 10, _algorithm_is(*_CVAR_ALGORITHMS)),
+    _Searched("cvar_sgd_n_steps", "loss.n_steps", lambda r: 10,
+              _algorithm_is(*_CVAR_ALGORITHMS)),
+    _Searched("term_t", "loss.t", lambda r: 1.0, _algorithm_is("TERM")),
+    _Searched("rand_smoothing_sigma", "sampler.sigma", lambda r: 0.12, _sampler_is("smooth_adv")),
+    _Searched("rand_smoothing_n_steps", "sampler.steps", lambda r: 10,
+              _sampler_is("smooth_adv", family="mnist")),
+    _Searched("rand_smoothing_n_steps", "sampler.steps", lambda r: 7,
+              _sampler_is("smooth_adv", family="cifar")),
+    _Searched("rand_smoothing_step_size", "sampler.step_size",
+              lambda r: float(r.uniform(0.01, 0.1)), _sampler_is("smooth_adv")),
+    _Searched("rand_smoothing_n_samples", "sampler.num_samples", lambda r: 1,
+              _sampler_is("smooth_adv")),
+)
+
+
 def apply_random_hparams(config: ml_collections.ConfigDict) -> None:
   """Overwrites the searched hyperparameters in place when ``config.hparams_seed != 0``.
 
-  Each hyperparameter draws from its own ``RandomState(seed_hash(hparams_seed,
-  name))``, so adding one does not shift the others. Seed 0 keeps the defaults.
+  Each hyperparameter of :data:`SEARCH_SPACE` that applies to ``config`` draws from
+  its own ``RandomState(seed_hash(hparams_seed, name))``, so adding one does not shift
+  the others. Seed 0 keeps the defaults.
   """
   seed = config.hparams_seed
   if seed == 0:
     return
-
-  def draw(name, sample):
-    return sample(np.random.RandomState(seed_hash(seed, name)))
-
-  config.batch_size = int(2 ** draw("batch_size", lambda r: r.uniform(3, 8)))
-  config.optimizer.learning_rate = float(10 ** draw("learning_rate", lambda r: r.uniform(-4.5, -2.5)))
-  config.optimizer.momentum = float(draw("sgd_momentum", lambda r: r.uniform(0.8, 0.95)))
-  config.optimizer.weight_decay = float(10 ** draw("weight_decay", lambda r: r.uniform(-6, -3)))
-  family = FAMILY[config.dataset]
-  name = config.sampler.get("name")
-  if name == "pgd" and family == "mnist":
-    config.sampler.step_size = float(draw("pgd_step_size", lambda r: r.uniform(0.05, 0.2)))
-  if name == "trades_kl":
-    config.sampler.step_size = float(draw("trades_step_size", lambda r: r.uniform(0.01, 0.1)))
-  if config.algorithm == "TRADES":
-    config.loss.beta = float(draw("trades_beta", lambda r: r.uniform(0.1, 10.0)))
-  if config.algorithm == "MART":
-    config.loss.beta = float(draw("mart_beta", lambda r: r.uniform(0.1, 10.0)))
-  if name in ("langevin_gaussian", "langevin_laplacian") and family == "mnist":
-    config.sampler.noise_scale = float(10 ** draw("dale_noise", lambda r: r.uniform(-6, -2)))
+  for searched in SEARCH_SPACE:
+    if searched.applies(config):
+      section, _, field = searched.field.rpartition(".")
+      target = config[section] if section else config
+      target[field] = searched.sample(np.random.RandomState(seed_hash(seed, searched.name)))
 
 
 # ----------------------------------------------------------------------------
