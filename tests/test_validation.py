@@ -169,6 +169,8 @@ _TRAIN = [f"--config={QUICKSTART}:Gaussian_DALE_PD"]
     ("train", "dale-train", ["--config=mnist:PGD",
                              "--config.data.data_dir=/nonexistent/tfds"],
      "is not prepared as ArrayRecord"),
+    ("train", "dale-train", [f"--config={QUICKSTART}:ERM", "--config.sampler.eps=0.1"],
+     "ERM has no sampler (config.sampler is empty), so --config.sampler.eps does not apply"),
     ("evaluate", "dale-eval", ["--attacks=clean,pgd99"], "--attacks: attack must be one of clean"),
     ("evaluate", "dale-eval", ["--attacks=clean,fab-t"], "use --version=custom"),
     ("sweep", "dale-sweep", ["--algorithms=PGD", "--datasets=quickstart", "--dry_run",

@@ -362,6 +362,13 @@ def unknown_field_message(error: LookupError | AttributeError, argv: Sequence[st
   name = name.strip("'\"")
   flag = next((a.split("=")[0] for a in argv if a.startswith("--") and name in a), None)
   where = f" ({flag})" if flag else ""
+  spec = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), "")
+  algorithm = spec.rpartition(":")[2] if ":" in spec else ""
+  if (flag or "").startswith("--config.sampler.") and algorithm in algorithms.ALGORITHMS \
+      and not algorithms.ALGORITHMS[algorithm].uses_sampler:
+    return (f"{algorithm} has no sampler (config.sampler is empty), so {flag} does not apply; "
+            "the algorithms with one: " + ", ".join(
+                n for n, a in algorithms.ALGORITHMS.items() if a.uses_sampler))
   return f"the config has no field {name!r}{where}" + (f"; {hint[0].lower()}{hint[1:]}" if hint else "")
 
 
