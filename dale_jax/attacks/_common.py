@@ -108,7 +108,8 @@ def example_keys(key: jax.Array, n: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n))
   if key.shape == (n,):
     return key
-  raise ValueError(f"key must be one key or one key per example ({n}), got shape {key.shape}")
+  raise validation.InvalidArgument(
+      "key", rest=f"must be one key or one key per example ({n}), got shape {key.shape}")
 
 
 def fold_keys(keys: jax.Array, data) -> jax.Array:
@@ -138,9 +139,11 @@ def check_inputs(x, y, norm: str, eps) -> None:
   """Raises before compiling when the inputs cannot describe an attack."""
   threat.check_threat(norm, eps)
   if getattr(x, "ndim", 0) < 2:
-    raise ValueError(f"x must have a batch axis, got shape {getattr(x, 'shape', None)}")
+    raise validation.InvalidArgument(
+        "x", rest=f"must have a batch axis, got shape {getattr(x, 'shape', None)}")
   if getattr(y, "shape", None) != (x.shape[0],):
-    raise ValueError(f"y must have shape ({x.shape[0]},), got {getattr(y, 'shape', None)}")
+    raise validation.InvalidArgument(
+        "y", rest=f"must have shape ({x.shape[0]},), got {getattr(y, 'shape', None)}")
 
 
 def check_positive_int(name: str, value) -> None:

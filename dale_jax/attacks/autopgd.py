@@ -61,6 +61,7 @@ import numpy as np
 import optax
 
 from dale_jax import threat
+from dale_jax import validation
 from dale_jax.attacks import _common
 
 LOSSES = ("ce", "dlr")
@@ -385,13 +386,12 @@ def apgd_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, loss, targe
   clean_logits = fn(x)
   n_classes = clean_logits.shape[-1]
   if loss == "dlr" and n_classes < (4 if targeted else 3):
-    raise ValueError(f"loss='dlr' needs at least {4 if targeted else 3} classes, got {n_classes}")
-  if use_largereps and norm != "l1":
-    raise ValueError(f"use_largereps is AutoAttack's L1 schedule; norm must be 'l1', got {norm!r}")
-  if targeted and n_target_classes > n_classes - 1:
-    raise ValueError(
-        f"n_target_classes must be at most n_classes - 1 = {n_classes - 1}, "
-        f"got {n_target_classes}")
+    raise validation.InvalidArgument(
+        "loss", rest=f"'dlr' needs at least {4 if targeted else 3} classes, got {n_classes}")
+  validation.require(not use_largereps or norm == "l1", "norm",
+                     "'l1' with use_largereps (AutoAttack's L1 schedule)", norm)
+  validation.require(not targeted or n_target_classes <= n_classes - 1, "n_target_classes",
+                     f"at most n_classes - 1 = {n_classes - 1}", n_target_classes)
   acc = _common.predicted_correct(clean_logits, y) & active
   if targeted:
     targets = target_classes(clean_logits, n_target_classes)
@@ -469,8 +469,7 @@ def apgd(
   _common.check_positive_int("steps", steps)
   _common.check_positive_int("restarts", restarts)
   _common.check_positive_int("eot_iter", eot_iter)
-  if loss not in LOSSES:
-    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+  validation.one_of("loss", loss, LOSSES)
   if targeted:
     _common.check_positive_int("n_target_classes", n_target_classes)
   x = jnp.asarray(x)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dale_jax import threat
+from dale_jax import validation
 from dale_jax.attacks import _common
 from dale_jax.attacks import registry
 
@@ -48,8 +49,7 @@ def version(name: str, norm: str, eps: float, n_classes: int = 10
   changes); target classes are capped at ``n_classes - 1``.
   """
   threat.check_threat(norm, eps)
-  if name not in VERSIONS:
-    raise ValueError(f"version must be one of {VERSIONS}, got {name!r}")
+  validation.one_of("version", name, VERSIONS)
   if name == "standard":
     names = AUTOATTACK_STANDARD
     changes = {"apgd-t": {"n_target_classes": 9}, "fab-t": {"n_target_classes": 9}}
@@ -122,8 +122,7 @@ def _chain(logits_fn, x, norm, eps, version_name, attacks, settings):
           **resolved.get(name, {}), **changes}}))
     return tuple(attacks), resolved
   for name in attacks:
-    if name not in ENSEMBLE + REFERENCE:
-      raise ValueError(f"attacks must be among {ENSEMBLE + REFERENCE}, got {name!r}")
+    validation.one_of("attacks", name, ENSEMBLE + REFERENCE)
   return tuple(attacks), registry.resolve_settings(attacks, eps, settings)
 
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from dale_jax import threat
+from dale_jax import validation
 from dale_jax.attacks import _common
 from dale_jax.attacks import autopgd
 
@@ -102,7 +103,7 @@ def project_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array, norm: str) 
     move = jnp.where(full, room, jnp.where(tie, share[:, None] * room, 0.0))
     move = jnp.where((total < c)[:, None], room, move)
   else:
-    raise ValueError(f"norm must be one of {threat.NORMS}, got {norm!r}")
+    raise validation.InvalidArgument("norm", f"one of {list(threat.NORMS)}", norm)
   return jnp.where(a > 0, direction * move, 0.0)
 
 
@@ -211,9 +212,8 @@ def fab_batch(fn, x, y, key, active, eps, *, norm, steps, restarts, targeted,
   keys = _common.example_keys(key, x.shape[0])
   clean_logits = fn(x)
   n_classes = clean_logits.shape[-1]
-  if targeted and n_target_classes > n_classes - 1:
-    raise ValueError(f"n_target_classes must be at most n_classes - 1 = {n_classes - 1}, "
-                     f"got {n_target_classes}")
+  validation.require(not targeted or n_target_classes <= n_classes - 1, "n_target_classes",
+                     f"at most n_classes - 1 = {n_classes - 1}", n_target_classes)
   acc = _common.predicted_correct(clean_logits, y) & active
   targets = autopgd.target_classes(clean_logits, n_target_classes) if targeted else None
   n_runs = (n_target_classes if targeted else 1) * restarts

@@ -104,13 +104,15 @@ def resolve_settings(names: Sequence[str], eps: float,
   overrides = dict(overrides or {})
   for name in overrides:
     if name not in REGISTRY:
-      raise ValueError(f"settings names an unknown attack {name!r}; known: {ATTACKS}")
+      raise validation.InvalidArgument(
+          "settings", rest=f"names an unknown attack {name!r}; known: {ATTACKS}")
   out = {}
   for name in names:
     s = default_settings(name, eps)
     for k, v in dict(overrides.get(name, {})).items():
       if k not in s:
-        raise ValueError(f"settings[{name!r}] has no field {k!r}; fields: {sorted(s)}")
+        raise validation.InvalidArgument(
+            f"settings[{name!r}]", rest=f"has no field {k!r}; fields: {sorted(s)}")
       s[k] = v
     out[name] = s
   return out

@@ -44,6 +44,7 @@ import optax
 
 from dale_jax import potentials
 from dale_jax import threat
+from dale_jax import validation
 from dale_jax.attacks import _common
 
 LOSSES = ("margin", "ce")
@@ -359,8 +360,7 @@ def single_run(fn, x, y, keys, active, eps, *, norm, n_queries, p_init, loss,
 def square_batch(fn, x, y, key, active, eps, *, norm, n_queries, p_init, restarts, loss,
                  rescale_schedule):
   """Traceable Square on one batch (the body of :func:`square`); returns ``(x_adv, still_correct)``."""
-  if norm not in NORMS:
-    raise ValueError(f"square's norm must be one of {NORMS}, got {norm!r}")
+  validation.one_of("norm", norm, NORMS)
   keys = _common.example_keys(key, x.shape[0])
   acc = _common.predicted_correct(fn(x), y) & active
 
@@ -418,16 +418,17 @@ def square(
   """
   _common.check_inputs(x, y, norm, eps)
   if x.ndim != 4:
-    raise ValueError(f"square needs NHWC images, got x of shape {x.shape}")
+    raise validation.InvalidArgument(
+        "x", rest=f"must be NHWC images for square, got shape {x.shape}")
   # The L2 and L1 start tiles the image with squares of side h // 5 (at least 2).
   if norm in ("l2", "l1") and min(x.shape[1:3]) < 10:
-    raise ValueError(f"square with norm={norm!r} needs images of at least 10x10, got {x.shape}")
+    raise validation.InvalidArgument(
+        "x", rest=f"must be images of at least 10x10 for square with norm={norm!r}, "
+        f"got shape {x.shape}")
   _common.check_positive_int("n_queries", n_queries)
   _common.check_positive_int("restarts", restarts)
-  if not 0.0 < p_init <= 1.0:
-    raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-  if loss not in LOSSES:
-    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+  validation.real("p_init", p_init, minimum=0, maximum=1, open_min=True)
+  validation.one_of("loss", loss, LOSSES)
   x = jnp.asarray(x)
   adv, _ = _square_jit(
       _common.as_pytree_fn(logits_fn), x, jnp.asarray(y), key,
