@@ -154,12 +154,17 @@ def _cvar(beta: float, t_step_size: float, n_steps: int, method: str, primal_dua
   ``constraint="clean"``, the clean CE."""
   validation.real("loss.beta", beta, minimum=0, maximum=1, open_min=True)  # divides the tail
   validation.nonnegative("loss.t_step_size", t_step_size)
-  validation.integer("loss.n_steps", n_steps, minimum=0)
+  # advbench's CVaR_SGD(_PD) back-propagate the bracket their t-loop computed last, at
+  # the t before the loop's last update (n_steps - 1 updates); CVaR_SGD_Autograd
+  # computes it after the loop, at the t of all n_steps updates.
+  subgradient = method == "subgradient"
+  validation.integer("loss.n_steps", n_steps, minimum=1 if subgradient else 0)
+  updates = n_steps - 1 if subgradient else n_steps
   validation.one_of("loss.constraint", constraint, ("draws", "clean"))
 
   def loss(clean, adv, y, nu):
     per_draw = jax.vmap(potentials.cross_entropy, (0, None))(adv, y)
-    t = losses.optimize_cvar_t(per_draw, beta, t_step_size, n_steps, method=method)
+    t = losses.optimize_cvar_t(per_draw, beta, t_step_size, updates, method=method)
     cvar = losses.cvar(per_draw, t, beta)
     meters = {"Loss": cvar, "CVaR loss": cvar}
     if not primal_dual:
@@ -322,7 +327,8 @@ def make_algorithm(
   try:
     loss_fn = spec.loss(**dict(loss or {}))
   except TypeError as e:
-    raise ValueError(f"loss section does not fit algorithm {name!r}: {e}") from None
+    raise validation.InvalidArgument(
+        "loss", rest=f"section does not fit algorithm {name!r}: {e}") from None
   pset = perturbations.make_perturbation(perturbation)
   sample = samplers.make_sampler(sampler or {}, pset) if spec.uses_sampler else None
   dual_tx = None
@@ -335,7 +341,8 @@ def make_algorithm(
     try:
       dual_tx = dual_lib.dual_ascent(every=every, **dual)
     except TypeError as e:
-      raise ValueError(f"dual section does not fit algorithm {name!r}: {e}") from None
+      raise validation.InvalidArgument(
+          "dual", rest=f"section does not fit algorithm {name!r}: {e}") from None
   validation.integer("draws", draws, minimum=1)
   needs_clean = spec.needs_clean
   if callable(needs_clean):

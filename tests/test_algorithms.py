@@ -49,12 +49,17 @@ def _mart(clean, adv, y, beta):
   return boosted + beta * np.mean(kl * (1.0000001 - nat[np.arange(len(y)), y]))
 
 
-def _cvar(per_draw, beta, step, n_steps):
-  """advbench's CVaR: t from 1.0 by n_steps subgradient steps, then the R-U bracket."""
+def _cvar(per_draw, beta, step, n_steps, autograd=False):
+  """advbench's CVaR, t from 1.0 (per-example steps): CVaR_SGD(_PD) back-propagate the
+  R-U bracket computed in the last pass of their n_steps loop, before its t update;
+  CVaR_SGD_Autograd computes it after the loop."""
+  bracket = lambda t: np.mean(t + np.mean(np.maximum(per_draw - t, 0.0), axis=0) / beta)
   t = np.ones(per_draw.shape[1])
+  loss = None
   for _ in range(n_steps):
+    loss = bracket(t)
     t = t - step * (1.0 - np.mean(per_draw > t, axis=0) / beta)
-  return np.mean(t + np.mean(np.maximum(per_draw - t, 0.0), axis=0) / beta)
+  return bracket(t) if autograd else loss
 
 
 def _reference(name, loss_cfg, clean, adv, y, nu):
@@ -83,7 +88,8 @@ def _reference(name, loss_cfg, clean, adv, y, nu):
     return np.log(np.mean(np.exp(t * _ce(clean, y))) + 1e-6) / t, None
   if name.startswith("CVaR"):
     per_draw = np.stack([_ce(d, y) for d in adv])
-    cvar = _cvar(per_draw, loss_cfg["beta"], loss_cfg["t_step_size"], loss_cfg["n_steps"])
+    cvar = _cvar(per_draw, loss_cfg["beta"], loss_cfg["t_step_size"], loss_cfg["n_steps"],
+                 autograd=name == "CVaR_SGD_Autograd")
     if name == "CVaR_SGD_PD":
       # advbench constrains the mean CE over the draws (plain_loss / M); or the clean CE.
       ce = ce_clean if loss_cfg.get("constraint", "draws") == "clean" else per_draw.mean()
@@ -205,8 +211,10 @@ def test_erm_data_aug_averages_the_perturbed_draws():
 
 
 def test_cvar_autograd_and_subgradient_agree():
-  _, sub = _build("CVaR_SGD")
+  # With one more pass, CVaR_SGD's loss is taken at the t of all of Autograd's updates.
   _, auto = _build("CVaR_SGD_Autograd")
+  config, _ = _build("CVaR_SGD")
+  _, sub = _build("CVaR_SGD", loss=dict(n_steps=config.loss.n_steps + 1))
   _, adv, y, _ = _inputs(sub, seed=3)
   np.testing.assert_allclose(float(sub.loss(None, adv, y, None)[0]),
                              float(auto.loss(None, adv, y, None)[0]), rtol=1e-6)
@@ -239,6 +247,8 @@ def test_unknown_algorithm_lists_the_valid_names():
     ("CVaR_SGD_Autograd", dict(loss=dict(beta=0.5, t_step_size=1.0, n_steps=2.5)),
      "loss.n_steps"),
     ("CVaR_SGD", dict(loss=dict(beta=0.5, t_step_size=1.0, n_steps=-1)), "loss.n_steps"),
+    # advbench's loop computes the loss it back-propagates: no pass, no loss.
+    ("CVaR_SGD_PD", dict(loss=dict(beta=0.5, t_step_size=1.0, n_steps=0)), "loss.n_steps"),
 ])
 def test_bad_sections_raise_naming_the_field(name, kwargs, field):
   config = configs.base_config("mnist_digits", name)

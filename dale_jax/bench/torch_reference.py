@@ -1,4 +1,11 @@
-"""The dale_jax training step written in plain PyTorch, eager, the way advbench writes it.
+"""The dale_jax training step written in plain PyTorch, eager, the way advbench writes it,
+and the PyTorch networks of dale_jax's architectures.
+
+The networks (:func:`make_model`, :data:`ARCHS`) are those of the published code, with
+its ``state_dict`` keys: advbench's MNIST network, kuangliu/pytorch-cifar's ResNet-18,
+Wong et al.'s and RobustBench's PreAct ResNet-18, TRADES', MART's and RobustBench's
+WideResNets; :func:`load_state_dict` loads a checkpoint into one, and
+:mod:`dale_jax.bench.autoattack` times torchattacks on them.
 
 This is the baseline that :mod:`dale_jax.bench.runner` times against the JAX step, and
 the independent implementation that ``tests/test_bench.py`` checks the JAX step against.
@@ -32,10 +39,10 @@ that both sides compute the same function:
   step), and the TRADES loss puts clean logits in its CE term (``loss.ce_on``);
 * ERM_DataAug averages the CE of its ``M`` perturbed draws (advbench averages the
   clean CE ``M`` times);
-* CVaR draws its ``M`` perturbations once and takes its ``n_steps`` t-steps per
-  example on their losses, then the loss at the last ``t`` (advbench redraws at every
-  t-step, divides the t-step by the batch size, and CVaR_SGD(_PD) backpropagates the
-  loss taken before its last t-step);
+* CVaR draws its ``M`` perturbations once and takes its t-steps per example on their
+  losses (advbench redraws at every t-step and divides the t-step by the batch size);
+  as advbench, CVaR_SGD(_PD) take the loss at the t before the last of their
+  ``n_steps`` updates, CVaR_SGD_Autograd after all of them;
 * one train-mode forward of the clean batch and one of all the perturbed draws
   together (advbench forwards each loss term on its own; only BatchNorm's
   statistics can tell the difference);
@@ -60,6 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions.laplace import Laplace
 
+from dale_jax import validation
 from dale_jax.models.torch_weights import conv_to_flax as _conv_to_flax
 from dale_jax.models.torch_weights import conv_to_torch as _conv_to_torch
 from dale_jax.models.torch_weights import dense_to_torch as _linear_to_torch
@@ -113,21 +121,29 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """CIFAR ResNet (kuangliu/pytorch-cifar, advbench's CIFAR-10/SVHN model); logits."""
+  """CIFAR ResNet (kuangliu/pytorch-cifar, advbench's CIFAR-10/SVHN model); logits.
+
+  Stages are the attributes ``layer1`` ... ``layer4``, so that the ``state_dict`` has
+  kuangliu's and RobustBench's keys (:mod:`dale_jax.models.torch_weights`).
+  """
 
   def __init__(self, num_classes: int = 10, stage_sizes=(2, 2, 2, 2), width: int = 64):
     super().__init__()
     self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(width)
-    layers, in_planes = [], width
+    in_planes = width
     for i, blocks in enumerate(stage_sizes):
       planes, stage = width * 2**i, []
       for j in range(blocks):
         stage.append(BasicBlock(in_planes, planes, 2 if i > 0 and j == 0 else 1))
         in_planes = planes
-      layers.append(nn.Sequential(*stage))
-    self.layers = nn.ModuleList(layers)
+      setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+    self.num_stages = len(stage_sizes)
     self.linear = nn.Linear(in_planes, num_classes)
+
+  @property
+  def layers(self) -> list[nn.Sequential]:
+    return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     out = F.relu(self.bn1(self.conv1(x)))
@@ -135,6 +151,125 @@ class ResNet(nn.Module):
       out = layer(out)
     out = F.adaptive_avg_pool2d(out, 1).flatten(1)
     return self.linear(out)
+
+
+class PreActBlock(nn.Module):
+  """Wong et al.'s and RobustBench's ``PreActBlock``: the shortcut is a 1x1 conv of
+  ``relu(bn1(x))`` (no BatchNorm) when the shape changes, ``x`` otherwise."""
+
+  def __init__(self, in_planes: int, planes: int, stride: int):
+    super().__init__()
+    self.bn1 = nn.BatchNorm2d(in_planes)
+    self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    if stride != 1 or in_planes != planes:
+      self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = F.relu(self.bn1(x))
+    shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+    out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+    return out + shortcut
+
+
+class PreActResNet(nn.Module):
+  """Wong et al.'s and RobustBench's ``PreActResNet18`` (BN-ReLU ``bn`` after the last
+  stage, as :class:`dale_jax.models.PreActResNet` with ``final_norm=True``); logits."""
+
+  def __init__(self, num_classes: int = 10, stage_sizes=(2, 2, 2, 2), width: int = 64):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+    in_planes = width
+    for i, blocks in enumerate(stage_sizes):
+      planes, stage = width * 2**i, []
+      for j in range(blocks):
+        stage.append(PreActBlock(in_planes, planes, 2 if i > 0 and j == 0 else 1))
+        in_planes = planes
+      setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+    self.num_stages = len(stage_sizes)
+    self.bn = nn.BatchNorm2d(in_planes)
+    self.linear = nn.Linear(in_planes, num_classes)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = self.conv1(x)
+    for i in range(self.num_stages):
+      out = getattr(self, f"layer{i + 1}")(out)
+    out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1)
+    return self.linear(out)
+
+
+class WideBasicBlock(nn.Module):
+  """TRADES' and MART's ``wideresnet.BasicBlock`` (no dropout)."""
+
+  def __init__(self, in_planes: int, out_planes: int, stride: int):
+    super().__init__()
+    self.bn1 = nn.BatchNorm2d(in_planes)
+    self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(out_planes)
+    self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+    self.equal_in_out = in_planes == out_planes
+    self.convShortcut = None if self.equal_in_out else nn.Conv2d(  # pylint: disable=invalid-name
+        in_planes, out_planes, 1, stride, 0, bias=False)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    a = F.relu(self.bn1(x))
+    out = self.conv2(F.relu(self.bn2(self.conv1(a))))
+    return out + (x if self.equal_in_out else self.convShortcut(a))
+
+
+class NetworkBlock(nn.Module):
+  """TRADES' group of ``nb_layers`` wide blocks, under the name ``layer``."""
+
+  def __init__(self, nb_layers: int, in_planes: int, out_planes: int, stride: int):
+    super().__init__()
+    self.layer = nn.Sequential(*[
+        WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+        for i in range(nb_layers)])
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.layer(x)
+
+
+class WideResNet(nn.Module):
+  """TRADES', MART's and RobustBench's ``WideResNet``; logits.
+
+  ``sub_block1=True`` also builds TRADES' and MART's ``sub_block1``, a group that no
+  forward calls but their checkpoints hold (RobustBench builds it only when asked).
+  """
+
+  def __init__(self, num_classes: int = 10, depth: int = 34, widen_factor: int = 10,
+               sub_block1: bool = False):
+    super().__init__()
+    channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+    n = (depth - 4) // 6
+    self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
+    self.block1 = NetworkBlock(n, channels[0], channels[1], 1)
+    if sub_block1:
+      self.sub_block1 = NetworkBlock(n, channels[0], channels[1], 1)
+    self.block2 = NetworkBlock(n, channels[1], channels[2], 2)
+    self.block3 = NetworkBlock(n, channels[2], channels[3], 2)
+    self.bn1 = nn.BatchNorm2d(channels[3])
+    self.fc = nn.Linear(channels[3], num_classes)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = self.block3(self.block2(self.block1(self.conv1(x))))
+    out = F.adaptive_avg_pool2d(F.relu(self.bn1(out)), 1).flatten(1)
+    return self.fc(out)
+
+
+class Normalized(nn.Module):
+  """RobustBench's input normalisation: ``module((x - mean) / std)`` per channel, the
+  PyTorch side of :func:`dale_jax.models.normalized`."""
+
+  def __init__(self, module: nn.Module, mean, std):
+    super().__init__()
+    self.module = module
+    self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+    self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.module((x - self.mean) / self.std)
 
 
 class Autocast(nn.Module):
@@ -156,13 +291,57 @@ class Autocast(nn.Module):
     return out.float()
 
 
+# The PyTorch class of each architecture of dale_jax.models.torch_weights, with the
+# keyword arguments that make it the architecture.
+ARCHS = {
+    "mnist_cnn": (MnistCNN, {}),
+    "resnet18": (ResNet, {}),
+    "preact_resnet18": (PreActResNet, {}),
+    "wrn28_10": (WideResNet, dict(depth=28)),
+    "wrn34_10": (WideResNet, dict(depth=34)),
+}
+
+
 def make_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
-  """``mnist_cnn`` or ``resnet18`` (``kwargs`` as in the Flax models, e.g. ``width=8``)."""
-  if name == "mnist_cnn":
-    return MnistCNN(num_classes, **kwargs)
-  if name == "resnet18":
-    return ResNet(num_classes, **kwargs)
-  raise ValueError(f"model must be 'mnist_cnn' or 'resnet18', got {name!r}")
+  """The PyTorch network ``name`` (a key of :data:`ARCHS`, the names of
+  :data:`dale_jax.models.MODELS`); ``kwargs`` as in the Flax models (``width=8``,
+  ``stage_sizes``, ``depth``, ``widen_factor``), ``sub_block1`` for a WideResNet.
+
+  Its ``state_dict`` keys are those :mod:`dale_jax.models.torch_weights` reads and
+  writes. ``mnist_cnn`` returns ``log_softmax`` (advbench's network does), the others
+  logits.
+  """
+  if name not in ARCHS:
+    raise ValueError(f"model must be one of {', '.join(ARCHS)}, got {name!r}")
+  cls, fixed = ARCHS[name]
+  return cls(num_classes, **{**fixed, **kwargs})
+
+
+@torch.no_grad()
+def load_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int,
+                    normalize: tuple | None = None) -> nn.Module:
+  """The eval-mode PyTorch network ``name`` holding ``state_dict``, loaded strictly.
+
+  Args:
+    name: a key of :data:`ARCHS`.
+    state_dict: a PyTorch ``state_dict`` in the names of
+      :mod:`dale_jax.models.torch_weights`; the wrapper prefixes (``module.``,
+      ``_orig_mod.``) are stripped, and a WideResNet is built with ``sub_block1`` when
+      the ``state_dict`` holds TRADES' unused block.
+    num_classes: logits.
+    normalize: ``(mean, std)`` per channel, applied inside the network
+      (:class:`Normalized`), or ``None``.
+  """
+  from dale_jax.models import torch_weights  # pylint: disable=import-outside-toplevel
+  tensors = torch_weights.strip_prefixes(state_dict)
+  kwargs = {}
+  if ARCHS.get(name, (None,))[0] is WideResNet:
+    kwargs["sub_block1"] = any(k.startswith("sub_block1.") for k in tensors)
+  net = make_model(name, num_classes, **kwargs)
+  net.load_state_dict(tensors, strict=True)
+  if normalize is not None:
+    net = Normalized(net, *normalize)
+  return net.eval()
 
 
 # ----------------------------------------------------------------------------
@@ -369,9 +548,9 @@ def lmc_laplacian_linf(model, x, y, noise, *, eps, step_size, steps, noise_scale
   The noise is relative to the gradient of the batch *mean*, as advbench computes it
   (dale_jax ascends the sum and scales ``c`` by ``mean_over`` instead).
   """
-  if mean_over is not None and mean_over != x.shape[0]:
-    raise ValueError(f"the torch reference averages over its batch of {x.shape[0]} as advbench "
-                     f"does; sampler.mean_over={mean_over} asks for another scale")
+  validation.require(mean_over is None or mean_over == x.shape[0], "sampler.mean_over",
+                     f"None or the batch size {x.shape[0]} (the torch reference averages over "
+                     "its batch as advbench does)", mean_over)
   adv = _project(x + init_std * noise("start", x.shape), x, eps)
   for i in range(steps):
     grad = _input_grad(lambda z: log_one_minus_p(model(z), y).mean(), adv)
@@ -494,23 +673,25 @@ def make_sampler(config: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
   """
   config = dict(config)
   name = config.pop("name", None)
-  if config.pop("norm", "linf") != "linf":
-    raise ValueError("the torch reference implements norm='linf' only")
-  if name not in _SAMPLERS:
-    raise ValueError(f"the torch reference implements samplers {sorted(_SAMPLERS)}, got {name!r}")
+  norm = config.pop("norm", "linf")
+  validation.require(norm == "linf", "sampler.norm",
+                     "'linf' (the only norm the torch reference implements)", norm)
+  validation.require(name in _SAMPLERS, "sampler.name",
+                     f"one of {sorted(_SAMPLERS)} (those the torch reference implements)", name)
   fn, required, fields = _SAMPLERS[name]
   unknown = sorted(set(config) - set(fields) - set(required))
   if unknown:
-    raise ValueError(f"the torch reference does not implement sampler.{unknown[0]}")
+    raise validation.InvalidArgument(f"sampler.{unknown[0]}",
+                                     rest="is not implemented by the torch reference")
   # A field the section leaves out has dale_jax's default.
   from dale_jax import samplers  # pylint: disable=import-outside-toplevel
   parameters = inspect.signature(samplers.SAMPLERS[name]).parameters.values()
   defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
   config = {**{f: defaults[f] for f in (*fields, *required) if f in defaults}, **config}
   for field, value in required.items():
-    if config[field] != value:
-      raise ValueError(f"the torch reference implements sampler.{field}={value!r} for {name!r}, "
-                       f"got {config[field]!r}")
+    validation.require(config[field] == value, f"sampler.{field}",
+                       f"{value!r} for {name!r} (all the torch reference implements)",
+                       config[field])
   kwargs = {f: config[f] for f in fields if f in config}
 
   def sample(model, x, y, noise):
@@ -586,7 +767,9 @@ def _cvar(method, primal_dual=False):
     # t per example from 1, ``n_steps`` (sub)gradient steps on the M draws' losses
     # (advbench redraws them at every t-step and divides the step by the batch size).
     ts = torch.ones_like(curr[0])
-    for _ in range(cfg["n_steps"]):
+    # CVaR_SGD(_PD) take the loss inside the loop, before the last update; Autograd after.
+    updates = cfg["n_steps"] - 1 if method == "subgradient" else cfg["n_steps"]
+    for _ in range(updates):
       if method == "subgradient":
         indicator_avg = sum(torch.where(c.detach() > ts, 1.0, 0.0) for c in curr) / float(m)
         grad_ts = 1 - (1 / beta) * indicator_avg
@@ -661,9 +844,8 @@ class TrainStep:
 
   def __init__(self, model: nn.Module, config, steps_per_epoch: int = 1):
     algorithm = config.algorithm
-    if algorithm not in _LOSSES:
-      raise ValueError(f"algorithm must be one of {ALGORITHMS} for the torch reference, "
-                       f"got {algorithm!r}")
+    validation.require(algorithm in _LOSSES, "algorithm",
+                       f"one of {ALGORITHMS} for the torch reference", algorithm)
     self.model = model
     self.algorithm = algorithm
     o = config.optimizer
@@ -679,9 +861,9 @@ class TrainStep:
       section["mean_over"] = config.batch_size
     self.sampler = make_sampler(section) if section else None
     self.draws = int(config.draws) if section else 0
-    if self.draws > 1 and section["name"] != "uniform":
-      raise ValueError("the torch reference draws several perturbations per example with the "
-                       f"uniform sampler only, got draws={self.draws} of {section['name']!r}")
+    validation.require(self.draws <= 1 or section["name"] == "uniform", "draws",
+                       f"1 with sampler {section['name']!r} (the torch reference draws several "
+                       "perturbations per example with the uniform sampler only)", self.draws)
     dual = config.dual.to_dict()
     device = next(model.parameters()).device
     self.nu = torch.tensor(float(dual.get("init_value", 1.0)), device=device) if dual else None
