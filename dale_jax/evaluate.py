@@ -52,6 +52,7 @@ from dale_jax import parallel as parallel_lib
 from dale_jax import points
 from dale_jax import rundir
 from dale_jax import validation
+from dale_jax.attacks import robustness
 
 
 class Model(NamedTuple):
@@ -169,12 +170,41 @@ def threat_model(model: Model, dataset: str, eps: float | None = None,
   return float(configs.FAMILIES[configs.FAMILY[dataset]]["eval"]["eps"]), "linf"
 
 
+def spatial_threat(evaluation: Mapping[str, Any] | None,
+                   perturbation: Mapping[str, Any] | None = None,
+                   grid_points: int | Sequence[int] | None = None,
+                   worst_of_k: int | None = None) -> tuple[dict, Any, int]:
+  """``(perturbation, grid_points, worst_of_k)`` of the spatial attacks: each argument
+  (``perturbation``'s fields override), else ``evaluation``, a run's ``eval`` section
+  (``eval.perturbation``, ``eval.grid_points``, ``eval.worst_of_k``), else the
+  defaults of :func:`dale_jax.attacks.robustness.check_spatial` (SE(2), 30 degrees,
+  3 pixels), 5 points per axis and 10 draws.
+
+  A run's ``eval.grid_points`` written per axis of another set (``(5, 5, 5)`` of
+  SE(2) when ``perturbation`` names a rotation) is taken when its counts are equal.
+  """
+  settings = dict(evaluation["perturbation"]) if evaluation is not None else {}
+  settings.update(perturbation or {})
+  if grid_points is None:
+    grid_points = evaluation["grid_points"] if evaluation is not None else 5
+    if not validation.is_integer(grid_points):
+      grid_points = tuple(grid_points)
+      if len(set(grid_points)) == 1:
+        grid_points = grid_points[0]
+  if worst_of_k is None:
+    worst_of_k = int(evaluation["worst_of_k"]) if evaluation is not None else 10
+  return settings, grid_points, worst_of_k
+
+
 def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("clean", "pgd20"),
                    version: str | None = None, dataset: str | None = None, split: str = "test",
                    data_dir: str | None = None, n_examples: int = 0, batch_size: int = 256,
                    eps: float | None = None, norm: str | None = None, seed: int = 0,
                    apgd_steps: int | None = None, square_queries: int | None = None,
                    individual: bool = False, save_adversarial: bool = False,
+                   spatial: Sequence[str] = (), perturbation: Mapping[str, Any] | None = None,
+                   grid_points: int | Sequence[int] | None = None,
+                   worst_of_k: int | None = None, grid_chunk: int = 0,
                    log: Callable[[str], None] | None = None) -> dict:
   """Attacks ``model`` and writes the report into ``output_dir``; returns the report.
 
@@ -192,6 +222,13 @@ def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("
       (:func:`dale_jax.attacks.budget_settings`).
     individual: every chain attack on every correctly classified point.
     save_adversarial: also write ``adversarial.npz``.
+    spatial: spatial attacks to run after the Lp ones (``"grid"``,
+      ``"worst_of_k"``: :func:`dale_jax.attacks.robustness.evaluate_spatial`),
+      reported under the report's ``spatial`` key.
+    perturbation, grid_points, worst_of_k: their threat model
+      (:func:`spatial_threat`).
+    grid_chunk: grid points per forward pass (0: as many as fit
+      :data:`dale_jax.attacks.robustness.SPATIAL_ROWS` images per device).
     log: called with a line per attack and batch (on process 0 only).
 
   Under ``jax.distributed`` (initialised before ``model`` is built) every process
@@ -204,6 +241,11 @@ def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("
   running = tuple(attacks) + (attacks_lib.version(version, norm, eps)[0] if version else ())
   settings = attacks_lib.budget_settings(running, apgd_steps=apgd_steps,
                                                   square_queries=square_queries)
+  if spatial:
+    spatial_settings, grid_points, worst_of_k = spatial_threat(
+        model.config.eval if model.config is not None else None, perturbation, grid_points,
+        worst_of_k)
+    robustness.check_spatial(spatial_settings, spatial, grid_points, worst_of_k, grid_chunk)
   main = parallel_lib.is_main_process()
   if main:
     os.makedirs(output_dir, exist_ok=True)
@@ -212,6 +254,11 @@ def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("
       model.logits_fn, x, y, attacks=tuple(attacks), norm=norm, eps=eps, batch_size=batch_size,
       seed=seed, settings=settings, version=version, individual=individual,
       progress_dir=progress_dir, keep_adversarial=save_adversarial, log=log if main else None)
+  if spatial:
+    result["spatial"] = robustness.evaluate_spatial(
+        model.logits_fn, x, y, perturbation=spatial_settings, searches=tuple(spatial),
+        grid_points=grid_points, worst_of_k=worst_of_k, batch_size=batch_size,
+        grid_chunk=grid_chunk, seed=seed, progress_dir=progress_dir, log=log if main else None)
   result.update(model.report, dataset=dataset, split=split)
   result["robustbench"] = attacks_lib.robustbench_model_info(
       result, dataset=dataset, architecture=model.report["model"], name=model.name)
@@ -266,6 +313,26 @@ def table(result: Mapping[str, Any]) -> str:
     rows.append(f"| {label} | {result['ensemble_accuracy']:.2f} | ensemble |")
   rows.append(f"| robust (no attack succeeded) | {result['robust_accuracy']:.2f} | all |")
   lines = [title, "", *rows]
+  if result.get("spatial"):
+    lines += ["", *_spatial_rows(result["spatial"])]
   for w in result["warnings"]:
     lines.append(f"WARNING: {w}")
   return "\n".join(lines)
+
+
+def _spatial_rows(spatial: Mapping[str, Any]) -> list[str]:
+  """The spatial attacks' lines of :func:`table`."""
+  p = spatial["perturbation"]
+  parts = {"rotation": [f"angle {p['angle']:g} deg"],
+           "translation": [f"shift ({p['shift'][0]:g}, {p['shift'][1]:g}) px"],
+           "se2": [f"angle {p['angle']:g} deg", f"shift ({p['shift'][0]:g}, {p['shift'][1]:g}) px"]}
+  described = ", ".join(parts[p["name"]] + [f"{p['padding']} padding"]
+                        + ([f"then Linf {p['linf_eps']:g}"] if p.get("linf_eps") else []))
+  rows = [f"Spatial attacks, {p['name']}: {described}, either way", "",
+          "| spatial attack | accuracy (%) | candidates per point |", "|---|---|---|"]
+  for name, acc in spatial["per_attack"].items():
+    count = spatial["candidates"][name]
+    what = (f"{count} grid points ({' x '.join(str(c) for c in spatial['grid_points'])})"
+            if name == "grid" else f"{count} uniform draws")
+    rows.append(f"| {name} | {acc:.2f} | {what} |")
+  return rows

@@ -112,17 +112,11 @@ def _searched(prefix: str, candidates: Callable[[Array, Array], Array],
               pset: perturbations.PerturbationSet) -> Evaluator:
   """An example counts as robust when the model is right on *every* candidate
   perturbation; the loss is the highest CE over them. ``candidates(key, x)`` returns
-  the candidate deltas stacked on a leading axis; they are tried one at a time."""
+  the candidate deltas stacked on a leading axis; they are tried one at a time
+  (:func:`dale_jax.perturbations.search`)."""
 
   def evaluate(key, logits_fn, x, y, mask):
-    def one(carry, delta):
-      right, worst = carry
-      logits = logits_fn(pset.apply(x, delta))
-      return (right & (jnp.argmax(logits, -1) == y),
-              jnp.maximum(worst, potentials.cross_entropy(logits, y))), None
-
-    init = (jnp.ones(y.shape, bool), jnp.full(y.shape, -jnp.inf, jnp.float32))
-    (right, worst), _ = jax.lax.scan(one, init, candidates(key, x))
+    right, worst = perturbations.search(logits_fn, pset, x, y, candidates(key, x))
     return {f"{prefix}-Accuracy": jnp.sum(right & mask),
             f"{prefix}-Loss": jnp.sum(jnp.where(mask, worst, 0.0))}
 

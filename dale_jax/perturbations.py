@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dale_jax import threat
 from dale_jax import validation
@@ -276,6 +277,50 @@ def with_linf(base: PerturbationSet, eps: float) -> PerturbationSet:
 
 
 # ----------------------------------------------------------------------------
+# The worst case over candidate perturbations (the grid and worst-of-k attacks).
+
+
+def search(logits_fn: Callable, pset: PerturbationSet, x: Array, y: Array,
+           candidates: Any, chunk: int = 1) -> tuple[Array, Array]:
+  """Whether the model is right on every candidate perturbation, and the highest CE.
+
+  ``candidates`` holds ``K`` deltas per example, stacked on a leading axis (leaves
+  ``(K, batch, ...)``). They are tried ``chunk`` at a time, each group in one
+  forward pass of ``chunk * batch`` inputs (the examples stay the major axis, so a
+  batch sharded over devices stays sharded); the last group repeats the last
+  candidate, which changes neither result.
+
+  Returns:
+    ``(right, worst)``: ``right[i] = all_j [argmax logits(apply(x, delta_j))_i == y_i]``
+    and ``worst[i] = max_j CE_i(apply(x, delta_j))``, each ``(batch,)``.
+  """
+  k = jax.tree.leaves(candidates)[0].shape[0]
+  chunk = max(1, min(int(chunk), k))
+  groups = -(-k // chunk)
+  pad = groups * chunk - k
+  b = y.shape[0]
+
+  def grouped(c):
+    if pad:
+      c = jnp.concatenate([c, jnp.repeat(c[-1:], pad, axis=0)])
+    return c.reshape((groups, chunk) + c.shape[1:])
+
+  def one(carry, group):
+    right, worst = carry
+    flat = jax.tree.map(lambda d: jnp.swapaxes(d, 0, 1).reshape((b * chunk,) + d.shape[2:]),
+                        group)
+    logits = logits_fn(pset.apply(jnp.repeat(x, chunk, axis=0) if chunk > 1 else x, flat))
+    labels = jnp.repeat(y, chunk) if chunk > 1 else y
+    hit = (jnp.argmax(logits, -1) == labels).reshape(b, chunk)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).reshape(b, chunk)
+    return (right & jnp.all(hit, axis=1), jnp.maximum(worst, jnp.max(ce, axis=1))), None
+
+  init = (jnp.ones(y.shape, bool), jnp.full(y.shape, -jnp.inf, jnp.float32))
+  (right, worst), _ = jax.lax.scan(one, init, jax.tree.map(grouped, candidates))
+  return right, worst
+
+
+# ----------------------------------------------------------------------------
 # From a config section.
 
 
@@ -313,4 +358,4 @@ def make_perturbation(config: Mapping[str, Any] | None) -> PerturbationSet | Non
 
 
 __all__ = ["PerturbationSet", "lp_ball", "rotation", "translation", "se2", "with_linf", "warp",
-           "make_perturbation", "grid_counts", "PADDINGS", "NAMES"]
+           "make_perturbation", "grid_counts", "search", "PADDINGS", "NAMES"]

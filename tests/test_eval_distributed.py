@@ -25,9 +25,12 @@ from dale_jax import rundir
 from dale_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Five batches per attack, padded (36 = 4 * 8 + 4), AutoAttack's APGD-T after APGD-CE.
+# Two batches per attack (of the 13 points classified right), AutoAttack's APGD-T after
+# APGD-CE, and the spatial attacks.
 _ARGS = ("--version=custom", "--attacks=clean,fgsm,pgd20,apgd-ce,apgd-t", "--n_examples=36",
-         "--batch_size=8", "--eps=0.1", "--apgd_steps=3", "--save_adversarial")
+         "--batch_size=8", "--eps=0.1", "--apgd_steps=3", "--save_adversarial",
+         "--spatial=grid,worst_of_k", "--perturbation=rotation", "--grid_points=3",
+         "--worst_of_k=3")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def _report(output_dir):
     info = json.load(f)
   with np.load(os.path.join(output_dir, rundir.ADVERSARIAL)) as z:
     adversarial = {k: z[k] for k in z.files}
-  del report["attack_seconds"]  # wall time
+  del report["attack_seconds"], report["spatial"]["attack_seconds"]  # wall time
   return report, info, adversarial
 
 
@@ -99,6 +102,7 @@ def test_two_processes_write_the_report_of_one(finished_run, tmp_path):
   assert report["n_examples"] == 36 and report["clean_accuracy"] > 30  # 13 points
   assert list(report["per_attack"]) == ["clean", "fgsm", "pgd20", "apgd-ce", "apgd-t"]
   assert len(set(adversarial["broken_by"]) - {"", "clean"}) >= 2, adversarial["broken_by"]
+  assert report["spatial"]["candidates"] == {"grid": 3, "worst_of_k": 3}
 
   outs = _finish(_two_processes(finished_run, tmp_path / "two"))
   _assert_same(one, _report(tmp_path / "two"))

@@ -25,6 +25,8 @@ import optax
 
 from dale_jax import data
 from dale_jax import parallel
+from dale_jax import perturbations
+from dale_jax import validation
 from dale_jax.attacks import _common
 from dale_jax.attacks import chain as chain_lib
 from dale_jax.attacks import progress as progress_lib
@@ -210,11 +212,7 @@ def evaluate_robustness(
     return _common.Randomized(fn, jax.random.fold_in(jax.random.fold_in(model_key, k), start))
 
   several = jax.process_count() > 1
-
-  def put(*arrays):
-    """The batch on the mesh; with several processes each places its own rows."""
-    rows = parallel.process_rows(len(arrays[0]))
-    return parallel.shard_batch(tuple(np.asarray(a)[rows] for a in arrays), mesh)
+  put = functools.partial(_put, mesh)
 
   for name in ("apgd-t", "fab-t"):
     if name in resolved:
@@ -269,7 +267,7 @@ def evaluate_robustness(
       if record is not None and not np.array_equal(record.indices, chunk):
         record = None
       if several and progress_dir is not None:
-        record = _record_of_main(record, chunk, x)
+        record = _record_of_main(record, chunk, x if keep_adversarial else None)
       if record is None:
         started = time.perf_counter()
         adv, out = parallel.to_host(_attack_batch(
@@ -332,24 +330,235 @@ def evaluate_robustness(
 
 
 def _record_of_main(record: progress_lib.BatchRecord | None, chunk: np.ndarray,
-                    x: np.ndarray) -> progress_lib.BatchRecord | None:
+                    x: np.ndarray | None) -> progress_lib.BatchRecord | None:
   """Process 0's stored record of a batch (``None``: none), on every process.
 
   Only process 0 keeps progress, so that a resumed run does not depend on a file
   system shared by the hosts; every process must attack the same batches (the
-  attack's all-reduces span them all) and learn the same points broken.
+  attack's all-reduces span them all) and learn the same points broken. The
+  adversarial examples come along when ``x`` (the images, for their shape) is given.
   """
   if not parallel.from_main(np.int32(record is not None)):
     return None
   n = len(chunk)
   still = np.zeros(n, np.int32) if record is None else record.still_correct.astype(np.int32)
-  adv = np.zeros((n,) + x.shape[1:], x.dtype)
   seconds = np.float32(0 if record is None else record.seconds)
+  if x is None:
+    still, seconds = parallel.from_main((still, seconds))
+    return progress_lib.BatchRecord(chunk, still.astype(bool), np.zeros((0,)), float(seconds))
+  adv = np.zeros((n,) + x.shape[1:], x.dtype)
   if record is not None:
     adv[~record.still_correct] = record.adv
   still, adv, seconds = parallel.from_main((still, adv, seconds))
   still = still.astype(bool)
   return progress_lib.BatchRecord(chunk, still, adv[~still], float(seconds))
+
+
+# The spatial attacks of dale-eval, as the training evaluators Grid and Worst-of-K.
+SPATIAL = ("grid", "worst_of_k")
+# Images per device in one forward pass that an automatic grid_chunk aims at.
+SPATIAL_ROWS = 1024
+
+
+@jax.jit
+def _predict_batch(fn, x, y):
+  return _common.predicted_correct(fn(x), y)
+
+
+@functools.partial(jax.jit, static_argnames=("pset", "search", "k", "chunk"))
+def _spatial_batch(fn, x, y, key, indices, grid, *, pset, search, k, chunk):
+  """Whether each example is classified right under every candidate of ``search``."""
+  if search == "grid":
+    candidates = jnp.broadcast_to(grid[:, None, :], (grid.shape[0],) + (x.shape[0],)
+                                  + grid.shape[1:])
+  else:  # k draws per example, from its index: independent of the batch and the layout
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
+
+    def draws(j):
+      def one(example_key, image):
+        delta = pset.uniform(jax.random.fold_in(example_key, j), image[None])
+        return jax.tree.map(lambda d: d[0], delta)
+      return jax.vmap(one)(keys, x)
+
+    candidates = jax.vmap(draws)(jnp.arange(k))
+  return perturbations.search(fn, pset, x, y, candidates, chunk)[0]
+
+
+def check_spatial(perturbation: Mapping[str, Any], searches: Sequence[str],
+                  grid_points: int | Sequence[int], worst_of_k: int, grid_chunk: int = 0):
+  """``(settings, pset)``: the spatial threat model of :func:`evaluate_spatial`,
+  checked without starting JAX's backend (so before ``jax.distributed`` starts);
+  ``settings`` is ``perturbation`` with the defaults of
+  :func:`dale_jax.perturbations.make_perturbation` filled in (``name``: ``se2``).
+
+  Raises:
+    dale_jax.validation.InvalidArgument: naming the field.
+  """
+  for name in searches:
+    validation.one_of("spatial", name, SPATIAL)
+  validation.require(len(set(searches)) == len(searches), "spatial", "names without repeats",
+                     tuple(searches))
+  validation.integer("grid_chunk", grid_chunk, minimum=0)
+  validation.integer("worst_of_k", worst_of_k, minimum=1)
+  settings = {"name": "se2", "angle": 30.0, "shift": (3.0, 3.0), "padding": "zeros",
+              "linf_eps": 0.0, **dict(perturbation)}
+  if isinstance(settings["shift"], (tuple, list)):
+    settings["shift"] = tuple(settings["shift"])
+  pset = perturbations.make_perturbation(settings)
+  if "grid" in searches and pset is not None and settings["linf_eps"]:
+    raise validation.InvalidArgument(
+        "perturbation.linf_eps", rest="must be 0 for the grid: an Linf ball after the warp "
+        f"has no finite grid (worst_of_k searches it), got {settings['linf_eps']!r}")
+  if pset is None:
+    raise validation.InvalidArgument("perturbation.name", "a geometric set ("
+                                      f"{', '.join(perturbations.NAMES[1:])})", settings["name"])
+  if "grid" in searches:
+    perturbations.grid_counts(grid_points, len(pset.axes))
+  return settings, pset
+
+
+def spatial_chunk(grid_chunk: int, candidates: int, rows_per_device: int) -> int:
+  """Candidates per forward pass: ``grid_chunk``, or with 0 as many as keep a pass
+  within :data:`SPATIAL_ROWS` images per device; at most ``candidates``."""
+  if grid_chunk:
+    return min(grid_chunk, candidates)
+  return max(1, min(candidates, SPATIAL_ROWS // max(rows_per_device, 1)))
+
+
+def evaluate_spatial(
+    logits_fn,
+    x,
+    y,
+    *,
+    perturbation: Mapping[str, Any],
+    searches: Sequence[str] = SPATIAL,
+    grid_points: int | Sequence[int] = 5,
+    worst_of_k: int = 10,
+    batch_size: int = 256,
+    grid_chunk: int = 0,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    progress_dir: str | None = None,
+    log=None,
+) -> dict[str, Any]:
+  """Accuracy of ``logits_fn`` on ``(x, y)`` under spatial attacks, in percent.
+
+  The two searches of the training evaluators ``Grid`` and ``Worst-of-K`` over a
+  geometric perturbation set (:func:`dale_jax.perturbations.make_perturbation`:
+  rotations, translations or SE(2), optionally followed by an Linf ball):
+
+  * ``"grid"``: every combination of ``grid_points`` values per parameter, ends
+    included (Engstrom et al. 2019);
+  * ``"worst_of_k"``: ``worst_of_k`` uniform draws per example, each drawn from
+    the seed and the example's index, so that batches and devices do not change
+    them.
+
+  A point counts as robust when it is classified right clean and under every
+  candidate (:func:`dale_jax.perturbations.search`); each search runs on the
+  points classified right. The grid is tried ``grid_chunk`` points per forward
+  pass (0: :func:`spatial_chunk`). Batching, several processes and the progress
+  directory work as in :func:`evaluate_robustness`.
+
+  Args:
+    logits_fn: ``x -> logits``, the model in eval mode.
+    x: NHWC images in ``[0, 1]``; y: integer labels.
+    perturbation: a ``perturbation`` config section (``name``, ``angle``,
+      ``shift``, ``padding``, ``linf_eps``); ``name`` a geometric set.
+    searches: names among :data:`SPATIAL`.
+    grid_points: per axis (one count for all axes, or one per axis).
+    worst_of_k: draws per example.
+    batch_size, seed, mesh, progress_dir, log: as in :func:`evaluate_robustness`.
+
+  Returns:
+    ``{"perturbation": the set's parameters (defaults filled in), "n_examples",
+    "clean_accuracy", "seed", "per_attack": {search: accuracy}, "candidates":
+    {search: candidates per point}, "grid_points", "worst_of_k", "grid_chunk",
+    "attack_seconds"}``.
+
+  Raises:
+    dale_jax.validation.InvalidArgument: before anything is compiled, for an
+      unknown search, a set that is not geometric or a bad count.
+  """
+  searches = tuple(searches)
+  _common.check_positive_int("batch_size", batch_size)
+  settings, pset = check_spatial(perturbation, searches, grid_points, worst_of_k, grid_chunk)
+  grid = np.asarray(pset.grid(grid_points)) if "grid" in searches else None
+  counts = None if grid is None else perturbations.grid_counts(grid_points, len(pset.axes))
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int32)
+  n = x.shape[0]
+  if n == 0:
+    raise ValueError("x holds no example")
+  if x.ndim != 4:
+    raise ValueError(f"spatial attacks need NHWC images, got x of shape {x.shape}")
+
+  mesh = mesh or parallel.make_mesh()
+  fn = parallel.replicate(_common.as_pytree_fn(logits_fn), mesh)
+  grid_on_mesh = None if grid is None else parallel.replicate(grid, mesh)
+  batch_size = parallel.padded_batch_size(min(batch_size, n), mesh)
+  candidates = {"grid": 0 if grid is None else len(grid), "worst_of_k": int(worst_of_k)}
+  chunk = spatial_chunk(grid_chunk, candidates["grid"] or 1, batch_size // mesh.size)
+  seed_key = jax.random.key(seed)
+
+  progress = None
+  if progress_dir is not None and parallel.is_main_process():
+    description = dict(
+        spatial=searches, perturbation=settings, grid_points=counts, worst_of_k=int(worst_of_k),
+        grid_chunk=chunk, seed=int(seed), batch_size=batch_size, devices=mesh.size,
+        n_examples=int(n))
+    key = progress_lib.fingerprint({"x": x, "y": y, "weights": fn}, description)
+    progress = progress_lib.Progress(progress_dir, key, description)
+    if progress.n_done() and log:
+      log(f"resuming from {progress.dir}: {progress.n_done()} spatial batches already done")
+
+  correct = np.zeros(n, bool)
+  for chunk_rows, padded, _ in _batches(np.arange(n), batch_size, mesh):
+    c = parallel.to_host(_predict_batch(fn, *_put(mesh, x[padded], y[padded])))
+    correct[chunk_rows] = c[:len(chunk_rows)]
+
+  per_attack, seconds = {}, {}
+  for k, name in enumerate(searches):
+    still = np.zeros(n, bool)
+    search_key = jax.random.fold_in(seed_key, (1 << 21) + SPATIAL.index(name))
+    seconds[name] = 0.0
+    for b, (rows, padded, _) in enumerate(_batches(np.nonzero(correct)[0], batch_size, mesh)):
+      record = progress.load(k, name, b) if progress else None
+      if record is not None and not np.array_equal(record.indices, rows):
+        record = None
+      if jax.process_count() > 1 and progress_dir is not None:
+        record = _record_of_main(record, rows, None)
+      if record is None:
+        started = time.perf_counter()
+        right = parallel.to_host(_spatial_batch(
+            fn, *_put(mesh, x[padded], y[padded]), search_key, *_put(mesh, padded),
+            grid_on_mesh if name == "grid" else None, pset=pset, search=name,
+            k=int(worst_of_k), chunk=chunk if name == "grid" else 1))
+        record = progress_lib.BatchRecord(rows, right[:len(rows)], np.zeros((0,)),
+                                          time.perf_counter() - started)
+        if progress:
+          progress.save(k, name, b, record)
+      still[rows] = record.still_correct
+      seconds[name] += record.seconds
+    seconds[name] = round(seconds[name], 3)
+    per_attack[name] = _percent(correct & still)
+  return {
+      "perturbation": {**settings, "shift": list(settings["shift"])},
+      "n_examples": int(n),
+      "clean_accuracy": _percent(correct),
+      "seed": int(seed),
+      "per_attack": per_attack,
+      "candidates": {name: candidates[name] for name in searches},
+      "grid_points": list(counts) if counts else None,
+      "worst_of_k": int(worst_of_k) if "worst_of_k" in searches else None,
+      "grid_chunk": chunk if "grid" in searches else None,
+      "attack_seconds": seconds,
+  }
+
+
+def _put(mesh, *arrays):
+  """The batch on the mesh; with several processes each places its own rows."""
+  rows = parallel.process_rows(len(arrays[0]))
+  return parallel.shard_batch(tuple(np.asarray(a)[rows] for a in arrays), mesh)
 
 
 _THREAT_MODELS = {"linf": "Linf", "l2": "L2", "l1": "L1"}

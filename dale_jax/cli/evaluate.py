@@ -6,6 +6,8 @@
   dale-eval --torch_checkpoint=model.pt --arch=wrn34_10 --normalize=cifar10 \\
       --dataset=cifar10 --version=standard --output_dir=eval/model
   dale-eval --workdir=runs/x --dataset=points.npz --version=custom --attacks=clean,pgd20
+  dale-eval --workdir=runs/x --spatial=grid,worst_of_k --perturbation=se2 --angle=30 \\
+      --shift=3 --grid_points=5
 
 Restores the run's latest checkpoint, attacks the first ``n_examples`` test
 images (all by default) at the run's evaluation threat model (``--eps`` and
@@ -22,6 +24,16 @@ The report files (``robustness.json``, ``model_info.json`` in RobustBench's
 shape, ``adversarial.npz`` with ``--save_adversarial``) and the progress kept per
 attack and batch, so that a killed dale-eval rerun with the same flags continues
 where it stopped: :mod:`dale_jax.evaluate`, the library this command calls.
+
+Spatial threat models: ``--spatial=grid,worst_of_k`` runs the training evaluators
+Grid (every combination of ``--grid_points`` values per parameter, ends included)
+and Worst-of-K (``--worst_of_k`` uniform draws per point) over ``--perturbation``
+(rotation, translation or se2, with ``--angle``, ``--shift``, ``--padding`` and, for
+worst_of_k, ``--linf_eps``), each by default the run's ``eval`` section's. A point
+counts as robust when it is classified right clean and at every candidate. The
+grid is tried ``--grid_chunk`` points per forward pass (by default as many as
+fit); the results go under ``spatial`` in ``robustness.json`` and into a table of
+their own.
 
 Several processes or hosts (as dale-train's ``config.parallel``): ``--auto`` reads
 them from the cluster, e.g. one ``srun`` task per host or GPU::
@@ -66,9 +78,11 @@ from dale_jax import evaluate
 from dale_jax import host_memory
 from dale_jax import models
 from dale_jax import parallel
+from dale_jax import perturbations
 from dale_jax import rundir
 from dale_jax import threat
 from dale_jax import validation
+from dale_jax.attacks import robustness
 from dale_jax.cli import _errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a finished dale-train run.")
@@ -129,6 +143,37 @@ _AUTO = flags.DEFINE_boolean(
     "auto", False, "Read the coordinator, the process count and this process's id from the "
     "cluster's environment (an srun task, a Cloud TPU pod, Open MPI) instead "
     "(config.parallel.auto).")
+# Spatial attacks: the training evaluators Grid and Worst-of-K, their threat model the
+# fields of config.eval (perturbation, grid_points, worst_of_k), the run's by default.
+_SPATIAL = flags.DEFINE_list(
+    "spatial", [], f"Spatial attacks to run after the Lp ones: {', '.join(robustness.SPATIAL)} "
+    "(the training evaluators Grid and Worst-of-K).")
+_PERTURBATION = flags.DEFINE_enum(
+    "perturbation", None, list(perturbations.NAMES[1:]),
+    "The geometric set the spatial attacks search (default: the run's "
+    "eval.perturbation.name, else se2).")
+_ANGLE = flags.DEFINE_float(
+    "angle", None, "Largest rotation either way, degrees (default: the run's "
+    "eval.perturbation.angle, else 30).")
+_SHIFT = flags.DEFINE_list(
+    "shift", None, "Largest shift either way, pixels: one value for both axes or x,y "
+    "(default: the run's eval.perturbation.shift, else 3,3).")
+_PADDING = flags.DEFINE_enum(
+    "padding", None, list(perturbations.PADDINGS),
+    "What a warp reads outside the image (default: the run's eval.perturbation.padding, "
+    "else zeros).")
+_LINF_EPS = flags.DEFINE_float(
+    "linf_eps", None, "An additive Linf ball of this radius after the warp, worst_of_k only "
+    "(default: the run's eval.perturbation.linf_eps, else 0).")
+_GRID_POINTS = flags.DEFINE_list(
+    "grid_points", None, "Grid points per axis, ends included: one count for every axis or "
+    "one per axis (default: the run's eval.grid_points, else 5).")
+_WORST_OF_K = flags.DEFINE_integer(
+    "worst_of_k", None, "Uniform draws per point of worst_of_k (default: the run's "
+    "eval.worst_of_k, else 10).")
+_GRID_CHUNK = flags.DEFINE_integer(
+    "grid_chunk", 0, "Grid points per forward pass (0: as many as keep a pass within "
+    f"{robustness.SPATIAL_ROWS} images per device).")
 
 
 def _check_flags() -> tuple[tuple[str, ...], str | None]:
@@ -155,6 +200,69 @@ def _check_flags() -> tuple[tuple[str, ...], str | None]:
   parallel.check_distributed(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                              _PROCESS_ID.value, _AUTO.value, prefix="--")
   return names, version
+
+
+def _spatial_flags() -> dict:
+  """The spatial attacks' flags, checked, as :func:`dale_jax.evaluate.evaluate_model`'s
+  keyword arguments (``None`` where the run's config or the default decides)."""
+  spatial = tuple(_SPATIAL.value)
+  for name in spatial:
+    validation.one_of("--spatial", name, robustness.SPATIAL)
+  given = [f for f in (_PERTURBATION, _ANGLE, _SHIFT, _PADDING, _LINF_EPS, _GRID_POINTS,
+                       _WORST_OF_K, _GRID_CHUNK) if f.present]
+  if given and not spatial:
+    raise app.UsageError(f"--{given[0].name} describes the spatial attacks: add "
+                         f"--spatial={','.join(robustness.SPATIAL)} (or one of them)")
+  perturbation = {}
+  for flag, field in ((_PERTURBATION, "name"), (_PADDING, "padding")):
+    if flag.value is not None:
+      perturbation[field] = flag.value
+  if _ANGLE.value is not None:
+    perturbation["angle"] = validation.positive("--angle", _ANGLE.value)
+  if _LINF_EPS.value is not None:
+    perturbation["linf_eps"] = validation.nonnegative("--linf_eps", _LINF_EPS.value)
+  if _SHIFT.value is not None:
+    shift = _numbers("--shift", _SHIFT.value, float)
+    validation.require(len(shift) in (1, 2) and all(v >= 0 for v in shift) and any(shift),
+                       "--shift", "one or two pixel counts >= 0 (x,y), not all 0",
+                       ",".join(_SHIFT.value))
+    perturbation["shift"] = tuple(shift) * (3 - len(shift))
+  grid_points = None
+  if _GRID_POINTS.value is not None:
+    grid_points = _numbers("--grid_points", _GRID_POINTS.value, int)
+    validation.require(len(grid_points) >= 1 and all(n >= 1 for n in grid_points),
+                       "--grid_points", "counts >= 1 (one, or one per axis)",
+                       ",".join(_GRID_POINTS.value))
+    grid_points = grid_points[0] if len(grid_points) == 1 else tuple(grid_points)
+  if _WORST_OF_K.value is not None:
+    validation.integer("--worst_of_k", _WORST_OF_K.value, minimum=1)
+  validation.integer("--grid_chunk", _GRID_CHUNK.value, minimum=0)
+  return dict(spatial=spatial, perturbation=perturbation, grid_points=grid_points,
+              worst_of_k=_WORST_OF_K.value, grid_chunk=_GRID_CHUNK.value)
+
+
+def _numbers(field: str, values, kind) -> list:
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    raise validation.InvalidArgument(field, f"{kind.__name__} values", ",".join(values)) from None
+
+
+def _check_spatial(spatial: dict) -> None:
+  """The spatial threat model, with the run's config filling in what the flags leave."""
+  if not spatial["spatial"]:
+    return
+  evaluation = (rundir.read_config(_WORKDIR.value).get("eval")
+                if _WORKDIR.value is not None else None)
+  settings, grid_points, worst_of_k = evaluate.spatial_threat(
+      evaluation, spatial["perturbation"], spatial["grid_points"], spatial["worst_of_k"])
+  try:
+    robustness.check_spatial(settings, spatial["spatial"], grid_points, worst_of_k,
+                             spatial["grid_chunk"])
+  except validation.InvalidArgument as e:  # named as the flag that sets the field
+    field = e.field.removeprefix("perturbation.")
+    raise validation.InvalidArgument("--" + ("perturbation" if field == "name" else field),
+                                     rest=e.rest) from None
 
 
 def _check_source() -> None:
@@ -207,7 +315,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # checkpoint restores log at INFO
   names, version = _check_flags()
+  spatial = _spatial_flags()
   _check_source()
+  _check_spatial(spatial)
   host_memory.keep_freed_memory()
   parallel.initialize_distributed(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_AUTO.value, prefix="--")
@@ -221,7 +331,7 @@ def main(argv):
       n_examples=_N_EXAMPLES.value, batch_size=_BATCH_SIZE.value, eps=_EPS.value,
       norm=_NORM.value, seed=_SEED.value, apgd_steps=_APGD_STEPS.value,
       square_queries=_SQUARE_QUERIES.value, individual=_INDIVIDUAL.value,
-      save_adversarial=_SAVE_ADVERSARIAL.value,
+      save_adversarial=_SAVE_ADVERSARIAL.value, **spatial,
       log=lambda line: print(f"dale-eval: {line}", file=sys.stderr, flush=True))
   if parallel.is_main_process():
     print(evaluate.table(result))
