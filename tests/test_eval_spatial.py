@@ -201,3 +201,17 @@ def test_bad_spatial_flags_are_one_line_before_anything_runs(finished_run, tmp_p
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
     assert lines[0].startswith("dale-eval: error: ") and message in lines[0], lines
   assert os.listdir(tmp_path) == []
+
+
+def test_a_rerun_loads_the_finished_spatial_batches(tmp_path):
+  fn, x, y = _model()
+  kw = dict(perturbation={"name": "translation", "shift": (2.0, 2.0)}, grid_points=3,
+            worst_of_k=2, batch_size=8, progress_dir=str(tmp_path))
+  first = robustness.evaluate_spatial(fn, x, y, **kw)
+  stored = sorted(f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".npz"))
+  assert len(stored) == 6  # 21 points right clean: three batches of each search
+  lines = []
+  again = robustness.evaluate_spatial(fn, x, y, log=lines.append, **kw)
+  assert lines == [lines[0]] and "6 spatial batches already done" in lines[0]
+  assert again["per_attack"] == first["per_attack"]
+  assert again["attack_seconds"] == first["attack_seconds"]  # loaded, not recomputed
