@@ -152,3 +152,17 @@ def test_bad_parallel_flags_are_one_line_before_anything_runs(tmp_path):
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"dale-eval: error: {message}"), lines
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_auto_without_a_cluster_is_one_line_naming_the_flag(finished_run, tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+  out = subprocess.run(
+      [sys.executable, "-m", "dale_jax.cli.evaluate", f"--workdir={finished_run}",
+       f"--output_dir={tmp_path / 'out'}", "--auto"], capture_output=True, text=True,
+      timeout=300, check=False, env=dict(env, PYTHONPATH=ROOT))
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+  assert lines[0].startswith("dale-eval: error: --auto found no cluster environment"), lines
+  assert "--coordinator_address, --num_processes and --process_id" in lines[0]
+  assert not os.path.exists(tmp_path / "out")
