@@ -15,7 +15,10 @@ Both attack the points (a split of a dataset, or an ``.npz``) with
 shape, also the report's ``robustbench`` key) and, with ``save_adversarial``,
 ``adversarial.npz``: ``x_adv`` (the first adversarial example found for every
 point, the clean image where none was), ``y``, ``indices`` and ``broken_by`` (the
-attack that broke each point). Progress is kept per attack and batch in
+attack that broke each point). With ``spatial``, the grid and worst-of-k attacks
+over rotations, translations or SE(2)
+(:func:`dale_jax.attacks.robustness.evaluate_spatial`) run after the Lp ones and
+are reported under the report's ``spatial`` key. Progress is kept per attack and batch in
 ``robustness_progress/``, so a killed evaluation, rerun with the same arguments,
 continues where it stopped with the numbers of an uninterrupted run; the folder
 is removed once the report is written.
