@@ -130,6 +130,35 @@ _BAD = [
     ("bench", ["--model=vgg"], "--model=vgg"),
     ("bench", ["--task=train"], "--task=train"),
     ("bench", ["--task=autoattack", "--workdir={out}"], "--workdir of a finished dale-train"),
+    ("bench", ["--task=autoattack", "--arch=resnet50"], "--arch=resnet50: value should be one "
+     "of <mnist_cnn|resnet18|preact_resnet18|wrn28_10|wrn34_10>"),
+    ("bench", ["--normalize=imagenet"], "--normalize=imagenet"),
+    ("bench", ["--norm=l1"], "--norm=l1"),
+    ("bench", ["--eps=-0.1"], "--eps=-0.1"),
+    ("bench", ["--apgd_steps=0"], "--apgd_steps=0"),
+    ("bench", ["--fab_steps=0"], "--fab_steps=0"),
+    ("bench", ["--square_queries=0"], "--square_queries=0"),
+    ("bench", ["--task=autoattack", "--dataset=synthetic"], "needs one of --workdir (a finished "
+     "dale-train run) and --arch"),
+    ("bench", ["--task=autoattack", "--arch=resnet18", "--workdir={run}"], "--arch (with "
+     "--torch_checkpoint, or its initial weights from --seed), not both"),
+    ("bench", ["--task=autoattack", "--arch=resnet18"], "--arch needs --dataset: a dataset, an "
+     ".npz of points or synthetic"),
+    ("bench", ["--task=autoattack", "--arch=resnet18", "--dataset=synthetic",
+               "--torch_checkpoint={tmp}/missing.pt"], "--torch_checkpoint: {tmp}/missing.pt "
+     "does not exist"),
+    ("bench", ["--task=autoattack", "--arch=resnet18", "--dataset={tmp}/points.npz"],
+     "--dataset: {tmp}/points.npz is neither a dataset (mnist_digits, mnist, cifar10, svhn), "
+     "synthetic nor a file"),
+    ("bench", ["--task=autoattack", "--workdir={run}", "--normalize=cifar10"],
+     "--normalize goes with --arch: a run's model is its config's"),
+    ("bench", ["--task=autoattack", "--arch=resnet18", "--dataset=synthetic", "--norm=l2"],
+     "--eps is required with --norm=l2"),
+    ("bench", ["--task=autoattack", "--arch=resnet18", "--dataset=synthetic",
+               "--batch_size=8,16"], "--batch_size=8,16: --task=autoattack takes one batch size"),
+    ("bench", ["--task=autoattack", "--arch=mnist_cnn", "--dataset=synthetic",
+               "--normalize=cifar10"], "normalize=cifar10 is for 3 channels; arch=mnist_cnn "
+     "takes 1"),
     ("paper", ["--seeds=0"], "--seeds=0"),
     ("paper", ["--aa_examples=-1"], "--aa_examples=-1"),
     ("paper", ["--test_examples=-1"], "--test_examples=-1"),
