@@ -182,8 +182,7 @@ EVALUATORS: dict[str, Callable[[Mapping[str, Any]], Evaluator]] = {
 
 
 def make_evaluator(name: str, settings: Mapping[str, Any]) -> Evaluator:
-  if name not in EVALUATORS:
-    raise ValueError(f"evaluator must be one of {sorted(EVALUATORS)}, got {name!r}")
+  validation.one_of("evaluator", name, EVALUATORS)
   return EVALUATORS[name](settings)
 
 

@@ -27,6 +27,8 @@ import ctypes.util
 import os
 import threading
 
+from dale_jax import validation
+
 ENV_VAR = "DALE_JAX_MALLOC"
 
 # mallopt(3) parameters (glibc's <malloc.h>).
@@ -67,13 +69,13 @@ def keep_freed_memory() -> bool:
     ``DALE_JAX_MALLOC=system`` is set.
 
   Raises:
-    ValueError: ``DALE_JAX_MALLOC`` holds something other than ``keep`` or
+    validation.InvalidArgument: ``DALE_JAX_MALLOC`` holds something other than ``keep`` or
       ``system``.
   """
   global _kept
   choice = os.environ.get(ENV_VAR, "keep")
-  if choice not in ("keep", "system"):
-    raise ValueError(f"{ENV_VAR}={choice!r}: expected 'keep' (the default) or 'system'")
+  validation.require(choice in ("keep", "system"), ENV_VAR, "'keep' (the default) or 'system'",
+                     choice)
   if choice == "system":
     return False
   with _lock:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from dale_jax import potentials
+from dale_jax import validation
 
 Array = jax.Array
 
@@ -120,8 +121,7 @@ def optimize_cvar_t(
   differentiates :func:`cvar` (times the batch size, so the two agree away from
   ties). The losses are treated as constants.
   """
-  if method not in ("subgradient", "autograd"):
-    raise ValueError(f"method must be 'subgradient' or 'autograd', got {method!r}")
+  validation.one_of("method", method, ("subgradient", "autograd"))
   losses = jax.lax.stop_gradient(losses)
   m = losses.shape[1]
   if method == "subgradient":

@@ -175,7 +175,8 @@ def warp(x: Array, angle: Array, shift_x: Array, shift_y: Array, padding: str = 
   """
   validation.one_of("padding", padding, PADDINGS)
   if x.ndim != 4:
-    raise ValueError(f"x must be images (batch, H, W, C), got shape {x.shape}")
+    raise validation.InvalidArgument(
+        "x", rest=f"must be images (batch, H, W, C), got shape {x.shape}")
   h, w = x.shape[1:3]
   rows, cols = jnp.meshgrid(jnp.arange(h, dtype=x.dtype), jnp.arange(w, dtype=x.dtype),
                             indexing="ij")
@@ -255,9 +256,8 @@ def with_linf(base: PerturbationSet, eps: float) -> PerturbationSet:
   ``[-1, 1]`` (units of ``eps``); both parts are projected by clipping and ascended
   by their sign.
   """
-  if not base.parametric:
-    raise ValueError("with_linf composes a geometric set with an Linf ball; "
-                     f"got {base.name!r}")
+  validation.require(base.parametric, "base",
+                     "a geometric set (with_linf composes it with an Linf ball)", base.name)
   validation.positive("linf_eps", eps)
 
   def apply(x, delta):

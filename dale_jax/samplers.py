@@ -82,11 +82,14 @@ def check_inputs(logits_fn: LogitsFn, x: Array, y: Array) -> None:
       integer vector, or a concrete label is outside ``[0, num_classes)``.
   """
   if x.ndim < 2:
-    raise ValueError(f"x must have a batch axis and at least one more, got shape {x.shape}")
+    raise validation.InvalidArgument(
+        "x", rest=f"must have a batch axis and at least one more, got shape {x.shape}")
   if y.ndim != 1 or y.shape[0] != x.shape[0]:
-    raise ValueError(f"y must have shape ({x.shape[0]},) to match x {x.shape}, got {y.shape}")
+    raise validation.InvalidArgument(
+        "y", rest=f"must have shape ({x.shape[0]},) to match x {x.shape}, got {y.shape}")
   if not jnp.issubdtype(y.dtype, jnp.integer):
-    raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+    raise validation.InvalidArgument(
+        "y", rest=f"must hold integer class labels, got dtype {y.dtype}")
   if not isinstance(y, jax.core.Tracer):
     num_classes = jax.eval_shape(logits_fn, x).shape[-1]
     # On the host: inside a trace (e.g. the restart loop) jnp.min of a concrete
@@ -94,7 +97,8 @@ def check_inputs(logits_fn: LogitsFn, x: Array, y: Array) -> None:
     labels = np.asarray(y)
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
-      raise ValueError(f"y must lie in [0, {num_classes}), got labels in [{lo}, {hi}]")
+      raise validation.InvalidArgument(
+          "y", rest=f"must lie in [0, {num_classes}), got labels in [{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------
@@ -397,8 +401,8 @@ def in_chunks(sampler: Sampler, chunk_size: int, groups: int = 1) -> Sampler:
   """
   _check_count("chunk_size", chunk_size, 1)
   _check_count("groups", groups, 1)
-  if chunk_size % groups:
-    raise ValueError(f"chunk_size={chunk_size} must be divisible by groups={groups}")
+  validation.require(chunk_size % groups == 0, "chunk_size", f"divisible by groups={groups}",
+                     chunk_size)
 
   def sample(key, logits_fn, x, y):
     n = x.shape[0]
@@ -458,8 +462,7 @@ def with_restarts(
 
 def _potential(name: str) -> Callable[[Array, Array], Array]:
   valid = ("cross_entropy", "log_one_minus_p", "margin")
-  if name not in valid:
-    raise ValueError(f"potential must be one of {valid}, got {name!r}")
+  validation.one_of("potential", name, valid)
   return potentials.POTENTIALS[name]
 
 

@@ -462,5 +462,5 @@ def test_registry_and_unknown_name():
 
 
 def test_wide_resnet_rejects_bad_depth():
-  with pytest.raises(ValueError, match="depth=12"):
+  with pytest.raises(ValueError, match=r"depth must be 6 n \+ 4 .*got 12"):
     _abstract(WideResNet(num_classes=10, depth=12))

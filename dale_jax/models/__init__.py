@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dale_jax import validation
 from dale_jax.models.mnist_cnn import MnistCNN
 from dale_jax.models.normalized import NORMALIZATIONS, Normalized, normalized
 from dale_jax.models.preact_resnet import PreActResNet, PreActResNet18
@@ -59,9 +60,7 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   Raises:
     ValueError: ``name`` is not registered; the message lists the valid names.
   """
-  if name not in MODELS:
-    raise ValueError(
-        f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+  validation.one_of("model", name, MODELS)
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
@@ -87,7 +86,8 @@ def init_variables(model: nn.Module, key: jax.Array,
   if len(shape) == 4:
     shape = shape[1:]
   if len(shape) != 3:
-    raise ValueError(f"input_shape must be (H, W, C) or (N, H, W, C), got {input_shape}")
+    raise validation.InvalidArgument(
+        "input_shape", rest=f"must be (H, W, C) or (N, H, W, C), got {input_shape}")
   variables = _init(model, key, shape)
   return {"params": variables["params"],
           "batch_stats": variables.get("batch_stats", {})}

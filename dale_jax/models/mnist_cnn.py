@@ -48,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dale_jax import validation
 from dale_jax.models.resnet import torch_bias_init, torch_kernel_init
 
 
@@ -251,8 +252,7 @@ class MnistCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     # Activations are stored in ``dtype``; every layer returns float32 (the logits too).
-    if self.initializer not in INITS:
-      raise ValueError(f"initializer must be one of {INITS}, got {self.initializer!r}")
+    validation.one_of("initializer", self.initializer, INITS)
     layer = dict(dtype=self.dtype, initializer=self.initializer)
     x = nn.relu(_Conv(32, **layer, name="conv1")(x)).astype(self.dtype)
     x = nn.relu(_Conv(64, **layer, name="conv2")(x)).astype(self.dtype)

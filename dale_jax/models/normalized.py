@@ -52,9 +52,9 @@ class Normalized(nn.Module):
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if not len(self.mean) == len(self.std) == x.shape[-1]:
-      raise ValueError(
-          f"Normalized: mean and std need one value per input channel ({x.shape[-1]}), "
-          f"got mean={tuple(self.mean)} and std={tuple(self.std)}")
+      raise validation.InvalidArgument(
+          "Normalized: mean and std", rest=f"need one value per input channel "
+          f"({x.shape[-1]}), got mean={tuple(self.mean)} and std={tuple(self.std)}")
     mean = jnp.asarray(self.mean, jnp.float32)
     std = jnp.asarray(self.std, jnp.float32)
     return self.model((x.astype(jnp.float32) - mean) / std, train=train)

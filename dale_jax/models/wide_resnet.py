@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dale_jax import validation
 from dale_jax.models.resnet import ModuleDef, linear_head, make_conv, make_norm
 
 # TRADES: conv weights N(0, 2 / n), n = kh * kw * out_channels (He init, fan-out).
@@ -85,10 +86,9 @@ class WideResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if self.depth < 10 or (self.depth - 4) % 6 != 0:
-      raise ValueError(
-          f"WideResNet depth must be 6 n + 4 with n >= 1 (10, 16, 22, 28, 34, ...), "
-          f"got depth={self.depth}")
+    validation.require(self.depth >= 10 and (self.depth - 4) % 6 == 0, "depth",
+                       "6 n + 4 with n >= 1 (10, 16, 22, 28, 34, ...) for a WideResNet",
+                       self.depth)
     blocks_per_group = (self.depth - 4) // 6
     conv = make_conv(self.dtype, trades_conv_init)
     norm = make_norm(train, self.dtype, self.axis_name)
