@@ -142,7 +142,7 @@ def make_algorithm(config: ml_collections.ConfigDict,
 def make_evaluators(config: ml_collections.ConfigDict) -> dict[str, evaluation.Evaluator]:
   """``{name: evaluator}`` for ``config.eval.evaluators``, each with the ``eval`` section."""
   settings = config.eval.to_dict()
-  with validation.prefixed("config.eval"):
+  with validation.prefixed("config"), validation.prefixed("eval"):
     return {name: evaluation.make_evaluator(name, settings) for name in config.eval.evaluators}
 
 
