@@ -445,6 +445,7 @@ def test_profile_counts_device_kernels_for_their_hlo_op_once():
                                                             "fusion.1": 900}
 
 
+@pytest.mark.slow
 def test_bench_command_prints_one_json_object_per_framework(capsys):
   require("torch")
   from dale_jax.cli import bench

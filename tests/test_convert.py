@@ -243,6 +243,7 @@ def _eval_apply(model):
   return jax.jit(functools.partial(model.apply, train=False))
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("arch", ARCHS)
 def test_converted_model_gives_the_torch_logits(arch, torch_net):

@@ -68,6 +68,7 @@ def test_eot_gradient_is_the_mean_over_the_draws():
   np.testing.assert_array_equal(np.asarray(g1), np.asarray(g20))
 
 
+@pytest.mark.slow
 def test_rand_version_on_a_randomised_model():
   w, x, y = _linear_problem(n=40)
   x = x * 0.5

@@ -674,6 +674,7 @@ def _mean(potential, logits_fn, x, y):
   return float(jnp.mean(potential(logits_fn(x), y)))
 
 
+@pytest.mark.slow
 def test_pgd_raises_cross_entropy(cnn_batch):
   logits_fn, x, y = cnn_batch
   pgd = _run(samplers.pgd(eps=0.1, step_size=0.03, steps=5), logits_fn, x, y)
@@ -684,6 +685,7 @@ def test_pgd_raises_cross_entropy(cnn_batch):
   assert np.all(np.asarray(ce(pgd)) > np.asarray(ce(x)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["langevin_gaussian", "langevin_laplacian", "langevin"])
 def test_langevin_samplers_raise_log_one_minus_p(name, cnn_batch):
   logits_fn, x, y = cnn_batch
@@ -699,6 +701,7 @@ def test_langevin_samplers_raise_log_one_minus_p(name, cnn_batch):
   assert pot(x_adv) > pot(noise) + 1.0
 
 
+@pytest.mark.slow
 def test_smooth_adv_lowers_the_smoothed_label_probability(cnn_batch):
   logits_fn, x, y = cnn_batch
   sigma = 0.25
@@ -719,6 +722,7 @@ def test_smooth_adv_lowers_the_smoothed_label_probability(cnn_batch):
   assert np.sum(adv < clean) >= 6
 
 
+@pytest.mark.slow
 def test_trades_sampler_raises_kl(cnn_batch):
   logits_fn, x, y = cnn_batch
   x_adv = _run(samplers.trades_kl(eps=0.1, step_size=0.03, steps=5), logits_fn, x, y)

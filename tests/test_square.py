@@ -235,6 +235,7 @@ def test_square_l1_proposal_matches_reference(s):
   _assert_admissible_l1(got, x, eps)
 
 
+@pytest.mark.slow
 def test_square_l1_stays_admissible_and_leaves_inactive_points(trained):
   logits_fn, x, y = trained
   x, y = x[:32], y[:32]
@@ -256,6 +257,7 @@ def test_square_l1_stays_admissible_and_leaves_inactive_points(trained):
   assert _l1_sizes(adv[broken], x[broken]).min() > 0.5 * EPS
 
 
+@pytest.mark.slow
 def test_square_l1_multichannel_stays_admissible():
   # A random tanh MLP on 12x12x3 images with pixels at the box faces: the projection
   # is active on ball and box, and the budget's broadcast over three channels.

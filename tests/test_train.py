@@ -159,6 +159,7 @@ def test_batch_must_divide_over_devices():
     experiment.check(_config(batch_size=60), num_devices=8)
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_field_before_writing(tmp_path):
   workdir = tmp_path / "run"
   for flag, needle in [("--config.optimizer.lerning_rate=0.1", "lerning_rate"),
@@ -323,6 +324,7 @@ def test_sampler_chunk_size_is_chosen_per_platform_unless_set():
     experiment.check(_config(sampler_chunk_size=-1))
 
 
+@pytest.mark.slow
 def test_sampler_chunks_leave_a_noise_free_step_unchanged():
   config = configs.base_config("mnist_digits", "PGD")  # PGD from x: no random draw.
   config.batch_size = 16
@@ -389,6 +391,7 @@ def test_dale_train_refuses_to_resume_a_workdir_with_other_flags_and_writes_noth
   assert "Config-Changes" not in records[1]
 
 
+@pytest.mark.slow
 def test_print_config_shows_every_field_with_its_source_and_writes_nothing(tmp_path):
   assert configs.bundled() == ["cifar10", "mnist", "quickstart", "spatial", "svhn"]
   assert configs.config_path("quickstart:PGD") == os.path.join(configs.CONFIG_DIR,

@@ -39,6 +39,7 @@ _STEP_CASES = ([(n, "float32") for n in sorted(algorithms.ALGORITHMS)]
                   for n in sorted(algorithms.ALGORITHMS)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dtype", _STEP_CASES)
 def test_every_algorithm_takes_a_finite_step(name, dtype):
   c = configs.base_config("mnist_digits", name)
@@ -60,6 +61,7 @@ def test_every_algorithm_takes_a_finite_step(name, dtype):
   assert _float_dtypes((state.params, state.opt_state, state.dual_state)) == {"float32"}
 
 
+@pytest.mark.slow
 def test_bfloat16_batchnorm_model_keeps_float32_state(monkeypatch):
   """ResNet-18 (BatchNorm) in bfloat16: statistics, parameters and momentum stay float32."""
   # The config's ResNet-18, cut to two stages of one block at width 4 to compile fast.
@@ -78,6 +80,7 @@ def test_bfloat16_batchnorm_model_keeps_float32_state(monkeypatch):
   assert max(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,perturbation", [("Gaussian_DALE_PD", "se2"),
                                                ("MH_DALE_PD", "rotation")])
 def test_training_over_a_geometric_set_takes_a_finite_step(name, perturbation):
@@ -92,6 +95,7 @@ def test_training_over_a_geometric_set_takes_a_finite_step(name, perturbation):
   assert max(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["PGD", "Gaussian_DALE_PD"])
 def test_l1_ball_training_takes_a_finite_step(name):
   """PGD-L1 and DALE-L1: --config.sampler.norm=l1 with an L1 radius."""

@@ -155,6 +155,7 @@ def _script(module, *args, env=None):
 _TRAIN = [f"--config={QUICKSTART}:Gaussian_DALE_PD"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,prog,args,needle", [
     ("train", "dale-train", _TRAIN + ["--config.sampler.eps=-1.0"],
      "config.sampler.eps must be a finite number >= 0, got -1.0"),
