@@ -180,16 +180,29 @@ class _Meter:
     self.avg = self.sum / self.count
 
 
+def _mnist_net(torch):
+  """advbench's MNISTNet's layers under its names, in a class of its own (not the
+  project's torch_reference.MnistCNN), as the runner meets it."""
+
+  class MNISTNet(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv1, self.conv2 = torch.nn.Conv2d(1, 32, 3, 1), torch.nn.Conv2d(32, 64, 3, 1)
+      self.dropout1, self.dropout2 = torch.nn.Dropout(0.25), torch.nn.Dropout(0.5)
+      self.fc1, self.fc2 = torch.nn.Linear(9216, 128), torch.nn.Linear(128, 10)
+
+  return MNISTNet()
+
+
 def _recording_algorithm(torch, nan_at_step: int | None):
   """An advbench-shaped algorithm that records its batches and learning rates, and whose
   loss meter turns NaN (with NaN weights) at step ``nan_at_step``."""
-  from dale_jax.bench import torch_reference  # pylint: disable=import-outside-toplevel
 
   class Recording(torch.nn.Module):
     def __init__(self, input_shape, num_classes, hparams, device):
       super().__init__()
       assert input_shape == (1, 28, 28) and num_classes == 10 and device == "cpu"
-      self.classifier = torch_reference.MnistCNN()
+      self.classifier = _mnist_net(torch)
       self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=hparams["learning_rate"])
       self.meters = {"Loss": _Meter()}
       self.seen, self.rates, self.modes = [], [], []

@@ -309,8 +309,11 @@ def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x,
   loader = DataLoader(dataset, batch_size=hparams["batch_size"], shuffle=True, drop_last=True,
                       generator=torch.Generator().manual_seed(seed))
   if start == "dale_jax":
+    # advbench's MNISTNet has torch_reference.MnistCNN's layers under the same names.
+    reference = torch_reference.MnistCNN(num_classes=num_classes)
     with torch.no_grad():
-      torch_reference.load_flax_variables(model.classifier, dale_initial_variables(config, seed))
+      torch_reference.load_flax_variables(reference, dale_initial_variables(config, seed))
+    model.classifier.load_state_dict(reference.state_dict())
     loader = _DaleBatches(x, y, int(hparams["batch_size"]), seed)
   epochs, diverged_at = [], None
   start = time.perf_counter()
