@@ -25,6 +25,7 @@ import numpy as np
 from dale_jax import algorithms
 from dale_jax import attacks
 from dale_jax import evaluation
+from dale_jax import parallel
 from dale_jax import perturbations
 from dale_jax import rundir
 from dale_jax import threat
@@ -448,16 +449,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = 1) -> 
     _validate_eval(config.eval)
 
     p = config.parallel
-    v.string("parallel.coordinator_address", p.coordinator_address)
-    v.integer("parallel.num_processes", p.num_processes, minimum=1)
-    v.integer("parallel.process_id", p.process_id, minimum=0, maximum=p.num_processes - 1)
-    v.require(p.num_processes == 1 or p.coordinator_address.rpartition(":")[2].isdigit(),
-              "parallel.coordinator_address", "'host:port' when parallel.num_processes > 1",
-              p.coordinator_address)
-    v.boolean("parallel.auto", p.auto)
-    v.require(not p.auto or (p.num_processes == 1 and not p.coordinator_address),
-              "parallel.auto", "False when parallel.num_processes or coordinator_address is "
-              "set (the cluster's environment or the explicit fields, not both)", p.auto)
+    parallel.check_distributed(p.coordinator_address, p.num_processes, p.process_id, p.auto)
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
