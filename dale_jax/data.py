@@ -169,10 +169,8 @@ def _tfds_prepare_command(tfds_name: str, data_dir: str | None) -> str:
 
 def _hold_out(train: Split, validation_size: int, name: str) -> tuple[Split, Split]:
   x, y = train
-  if validation_size >= len(x):
-    raise ValueError(
-        f"validation_size must be smaller than the {len(x)} training images of {name!r}, "
-        f"got {validation_size}")
+  validation.require(validation_size < len(x), "validation_size",
+                     f"smaller than the {len(x)} training images of {name!r}", validation_size)
   cut = len(x) - validation_size
   return (x[:cut], y[:cut]), (x[cut:], y[cut:])
 
@@ -264,8 +262,8 @@ def _read_tfds(name: str, spec: _Spec, split: str, data_dir: str | None) -> Spli
       examples = source.__getitems__(range(start, min(start + _READ_CHUNK, n)))
       images = np.stack([np.asarray(e["image"]) for e in examples])
       if images.shape[1:] != spec.input_shape:
-        raise ValueError(f"{name!r} {split}: images of shape {images.shape[1:]}, "
-                         f"expected {spec.input_shape}")
+        raise validation.InvalidArgument(f"{name!r} {split}: images of shape "
+                                         f"{images.shape[1:]}, expected {spec.input_shape}")
       x[start:start + len(examples)] = _to_unit_float(images)
       y[start:start + len(examples)] = [int(e["label"]) for e in examples]
   except ImportError as e:
@@ -273,7 +271,7 @@ def _read_tfds(name: str, spec: _Spec, split: str, data_dir: str | None) -> Spli
         f"decoding the PNG images of {name!r} needs Pillow or OpenCV: pip install pillow"
     ) from e
   if n and (y.min() < 0 or y.max() >= spec.num_classes):
-    raise ValueError(f"{name!r} {split}: labels outside [0, {spec.num_classes})")
+    raise validation.InvalidArgument(f"{name!r} {split}: labels outside [0, {spec.num_classes})")
   return _read_only(x, y)
 
 
@@ -323,8 +321,8 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: 
   n = _check_pair(x, y)
   total = num_batches(n, batch_size, drop_remainder)
   if drop_remainder and total == 0:
-    raise ValueError(f"batch_size {batch_size} is larger than the {n} examples, so "
-                     "drop_remainder=True leaves no batch")
+    raise validation.InvalidArgument("batch_size", rest=f"{batch_size} is larger than the {n} "
+                                     "examples, so drop_remainder=True leaves no batch")
   validation.integer("start_step", start_step, minimum=0, maximum=total)
   perm = epoch_permutation(seed, epoch, n)
   for k in range(int(start_step), total):
@@ -364,7 +362,8 @@ def _check_batch_size(batch_size: int) -> None:
 
 def _check_pair(x: np.ndarray, y: np.ndarray) -> int:
   if len(x) != len(y):
-    raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    raise validation.InvalidArgument(
+        "x and y", rest=f"must have the same length, got {len(x)} and {len(y)}")
   return len(x)
 
 

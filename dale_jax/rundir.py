@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping
 
 from absl import logging
 
+from dale_jax import validation
+
 CONFIG = "config.json"
 RESULTS = "results.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -141,7 +143,7 @@ def read_records(file: str) -> list[dict]:
   A truncated last line (a run killed mid-write) is dropped.
 
   Raises:
-    ValueError: naming the file and line when any other line is not JSON.
+    validation.InvalidArgument: naming the file and line when any other line is not JSON.
   """
   if not os.path.exists(file):
     return []
@@ -157,7 +159,7 @@ def read_records(file: str) -> list[dict]:
     except json.JSONDecodeError as e:
       if i == last:
         break
-      raise ValueError(f"{file}:{i + 1} is not JSON: {e}") from None
+      raise validation.InvalidArgument(f"{file}:{i + 1}", rest=f"is not JSON: {e}") from None
   return records
 
 

@@ -225,15 +225,16 @@ def select_record(records: Sequence[Mapping], selection: str, metric: str) -> Ma
     ValueError: unknown ``selection``, no records, or (``EarlyStop``) no record
       with ``Validation[metric]``.
   """
-  if selection not in SELECTION_METHODS:
-    raise ValueError(f"selection must be one of {SELECTION_METHODS}, got {selection!r}")
+  validation.one_of("selection", selection, SELECTION_METHODS)
   if not records:
-    raise ValueError("a run without records cannot be selected from")
+    raise validation.InvalidArgument(
+        "records", rest="is empty: a run without records cannot be selected from")
   if selection == "LastStep":
     return records[-1]
   values = np.array([metric_value(r, "Validation", metric) for r in records])
   if np.all(np.isnan(values)):
-    raise ValueError(f"EarlyStop needs Validation[{metric!r}] in the records")
+    raise validation.InvalidArgument(
+        "selection", rest=f"EarlyStop needs Validation[{metric!r}] in the records")
   sign = 1.0 if higher_is_better(metric) else -1.0
   scores = np.where(np.isnan(values), -np.inf, sign * values)
   return records[int(np.argmax(scores))]  # argmax keeps the first maximum
@@ -268,8 +269,9 @@ def resolve_metric(runs: Sequence[Run], metric: str | None = None) -> str | None
     else:
       metric = FALLBACK_METRIC
   if metric not in available:
-    raise ValueError(f"selection metric {metric!r} is in no Validation record; "
-                     f"available: {sorted(available)}")
+    raise validation.InvalidArgument(
+        "selection metric", rest=f"{metric!r} is in no Validation record; "
+        f"available: {sorted(available)}")
   return metric
 
 

@@ -36,6 +36,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from dale_jax import rundir
+from dale_jax import validation
 from dale_jax.research import collect
 from dale_jax.research import plots
 from dale_jax.research import sweep
@@ -150,7 +151,7 @@ class EvalSettings:
 def check_experiment(experiment: Experiment, settings: EvalSettings) -> None:
   """Raises ``ValueError`` naming the first field out of range."""
   if not experiment.algorithms:
-    raise ValueError("algorithms must name at least one algorithm")
+    raise validation.InvalidArgument("algorithms", rest="must name at least one algorithm")
   for name, value, minimum in (("seeds", experiment.seeds, 1),
                                ("aa_examples", settings.aa_examples, 0),
                                ("test_examples", settings.test_examples, 0),
@@ -159,11 +160,8 @@ def check_experiment(experiment: Experiment, settings: EvalSettings) -> None:
                                ("square_queries", settings.square_queries, 1)):
     if value is None and name in ("apgd_steps", "square_queries"):
       continue
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-      raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  if experiment.published not in PUBLISHED:
-    raise ValueError(f"published must be one of {sorted(PUBLISHED)}, "
-                     f"got {experiment.published!r}")
+    validation.integer(name, value, minimum=minimum)
+  validation.one_of("published", experiment.published, PUBLISHED)
 
 
 def jobs(experiment: Experiment, output_dir: str, *, config_dir: str = sweep.DEFAULT_CONFIG_DIR,

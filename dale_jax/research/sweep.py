@@ -108,12 +108,13 @@ def check_overrides(overrides: Sequence[str]) -> None:
   """Raises ``ValueError`` unless every override reads ``--config.<field>=<value>``."""
   for arg in overrides:
     if not (arg.startswith("--config.") and "=" in arg):
-      raise ValueError(
-          f"passthrough overrides must read --config.<field>=<value>, got {arg!r}")
+      raise validation.InvalidArgument(
+          "passthrough overrides", rest=f"must read --config.<field>=<value>, got {arg!r}")
     field = arg[len("--config."):].split("=", 1)[0]
     if field in ("seed", "hparams_seed"):
-      raise ValueError(
-          f"--config.{field} is set by the sweep for every run; use --n_trials / --n_hparams")
+      raise validation.InvalidArgument(
+          f"--config.{field}", rest="is set by the sweep for every run; use --n_trials / "
+          "--n_hparams")
 
 
 def make_jobs(
@@ -145,18 +146,17 @@ def make_jobs(
     ValueError: for an empty grid, counts < 1, or malformed overrides.
   """
   if not algorithms:
-    raise ValueError("algorithms must name at least one algorithm")
+    raise validation.InvalidArgument("algorithms", rest="must name at least one algorithm")
   if not datasets:
-    raise ValueError("datasets must name at least one dataset")
-  for name, value in (("n_hparams", n_hparams), ("n_trials", n_trials)):
-    if int(value) != value or value < 1:
-      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-  if num_epochs is not None and (int(num_epochs) != num_epochs or num_epochs < 1):
-    raise ValueError(f"num_epochs must be an integer >= 1, got {num_epochs!r}")
+    raise validation.InvalidArgument("datasets", rest="must name at least one dataset")
+  validation.integer("n_hparams", n_hparams, minimum=1)
+  validation.integer("n_trials", n_trials, minimum=1)
+  if num_epochs is not None:
+    validation.integer("num_epochs", num_epochs, minimum=1)
   for name, values in (("algorithms", algorithms), ("datasets", datasets)):
     duplicates = sorted(v for v, c in collections.Counter(values).items() if c > 1)
     if duplicates:
-      raise ValueError(f"{name} lists {duplicates} more than once")
+      raise validation.InvalidArgument(name, rest=f"lists {duplicates} more than once")
   check_overrides(overrides)
 
   jobs = []
@@ -370,11 +370,11 @@ def launch(
     One :class:`Outcome` per job, in completion order. A job succeeded when it
     exited with 0 and left its ``done`` file.
   """
-  if n_workers < 1:
-    raise ValueError(f"n_workers must be >= 1, got {n_workers!r}")
+  validation.integer("n_workers", n_workers, minimum=1)
   devices = [str(d) for d in (devices if devices is not None else range(n_workers))]
   if len(devices) < n_workers:
-    raise ValueError(f"devices lists {len(devices)} devices for n_workers={n_workers}")
+    raise validation.InvalidArgument(
+        "devices", rest=f"lists {len(devices)} devices for n_workers={n_workers}")
   base_env = dict(os.environ if env is None else env)
   if device_env and len(set(devices[:n_workers])) < n_workers:
     # Workers share a device: JAX must not grab 75% of its memory per process.
