@@ -106,11 +106,11 @@ class Options:
       validation.integer(name, getattr(self, name), minimum=1)
     validation.integer("warmup", self.warmup, minimum=0)
     chunk = self.sampler_chunk
-    if chunk is not None and not (validation.is_integer(chunk) and chunk >= 0):
-      raise ValueError("sampler_chunk must be None (the platform's default), 0 (the whole "
-                       f"batch) or a positive integer, got {chunk!r}")
-    if self.batch_size % self.devices:
-      raise ValueError(f"batch_size={self.batch_size} must be divisible by devices={self.devices}")
+    validation.require(chunk is None or (validation.is_integer(chunk) and chunk >= 0),
+                       "sampler_chunk", "None (the platform's default), 0 (the whole batch) or "
+                       "a positive integer", chunk)
+    validation.require(self.batch_size % self.devices == 0, "batch_size",
+                       f"divisible by devices={self.devices}", self.batch_size)
 
 
 # ----------------------------------------------------------------------------
@@ -194,8 +194,8 @@ class _JaxWorker:
     self.jax = jax
     config = make_config(options)
     devices = jax.devices()[:options.devices]
-    if len(devices) < options.devices:
-      raise ValueError(f"devices={options.devices} but only {len(devices)} are visible")
+    validation.require(len(devices) >= options.devices, "devices",
+                       f"at most the {len(devices)} visible", options.devices)
     mesh = jax.sharding.Mesh(devices, (parallel.DATA_AXIS,))
     variables = initial_variables(options)
     exp = experiment.build(config, num_classes=10)
@@ -445,10 +445,10 @@ def run(options: Options, frameworks: Iterable[str] = FRAMEWORKS, *, profile_top
     o.validate()
   frameworks = list(dict.fromkeys(frameworks))
   for f in frameworks:
-    if f not in FRAMEWORKS:
-      raise ValueError(f"framework must be one of {FRAMEWORKS}, got {f!r}")
+    validation.one_of("framework", f, FRAMEWORKS)
   if options.devices > 1 and frameworks != ["jax"]:
-    raise ValueError("devices > 1 simulates JAX host devices; run it with framework 'jax' only")
+    raise validation.InvalidArgument(
+        "devices", rest="> 1 simulates JAX host devices; run it with framework 'jax' only")
   log = log or (lambda message: None)
   keys = [(f, p) for p in precisions for f in frameworks]
   name = lambda key: key[0] if len(precisions) == 1 else f"{key[0]} {key[1]}"

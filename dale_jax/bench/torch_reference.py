@@ -311,8 +311,7 @@ def make_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
   writes. ``mnist_cnn`` returns ``log_softmax`` (advbench's network does), the others
   logits.
   """
-  if name not in ARCHS:
-    raise ValueError(f"model must be one of {', '.join(ARCHS)}, got {name!r}")
+  validation.one_of("model", name, list(ARCHS))
   cls, fixed = ARCHS[name]
   return cls(num_classes, **{**fixed, **kwargs})
 
