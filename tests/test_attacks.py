@@ -19,6 +19,7 @@ from conftest import require
 from _square_reference import eta_l2
 
 from dale_jax import attacks
+from dale_jax import validation
 from dale_jax.attacks import autopgd
 from dale_jax.attacks import square_attack
 
@@ -281,6 +282,15 @@ def test_bad_arguments_raise_before_compiling(trained):
   with pytest.raises(ValueError, match="settings"):
     attacks.evaluate_robustness(logits_fn, x[:4], y[:4], attacks=("square",), norm="linf",
                                 eps=0.1, settings={"square": {"queries": 10}})
+  # Bad input is the user's to fix: one line from a console script, not a traceback.
+  for kwargs, field in ((dict(attacks=("pgd20", "pgd20")), "attacks must be distinct names"),
+                        (dict(attacks=("clean", "apgd-ce"), version="standard"), "attacks"),
+                        (dict(attacks=("pgd20",), version="standard",
+                              settings={"fab": {"steps": 3}}), "settings must be attacks"),
+                        (dict(attacks=("clean",), x=x[:0], y=y[:0]), "x must be at least")):
+    args = {"norm": "linf", "eps": 0.1, "x": x[:4], "y": y[:4], **kwargs}
+    with pytest.raises(validation.InvalidArgument, match=field):
+      attacks.evaluate_robustness(logits_fn, **args)
 
 
 # ----------------------------------------------------------------------------- strength order

@@ -160,14 +160,15 @@ def evaluate_robustness(
   if version is not None:
     for name in attacks:
       if name in chain_lib.ENSEMBLE:
-        raise ValueError(f"with version={version!r} the chain is the version's; attacks may "
-                         f"only name {('clean',) + chain_lib.REFERENCE}, got {name!r}")
+        raise validation.InvalidArgument(
+            "attacks", f"only {', '.join(('clean',) + chain_lib.REFERENCE)} with "
+            f"version={version!r} (the chain is the version's)", name)
     chain_lib.version(version, norm, eps)  # raises on an unknown version
   for name in attacks:
     if name not in registry.REGISTRY:
-      raise ValueError(f"attacks must be among {registry.ATTACKS}, got {name!r}")
-  if len(set(attacks)) != len(attacks):
-    raise ValueError(f"attacks must not repeat a name, got {attacks}")
+      raise validation.InvalidArgument("attacks", f"names among {', '.join(registry.ATTACKS)}",
+                                       name)
+  validation.require(len(set(attacks)) == len(attacks), "attacks", "distinct names", attacks)
   _common.check_inputs(x, y, norm, eps)
   _common.check_positive_int("batch_size", batch_size)
   x = np.asarray(x, np.float32)
@@ -186,18 +187,18 @@ def evaluate_robustness(
     attacks = attacks + chain_names
     for name, changes in dict(settings or {}).items():
       if name not in attacks:
-        raise ValueError(f"settings names {name!r}, which does not run; running: {attacks}")
+        raise validation.InvalidArgument(
+            "settings", f"attacks that run ({', '.join(attacks)})", name)
       resolved.update(registry.resolve_settings((name,), eps, {name: {
           **resolved[name], **changes}}))
   else:
     resolved = registry.resolve_settings(attacks, eps, settings)
   if "square" in attacks and x.ndim != 4:
-    raise ValueError(f"square needs NHWC images, got x of shape {x.shape}")
+    raise validation.InvalidArgument("x", "NHWC images for square", f"shape {x.shape}")
 
   y = np.asarray(y, np.int32)
   n = x.shape[0]
-  if n == 0:
-    raise ValueError("x holds no example")
+  validation.require(n > 0, "x", "at least one example", f"shape {x.shape}")
   mesh = mesh or parallel.make_mesh()
   # Weights bound in a Partial are traced arguments: replicate them over the mesh.
   fn = parallel.replicate(fn, mesh)
@@ -487,10 +488,8 @@ def evaluate_spatial(
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   n = x.shape[0]
-  if n == 0:
-    raise ValueError("x holds no example")
-  if x.ndim != 4:
-    raise ValueError(f"spatial attacks need NHWC images, got x of shape {x.shape}")
+  validation.require(n > 0, "x", "at least one example", f"shape {x.shape}")
+  validation.require(x.ndim == 4, "x", "NHWC images for the spatial attacks", f"shape {x.shape}")
 
   mesh = mesh or parallel.make_mesh()
   fn = parallel.replicate(_common.as_pytree_fn(logits_fn), mesh)
