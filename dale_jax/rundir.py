@@ -43,6 +43,17 @@ ROBUSTNESS_PROGRESS = "robustness_progress"
 PAPER_EVAL = "paper_eval.json"  # a results page's PGD-20 and AutoAttack of the run
 PAPER_EVAL_PROGRESS = "paper_eval_progress"
 DONE = "done"
+# The splits as every command and config may spell them, and their keys in the records
+# (advbench's capitalised names).
+SPLIT_KEYS = {"validation": "Validation", "test": "Test"}
+
+
+def split_key(split: str) -> str:
+  """The record key of ``split`` in either spelling: ``"test"``, ``"Test"`` -> ``"Test"``."""
+  key = SPLIT_KEYS.get(str(split).lower())
+  if key is None:
+    raise validation.InvalidArgument("split", f"one of {', '.join(SPLIT_KEYS)}", split)
+  return key
 
 
 def path(workdir: str, name: str) -> str:

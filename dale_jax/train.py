@@ -101,7 +101,7 @@ def _training_split(config: ml_collections.ConfigDict, dataset) -> tuple[np.ndar
 def _evaluated_splits(config, dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   splits = {"Validation": dataset.validation, "Test": dataset.test}
   out = {}
-  for name in config.eval.splits:
+  for name in map(rundir.split_key, config.eval.splits):
     x, y = splits[name]
     if config.eval.max_examples:
       x, y = x[:config.eval.max_examples], y[:config.eval.max_examples]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -422,3 +423,15 @@ def test_print_config_shows_every_field_with_its_source_and_writes_nothing(tmp_p
       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
       "dale-train: error: config.sampler.eps")
+
+
+def test_eval_splits_take_the_commands_lowercase_spelling_and_record_advbenchs_keys():
+  dataset = SimpleNamespace(validation=(np.zeros((3, 28, 28, 1)), np.zeros(3)),
+                            test=(np.ones((5, 28, 28, 1)), np.ones(5)))
+  for spelling in (("validation", "test"), ("Validation", "Test")):
+    config = _config(**{"eval.splits": spelling})
+    experiment.check(config)
+    splits = train._evaluated_splits(config, dataset)  # pylint: disable=protected-access
+    assert list(splits) == ["Validation", "Test"] and len(splits["Test"][1]) == 5
+  with pytest.raises(ValueError, match="eval.splits"):
+    experiment.check(_config(**{"eval.splits": ("train",)}))

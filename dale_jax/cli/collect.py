@@ -20,14 +20,14 @@ from typing import Sequence
 
 from absl import flags
 
+from dale_jax import rundir
 from dale_jax import validation
 from dale_jax.cli import _errors
 from dale_jax.cli import _flags
 from dale_jax.research import collect
 
 PROG = "dale-collect"
-# The split flags' lowercase values and the record keys they stand for.
-SPLITS = {"test": "Test", "validation": "Validation"}
+SPLITS = rundir.SPLIT_KEYS  # the split flags' values and the record keys they stand for
 FORMATS = ("markdown", "latex")
 
 
@@ -69,7 +69,7 @@ flags.DEFINE_bool("plots", False, "Also draw figures into <input_dir>/plots (nee
 
 def split_key(flag_value: str) -> str:
   """The record key (``Test``) of a ``--split`` value (``test``)."""
-  return SPLITS[flag_value.lower()]
+  return rundir.split_key(flag_value)
 
 
 def load(args: flags.FlagValues) -> list[collect.Run]:

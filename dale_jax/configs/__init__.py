@@ -376,7 +376,8 @@ def unknown_field_message(error: LookupError | AttributeError, argv: Sequence[st
 # Compute dtypes of the models. float16 is left out: its 5-bit exponent underflows
 # small gradients without loss scaling, where bfloat16 keeps float32's exponent range.
 _DTYPES = ("float32", "bfloat16")
-_SPLITS = ("Validation", "Test")
+# eval.splits: the record keys (advbench's), or the lowercase spelling of the commands.
+_SPLITS = (*rundir.SPLIT_KEYS.values(), *rundir.SPLIT_KEYS)
 
 
 def _names(field: str, values: Any, accepted: Any) -> None:
