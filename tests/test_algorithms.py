@@ -271,6 +271,7 @@ def test_missing_sections_are_named():
                               dual=dict(step_size=0.1, margin=0.1, momentum=0.9))
 
 
+@pytest.mark.slow
 def test_batch_level_samplers_are_not_cut_into_chunks():
   from dale_jax import samplers
   assert samplers.couples_examples({"name": "worst_of_k", "select": "batch"})

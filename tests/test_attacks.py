@@ -227,6 +227,7 @@ def test_attacks_stay_admissible_and_deterministic(trained, norm, eps):
   assert autopgd._apgd_jit._cache_size() == compiled  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_apgd_l1_follows_the_reference_schedule_and_stays_admissible(trained):
   *_, logits_fn, x, y = trained
   x, y = x[:32], y[:32]
@@ -346,6 +347,7 @@ def test_traceable_ensemble_matches_the_report(trained, report):
   assert acc == pytest.approx(report["ensemble_accuracy"])
 
 
+@pytest.mark.slow
 def test_warnings_flag_gradient_masking(trained):
   *_, logits_fn, x, y = trained
   # Rounding the input to 8 bits kills every input gradient: white-box attacks

@@ -89,6 +89,7 @@ def test_count_flops_multiplies_loop_bodies_by_their_trip_count():
   assert flops.count_flops(conv, jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 5))) == 2 * 45 * 18
 
 
+@pytest.mark.slow
 def test_step_flops_count_every_sampler_step():
   options = runner.Options(algorithm="Gaussian_DALE_PD", batch_size=8)
   config = runner.make_config(options)

@@ -264,6 +264,7 @@ def test_converted_model_gives_the_torch_logits(arch, torch_net):
   assert diff <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_normalization_is_inside_the_converted_model(torch_net):
   nets = _torch_nets()
@@ -286,6 +287,7 @@ def _bits(t):
   return t.reshape(-1).view(_torch_nets().torch.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("arch", ARCHS)
 def test_round_trip_is_bitwise(arch, torch_net):

@@ -72,6 +72,7 @@ def _run(mode: str, **env) -> dict:
   return _python(_SCRIPT, mode, **env)
 
 
+@pytest.mark.slow
 def test_freed_blocks_come_back_without_page_faults():
   system = _run("system")
   kept = _run("keep")

@@ -110,6 +110,7 @@ def _slurm_job_id() -> int:
   raise RuntimeError("no free port in JAX's Slurm range")
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_parallel_auto_reads_a_slurm_task_environment():
   """``parallel.auto``: two ``srun`` tasks on one node, faked by their SLURM_* variables,

@@ -328,6 +328,7 @@ def test_mnist_cnn_bfloat16_rounds_operands_and_accumulates_in_float32():
   assert np.abs(rounded - exact).max() > 20 * error
 
 
+@pytest.mark.slow
 def test_mixed_precision_gradients_are_bfloat16_products_of_the_rounded_cotangent():
   """The custom VJPs: ``da = r(g) r(b)^T``, ``db = r(a)^T r(g)`` and the conv's input
   gradient (transposed window sum) against float64, each rounded once to bfloat16."""
@@ -363,6 +364,7 @@ def test_mixed_precision_gradients_are_bfloat16_products_of_the_rounded_cotangen
   np.testing.assert_allclose(np.asarray(dk, np.float64), _bf16(want_dk), **tol)
 
 
+@pytest.mark.slow
 def test_mnist_cnn_bfloat16_gradients_follow_float32():
   """Parameter and input gradients of the bfloat16 model: float32 and near the float32
   model's. Rounding the cotangent at every layer moves them by 0.1% (fc2) to 10% (the
@@ -431,6 +433,7 @@ def test_initialisers_match_torch():
   assert abs(kernel.mean()) < 0.01 * kernel.std()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("initializer", ["torch", "lecun"])
 def test_mnist_cnn_initialisers_are_advbench_torch_defaults_or_flax_defaults(initializer):
   params = init_variables(MnistCNN(initializer=initializer), jax.random.key(3),

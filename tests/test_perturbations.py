@@ -346,6 +346,7 @@ def test_worst_of_k_evaluator_needs_all_draws_right():
   assert 2 <= right <= 25, right
 
 
+@pytest.mark.slow
 def test_metropolis_hastings_samples_the_target_density():
   """The chains' final angles against the float64 density exp(CE(theta) / T) on [-30, 30]."""
   gain, temperature, chains = 3.0, 0.25, 4000
@@ -478,6 +479,7 @@ def test_every_sampler_is_covered_over_sets():
   assert set(_SAMPLER_KWARGS) == set(samplers.SAMPLERS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(_SET_CASES))
 def test_every_sampler_stays_a_rotation_in_the_set(case):
   """Over rotations by up to 30 degrees the output is the ramp turned by |theta| <= 30."""

@@ -166,6 +166,7 @@ def test_invariants_and_keys(name, norm, tiny):
     assert not np.array_equal(np.asarray(other), np.asarray(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,norm", CASES)
 def test_jit_matches_eager(name, norm, tiny):
   jitted = _jitted(name, norm, tiny).run(_key(3), tiny.x, tiny.y, 1.0)
@@ -458,6 +459,7 @@ def test_sampler_matches_numpy(name, norm):
   assert np.abs(want - x).max() > 1e-3  # the reference moved, so the comparison means something
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("from_clean", [True, False])
 def test_smooth_adv_restarts_from_the_clean_image_as_advbench_or_accumulates(from_clean):
   w, b, x, y, logits_fn = _linear_problem()

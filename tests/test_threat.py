@@ -109,6 +109,7 @@ def test_sparse_sign_matches_the_sorted_reference():
   np.testing.assert_allclose(got, _np_sparse_sign(g, share), rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_uniform_l1_draws_fill_the_ball():
   x = jnp.full((4000, 3, 1, 1), 0.5, jnp.float32)
   eps, dim = 0.3, 3
@@ -174,6 +175,7 @@ def test_l2_norm_gradient_is_zero_at_zero_and_exact_elsewhere():
   np.testing.assert_allclose(np.delete(grad, 1, axis=0), v64 / norms, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 0.5)])
 def test_uniform_draws_fill_the_ball(norm, eps):
   # Centre 0.5 with small eps would never clip; here eps is large enough to clip at the
