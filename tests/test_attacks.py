@@ -200,6 +200,7 @@ def _assert_admissible(x_adv, x, norm, eps):
   assert size.max() <= eps * (1 + 1e-5) + 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 1.5)])
 def test_attacks_stay_admissible_and_deterministic(trained, norm, eps):
   *_, logits_fn, x, y = trained

@@ -314,6 +314,7 @@ def _state_dict_of(torch_net, arch):
   return torch_net(arch)[0].state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_state_dicts_of_another_architecture_are_named(torch_net):
   # WRN-28-10 has four blocks a group, WRN-34-10 five.

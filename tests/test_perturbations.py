@@ -552,6 +552,7 @@ def test_spatial_config_trains_over_its_set_and_evaluates_over_se2(arg, perturba
   assert {"Grid", "Worst-of-K"} <= set(config.eval.evaluators)
 
 
+@pytest.mark.slow
 def test_rotated_digits_example_builds_its_config_and_draws_predictions(tmp_path):
   require("matplotlib")
   example = _load(_ROOT / "experiments" / "spatial_digits.py", "spatial_digits")

@@ -195,6 +195,7 @@ def test_console_scripts_print_one_line_and_exit_2(tmp_path, module, prog, args,
   assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_the_traceback_is_there_when_asked_for(tmp_path):
   out = _script("train", *_TRAIN, "--config.sampler.eps=-1.0", f"--workdir={tmp_path}",
                 env={"DALE_JAX_TRACEBACK": "1"})
@@ -202,6 +203,7 @@ def test_the_traceback_is_there_when_asked_for(tmp_path):
   assert "dale-train: error: config.sampler.eps" in out.stderr
 
 
+@pytest.mark.slow
 def test_dale_eval_on_a_workdir_without_a_checkpoint(tmp_path):
   (tmp_path / "config.json").write_text(configs.base_config("mnist_digits", "PGD").to_json())
   out = _script("evaluate", f"--workdir={tmp_path}")
