@@ -511,3 +511,138 @@ def test_bench_precision_flag_and_table(capsys):
   assert "vs torch fp32" in lines[0]
   assert lines[2].split()[:2] == ["jax", "float32"] and lines[2].split()[-2:] == ["1.00x", "-"]
   assert lines[3].split()[:2] == ["jax", "bfloat16"] and lines[3].split()[-2:] == ["0.78x", "1.24x"]
+
+
+# ----------------------------------------------------------------------------
+# AutoAttack against torchattacks (dale-bench --task=autoattack).
+
+_ARCHS = ("mnist_cnn", "resnet18", "preact_resnet18", "wrn28_10", "wrn34_10")
+
+
+def test_bench_names_the_converters_architectures_and_normalisations():
+  from dale_jax import bench, models
+  from dale_jax.models import torch_weights
+
+  assert bench.ARCHS == torch_weights.ARCHS == _ARCHS
+  assert bench.NORMALIZATIONS == tuple(models.NORMALIZATIONS)
+
+
+# The converter's layouts are those of each architecture's published width (WRN-28-10
+# and WRN-34-10 included), so the weights are full-size: all but the MNIST CNN are slow.
+@pytest.mark.torch
+@pytest.mark.parametrize("arch", [
+    a if a == "mnist_cnn" else pytest.param(a, marks=pytest.mark.slow)
+    for a in _ARCHS])
+def test_autoattack_both_frameworks_hold_the_same_weights(arch):
+  """An architecture's initial weights from a seed, written as a state_dict and loaded by
+  the PyTorch network, give dale_jax's logits; the loaded tensors are the state_dict's."""
+  torch = require("torch")
+  from dale_jax.bench import autoattack
+  from dale_jax.models import torch_weights
+
+  setup = autoattack.prepare(arch=arch, dataset="synthetic", n_examples=3, batch_size=3,
+                             seed=1, device="cpu")
+  info = setup.info
+  assert info["model"] == arch and info["weights"] == "initial weights, seed 1"
+  assert info["synthetic"] and "measures nothing but speed" in info["points"]
+  assert info["max_abs_logit_diff"] <= 1e-4 * max(1.0, info["max_abs_logit"])
+  assert setup.x.shape == (3, *torch_weights.input_shape(arch))
+  assert 0.0 <= setup.x.min() and setup.x.max() <= 1.0
+  # Labelled with the model's own predictions: every point starts correctly classified.
+  logits = np.asarray(setup.logits_fn(setup.x))
+  np.testing.assert_array_equal(setup.y, logits.argmax(-1))
+  assert (setup.norm, setup.eps) == ("linf", 0.3 if arch == "mnist_cnn" else 8 / 255)
+  want = torch_weights.to_torch(jax.tree.map(np.array, setup.logits_fn.args[0]), arch)
+  got = setup.net.state_dict()
+  assert set(want) == set(got)
+  for key, value in want.items():
+    assert torch.equal(got[key], value), key
+
+
+@pytest.mark.torch
+def test_autoattack_reads_a_checkpoint_and_refuses_weights_that_differ(tmp_path, monkeypatch):
+  torch = require("torch")
+  from dale_jax import validation
+  from dale_jax.bench import autoattack
+  from dale_jax.bench import torch_reference as tr
+  from dale_jax.models import get_model, torch_weights
+
+  variables = init_variables(get_model("mnist_cnn", 10), jax.random.key(3), (28, 28, 1))
+  state_dict = torch_weights.to_torch(variables, "mnist_cnn")
+  # RobustBench's form: DataParallel names, under "state_dict".
+  torch.save({"state_dict": {"module." + k: v for k, v in state_dict.items()}},
+             tmp_path / "model.pt")
+  x, y = _digits_like(4)
+  np.savez(tmp_path / "points.npz", x=x.transpose(0, 3, 1, 2), y=y)
+  setup = autoattack.prepare(arch="mnist_cnn", torch_checkpoint=str(tmp_path / "model.pt"),
+                             dataset=str(tmp_path / "points.npz"), n_examples=3, batch_size=4,
+                             device="cpu")
+  np.testing.assert_array_equal(setup.x, x[:3])
+  np.testing.assert_array_equal(setup.y, y[:3])
+  assert setup.info["weights"] == f"checkpoint {tmp_path / 'model.pt'}"
+  assert setup.info["max_abs_logit_diff"] <= 1e-4 * max(1.0, setup.info["max_abs_logit"])
+  jax.tree.map(np.testing.assert_array_equal, setup.logits_fn.args[0],
+               torch_weights.from_torch(state_dict, "mnist_cnn"))
+
+  with pytest.raises(validation.BadInput, match=r"torch_checkpoint: the state_dict does not "
+                                                r"match arch 'resnet18'"):
+    autoattack.prepare(arch="resnet18", torch_checkpoint=str(tmp_path / "model.pt"),
+                       dataset="synthetic", n_examples=2, batch_size=2, device="cpu")
+  with pytest.raises(validation.BadInput, match=r"images of shape \(28, 28, 1\).*takes "
+                                                r"\(32, 32, 3\)"):
+    torch.save(torch_weights.to_torch(init_variables(get_model("resnet18", 10),
+                                                     jax.random.key(0), (32, 32, 3)),
+                                      "resnet18"), tmp_path / "resnet.pt")
+    autoattack.prepare(arch="resnet18", torch_checkpoint=str(tmp_path / "resnet.pt"),
+                       dataset=str(tmp_path / "points.npz"), batch_size=4, device="cpu")
+
+  # A PyTorch network that computes something else (one weight moved) is not timed.
+  load = tr.load_state_dict
+
+  def moved(*args, **kwargs):
+    net = load(*args, **kwargs)
+    with torch.no_grad():
+      net.fc2.bias[int(y[0])] += 1.0
+    return net
+
+  monkeypatch.setattr(tr, "load_state_dict", moved)
+  with pytest.raises(validation.BadInput, match=r"logits differ by up to [0-9.]+ .*nothing timed"):
+    autoattack.prepare(arch="mnist_cnn", torch_checkpoint=str(tmp_path / "model.pt"),
+                       dataset=str(tmp_path / "points.npz"), batch_size=4, device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_autoattack_command_times_both_frameworks_attack_by_attack(capsys):
+  """Two synthetic points, every attack on both (``--individual``), tiny budgets."""
+  require("torchattacks")
+  from dale_jax.bench import autoattack
+  from dale_jax.cli import bench
+
+  rows = bench.main(["--task=autoattack", "--arch=mnist_cnn", "--dataset=synthetic",
+                     "--n_examples=2", "--batch_size=2", "--repeats=2", "--apgd_steps=2",
+                     "--fab_steps=2", "--square_queries=4", "--individual", "--json"])
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  setup = lines[0]["setup"]
+  assert setup["synthetic"] and setup["individual"] and setup["n_examples"] == 2
+  assert setup["budgets"] == {"apgd_steps": 2, "fab_steps": 2, "square_queries": 4}
+  assert lines[1:] == rows
+  runs = {}
+  for r in rows[:-1]:
+    runs.setdefault((r["framework"], r["run"]), []).append(r)
+  assert list(runs) == [("dale_jax", "cold (compiles)"), ("dale_jax", "warm, median of 2"),
+                        ("torchattacks", "eager, median of 2")]
+  for run in runs.values():
+    assert [r["attack"] for r in run] == [*autoattack.ORDER, "total"]
+    *attacks, total = run
+    assert all(r["seconds"] > 0 and r["precision"] == "float32" for r in run)
+    assert sum(r["share"] for r in attacks) == pytest.approx(100.0)
+    assert sum(r["seconds"] for r in attacks) == pytest.approx(total["seconds"])
+    assert total["points_per_s"] == pytest.approx(2 / total["seconds"])
+    assert all(0.0 <= r["accuracy"] <= 100.0 for r in run)
+  speedup = rows[-1]
+  assert speedup["framework"] == "dale_jax / torchattacks" and speedup["attack"] == "total"
+  assert speedup["speedup"] == pytest.approx(runs["torchattacks", "eager, median of 2"][-1]["seconds"]
+                                             / runs["dale_jax", "warm, median of 2"][-1]["seconds"])
+  table = autoattack.format_table(rows)
+  assert "| dale_jax / torchattacks | median of 2 | float32 | speed-up |" in table

@@ -1,12 +1,12 @@
 """PyTorch checkpoints in dale_jax: the converter (dale_jax.models.torch_weights) and
 ``dale-eval --torch_checkpoint``.
 
-The PyTorch networks are written from the published code of each architecture
-(advbench's MNIST network and kuangliu/pytorch-cifar's BasicBlock as
-dale_jax.bench.torch_reference has them; kuangliu's ResNet-18, Wong et al.'s and
-RobustBench's PreActResNet-18, TRADES'/MART's and RobustBench's WideResNet here), with random
-weights and random BatchNorm statistics, in eval mode: the converted dale_jax model must
-give their logits, and the weights must come back bitwise.
+The PyTorch networks are those of dale_jax.bench.torch_reference, written from the
+published code of each architecture (advbench's MNIST network, kuangliu's ResNet-18, Wong
+et al.'s and RobustBench's PreActResNet-18, TRADES'/MART's and RobustBench's WideResNet,
+the WRN-34-10 with TRADES' unused ``sub_block1``), with random weights and random
+BatchNorm statistics, in eval mode: the converted dale_jax model must give their logits,
+and the weights must come back bitwise.
 """
 
 from __future__ import annotations
@@ -31,141 +31,18 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 
 @functools.lru_cache(maxsize=None)
 def _torch_nets() -> SimpleNamespace:
-  """The PyTorch definitions, built once torch is known to import."""
+  """The PyTorch definitions (dale_jax.bench.torch_reference, the networks the benchmark
+  times), looked up once torch is known to import."""
   torch = require("torch")
-  nn, F = torch.nn, torch.nn.functional
-  # advbench's MNIST network and kuangliu's BasicBlock, as the benchmark defines them.
   from dale_jax.bench import torch_reference  # pylint: disable=import-outside-toplevel
 
-  class PreActBlock(nn.Module):
-    """Wong et al.'s / RobustBench's ``PreActBlock``."""
-
-    def __init__(self, in_planes, planes, stride=1):
-      super().__init__()
-      self.bn1 = nn.BatchNorm2d(in_planes)
-      self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(planes)
-      self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-      if stride != 1 or in_planes != planes:
-        self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
-
-    def forward(self, x):
-      out = F.relu(self.bn1(x))
-      shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
-      out = self.conv1(out)
-      out = self.conv2(F.relu(self.bn2(out)))
-      return out + shortcut
-
-  class CifarResNet(nn.Module):
-    """kuangliu's ``ResNet`` (``preact=False``) or Wong et al.'s ``PreActResNet``."""
-
-    def __init__(self, preact, num_blocks=(2, 2, 2, 2), num_classes=10):
-      super().__init__()
-      block = PreActBlock if preact else torch_reference.BasicBlock
-      self.preact = preact
-      self.in_planes = 64
-      self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-      if not preact:
-        self.bn1 = nn.BatchNorm2d(64)
-      for i, (planes, n) in enumerate(zip((64, 128, 256, 512), num_blocks)):
-        layers = []
-        for stride in [1 if i == 0 else 2] + [1] * (n - 1):
-          layers.append(block(self.in_planes, planes, stride))
-          self.in_planes = planes
-        setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
-      if preact:
-        self.bn = nn.BatchNorm2d(512)
-      self.linear = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-      out = self.conv1(x)
-      if not self.preact:
-        out = F.relu(self.bn1(out))
-      out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-      if self.preact:
-        out = F.relu(self.bn(out))
-      out = F.avg_pool2d(out, 4)
-      return self.linear(out.view(out.size(0), -1))
-
-  class WideBasicBlock(nn.Module):
-    """TRADES' ``wideresnet.BasicBlock``."""
-
-    def __init__(self, in_planes, out_planes, stride, drop_rate=0.0):
-      super().__init__()
-      self.bn1 = nn.BatchNorm2d(in_planes)
-      self.relu1 = nn.ReLU(inplace=True)
-      self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(out_planes)
-      self.relu2 = nn.ReLU(inplace=True)
-      self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
-      self.droprate = drop_rate
-      self.equalInOut = in_planes == out_planes  # pylint: disable=invalid-name
-      self.convShortcut = (not self.equalInOut) and nn.Conv2d(  # pylint: disable=invalid-name
-          in_planes, out_planes, 1, stride, 0, bias=False) or None
-
-    def forward(self, x):
-      if not self.equalInOut:
-        x = self.relu1(self.bn1(x))
-      else:
-        out = self.relu1(self.bn1(x))
-      out = self.relu2(self.bn2(self.conv1(out if self.equalInOut else x)))
-      if self.droprate > 0:
-        out = F.dropout(out, p=self.droprate, training=self.training)
-      out = self.conv2(out)
-      return torch.add(x if self.equalInOut else self.convShortcut(x), out)
-
-  class NetworkBlock(nn.Module):
-    def __init__(self, nb_layers, in_planes, out_planes, stride):
-      super().__init__()
-      self.layer = nn.Sequential(*[
-          WideBasicBlock(in_planes if i == 0 else out_planes, out_planes,
-                         stride if i == 0 else 1) for i in range(nb_layers)])
-
-    def forward(self, x):
-      return self.layer(x)
-
-  class WideResNet(nn.Module):
-    """TRADES'/MART's ``WideResNet`` (``sub_block1=True``) or RobustBench's (default)."""
-
-    def __init__(self, depth=34, num_classes=10, widen_factor=10, sub_block1=False):
-      super().__init__()
-      channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-      n = (depth - 4) // 6
-      self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
-      self.block1 = NetworkBlock(n, channels[0], channels[1], 1)
-      if sub_block1:
-        self.sub_block1 = NetworkBlock(n, channels[0], channels[1], 1)
-      self.block2 = NetworkBlock(n, channels[1], channels[2], 2)
-      self.block3 = NetworkBlock(n, channels[2], channels[3], 2)
-      self.bn1 = nn.BatchNorm2d(channels[3])
-      self.relu = nn.ReLU(inplace=True)
-      self.fc = nn.Linear(channels[3], num_classes)
-      self.nChannels = channels[3]  # pylint: disable=invalid-name
-
-    def forward(self, x):
-      out = self.block3(self.block2(self.block1(self.conv1(x))))
-      out = F.avg_pool2d(self.relu(self.bn1(out)), 8)
-      return self.fc(out.view(-1, self.nChannels))
-
-  class Normalized(nn.Module):
-    """RobustBench-style: ``(x - mean) / std`` before the network."""
-
-    def __init__(self, net, mean, std):
-      super().__init__()
-      self.net = net
-      self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-      self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x):
-      return self.net((x - self.mean) / self.std)
-
   return SimpleNamespace(
-      torch=torch, Normalized=Normalized,
+      torch=torch, Normalized=torch_reference.Normalized,
       mnist_cnn=torch_reference.MnistCNN,  # returns log_softmax, as advbench's does
-      resnet18=functools.partial(CifarResNet, False),
-      preact_resnet18=functools.partial(CifarResNet, True),
-      wrn28_10=functools.partial(WideResNet, depth=28),
-      wrn34_10=functools.partial(WideResNet, depth=34, sub_block1=True))
+      resnet18=torch_reference.ResNet,
+      preact_resnet18=torch_reference.PreActResNet,
+      wrn28_10=functools.partial(torch_reference.WideResNet, depth=28),
+      wrn34_10=functools.partial(torch_reference.WideResNet, depth=34, sub_block1=True))
 
 
 def _randomize_batch_norms(net, x, seed: int):

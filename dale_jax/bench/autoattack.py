@@ -123,7 +123,9 @@ def _jax_model(arch: str, num_classes: int, normalize: str, variables, dtype=Non
   from dale_jax import models  # pylint: disable=import-outside-toplevel
   kwargs = {} if dtype is None else {"dtype": dtype}
   model = models.normalized(models.get_model(arch, num_classes, **kwargs), normalize)
-  return jax.tree_util.Partial(functools.partial(model.apply, train=False), variables)
+  # On the device once, not copied from the host at every attack call.
+  return jax.tree_util.Partial(functools.partial(model.apply, train=False),
+                               jax.device_put(variables))
 
 
 def _predict(logits_fn, x: np.ndarray, batch_size: int) -> np.ndarray:

@@ -20,7 +20,8 @@ timed. ``--dataset`` takes a dataset's test split, an ``.npz`` or ``synthetic``
 (uniform images labelled with the model's own predictions: only the times mean
 something). ``--precision=bfloat16`` computes the activations in bfloat16 on both sides.
 
-Times the full step (sampler loop, primal and dual update) after warm-up; see
+``--task=step`` (the default) times the full training step (sampler loop, primal and
+dual update) after warm-up; see
 :mod:`dale_jax.bench.runner`. ``--frameworks`` lists any of ``jax``, ``torch``
 (eager) and ``torch-compile`` (default: all three).
 ``--simulated_devices=1,2,4`` adds JAX runs on that many simulated host devices
