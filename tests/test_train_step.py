@@ -2,8 +2,9 @@
 
 In float32 and in bfloat16 (``config.model.dtype``), every algorithm: the compute is
 bfloat16, but everything the step carries from one step to the next (parameters,
-optimizer state, the dual variable, BatchNorm statistics) stays float32. The fast tier
-(``-m "not slow"``) steps each algorithm in float32 once; the bfloat16 steps are slow.
+optimizer state, the dual variable, BatchNorm statistics) stays float32. Each step
+compiles a whole training program, so these are in the slow tier (the full suite and CI
+run them; ``-m "not slow"`` leaves them out).
 """
 
 import jax
