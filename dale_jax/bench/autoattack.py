@@ -70,7 +70,9 @@ def run_torch(net, x: np.ndarray, y: np.ndarray, *, norm: str, eps: float, n_cla
   import torchattacks  # pylint: disable=import-outside-toplevel
 
   device = next(net.parameters()).device
-  xt = torch.from_numpy(np.array(x.transpose(0, 3, 1, 2))).to(device)  # a writable copy
+  # A contiguous NCHW copy, as a DataLoader gives it: np.array of the transposed view
+  # would keep NHWC memory, which torch takes as channels_last and computes differently.
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
   yt = torch.from_numpy(y.astype(np.int64)).to(device)
   with torch.no_grad():
     clean = (net(xt).argmax(-1) == yt).cpu().numpy()
@@ -140,7 +142,8 @@ def _torch_logits(net, x: np.ndarray, batch_size: int) -> np.ndarray:
   out = []
   with torch.no_grad():
     for i in range(0, len(x), batch_size):
-      xt = torch.from_numpy(np.array(x[i:i + batch_size].transpose(0, 3, 1, 2))).to(device)
+      xt = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size].transpose(0, 3, 1, 2)))
+      xt = xt.to(device)
       out.append(net(xt).float().cpu().numpy())
   return np.concatenate(out)
 

@@ -193,7 +193,7 @@ def _autoattack(args, log) -> list[dict]:
       rows += autoattack.compare(setup, batch_size=batch_size, repeats=args.repeats,
                                  precision=precision, budgets=budgets,
                                  individual=args.individual, log=log)
-  except (validation.BadInput, ValueError, RuntimeError) as e:
+  except (validation.BadInput, ValueError) as e:  # a framework's RuntimeError keeps its traceback
     _flags.fail(PROG, e)
   for row in rows:
     if args.json:
