@@ -115,18 +115,19 @@ def is_named(dataset: str | None) -> bool:
 
 
 def select_points(model: Model, *, dataset: str | None = None, split: str = "test",
-                  data_dir: str | None = None, n_examples: int = 0
+                  data_dir: str | None = None, n_examples: int = 0,
+                  loaded: tuple[np.ndarray, np.ndarray] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, str, str | None]:
   """``(x, y, dataset, split)``: the points to attack, checked against ``model``.
 
   ``dataset`` names a dataset (default: the run's) whose ``split`` is taken, or an
-  ``.npz`` file of points (:func:`dale_jax.points.load_npz`; ``split`` is then
-  ``None``); the first ``n_examples`` (0: all).
+  ``.npz`` file of points (:func:`dale_jax.points.load_npz`, or its arrays ``loaded``
+  already; ``split`` is then ``None``); the first ``n_examples`` (0: all).
   """
   what = (f"the run's model ({model.report['model']})" if model.config is not None
           else f"--arch={model.report['model']}")
   if not is_named(dataset):
-    (x, y), name, split = points.load_npz(dataset, "--dataset"), dataset, None
+    (x, y), name, split = loaded or points.load_npz(dataset, "--dataset"), dataset, None
   else:
     validation.one_of("split", split, ("test", "validation"))
     config = model.config
@@ -208,6 +209,7 @@ def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("
                    spatial: Sequence[str] = (), perturbation: Mapping[str, Any] | None = None,
                    grid_points: int | Sequence[int] | None = None,
                    worst_of_k: int | None = None, grid_chunk: int = 0,
+                   loaded: tuple[np.ndarray, np.ndarray] | None = None,
                    log: Callable[[str], None] | None = None) -> dict:
   """Attacks ``model`` and writes the report into ``output_dir``; returns the report.
 
@@ -217,7 +219,7 @@ def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("
     attacks: names from :data:`dale_jax.attacks.ATTACKS`, measured first.
     version: ``None`` or one of AutoAttack's versions (``"standard"``, ``"plus"``,
       ``"rand"``): its chain runs after ``attacks``.
-    dataset, split, data_dir, n_examples: the points (:func:`select_points`).
+    dataset, split, data_dir, n_examples, loaded: the points (:func:`select_points`).
     batch_size: points per attack call.
     eps, norm: the threat model (:func:`threat_model`).
     seed: of every random draw of the attacks.
@@ -239,7 +241,7 @@ def evaluate_model(model: Model, *, output_dir: str, attacks: Sequence[str] = ("
   writes the files.
   """
   x, y, dataset, split = select_points(model, dataset=dataset, split=split, data_dir=data_dir,
-                                       n_examples=n_examples)
+                                       n_examples=n_examples, loaded=loaded)
   eps, norm = threat_model(model, dataset, eps, norm)
   running = tuple(attacks) + (attacks_lib.version(version, norm, eps)[0] if version else ())
   settings = attacks_lib.budget_settings(running, apgd_steps=apgd_steps,

@@ -79,6 +79,7 @@ from dale_jax import host_memory
 from dale_jax import models
 from dale_jax import parallel
 from dale_jax import perturbations
+from dale_jax import points
 from dale_jax import rundir
 from dale_jax import threat
 from dale_jax import validation
@@ -318,6 +319,9 @@ def main(argv):
   spatial = _spatial_flags()
   _check_source()
   _check_spatial(spatial)
+  # An .npz is read (and refused, if it is) before the model is: its errors come first.
+  loaded = None if evaluate.is_named(_DATASET.value) else points.load_npz(_DATASET.value,
+                                                                          "--dataset")
   host_memory.keep_freed_memory()
   parallel.initialize_distributed(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_AUTO.value, prefix="--")
@@ -331,7 +335,7 @@ def main(argv):
       n_examples=_N_EXAMPLES.value, batch_size=_BATCH_SIZE.value, eps=_EPS.value,
       norm=_NORM.value, seed=_SEED.value, apgd_steps=_APGD_STEPS.value,
       square_queries=_SQUARE_QUERIES.value, individual=_INDIVIDUAL.value,
-      save_adversarial=_SAVE_ADVERSARIAL.value, **spatial,
+      save_adversarial=_SAVE_ADVERSARIAL.value, loaded=loaded, **spatial,
       log=lambda line: print(f"dale-eval: {line}", file=sys.stderr, flush=True))
   if parallel.is_main_process():
     print(evaluate.table(result))
