@@ -861,7 +861,7 @@ class TrainStep:
     self.sampler = make_sampler(section) if section else None
     self.draws = int(config.draws) if section else 0
     validation.require(self.draws <= 1 or section["name"] == "uniform", "draws",
-                       f"1 with sampler {section['name']!r} (the torch reference draws several "
+                       f"1 with sampler {section.get('name')!r} (the torch reference draws several "
                        "perturbations per example with the uniform sampler only)", self.draws)
     dual = config.dual.to_dict()
     device = next(model.parameters()).device
