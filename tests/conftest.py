@@ -161,3 +161,32 @@ def trained_cnn():
   x_test, y_test = x_test[:500], y_test[:500]
   correct = np.asarray(jax.jit(logits_fn)(x_test).argmax(-1) == y_test)
   return TrainedCNN(logits_fn, x_test[correct], y_test[correct], float(correct.mean()))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module: str, *args: str):
+  """``python -m module args`` with this checkout on the path; the completed process."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        timeout=600, check=False, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+@pytest.fixture(scope="session")
+def pgd_tiny_run(tmp_path_factory):
+  """A finished quickstart PGD run of one epoch on 96 digits: a model for dale-eval."""
+  from dale_jax import train  # pylint: disable=import-outside-toplevel
+  from dale_jax.configs import quickstart  # pylint: disable=import-outside-toplevel
+
+  config = quickstart.get_config("PGD")
+  config.update(num_epochs=1, batch_size=32)
+  config.data.max_train_examples = 96
+  config.sampler.steps = 1
+  config.eval.update(max_examples=32, evaluators=("Clean",))
+  config.model.initializer = "lecun"  # classifies most digits after these few steps
+  workdir = str(tmp_path_factory.mktemp("pgd_tiny_run"))
+  train.train_and_evaluate(config, workdir)
+  return workdir

@@ -15,17 +15,14 @@ import functools
 import json
 import os
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import require, run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 
 
@@ -294,9 +291,7 @@ def test_npz_points_nhwc_or_nchw_by_the_channel_axis(tmp_path):
 # dale-eval --torch_checkpoint.
 
 
-def _command(module, *args):
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                        timeout=600, check=False, env=dict(os.environ, PYTHONPATH=ROOT))
+_command = run_module
 
 
 _dale_eval = functools.partial(_command, "dale_jax.cli.evaluate")

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import run_module
+
 from dale_jax import attacks
 from dale_jax import checkpoint
 from dale_jax import configs
@@ -51,9 +53,7 @@ def finished_run(tmp_path_factory):
 
 
 def _dale_eval(*args):
-  return subprocess.run([sys.executable, "-m", "dale_jax.cli.evaluate", *args],
-                        capture_output=True, text=True, timeout=600, check=False,
-                        env=dict(os.environ, PYTHONPATH=ROOT))
+  return run_module("dale_jax.cli.evaluate", *args)
 
 
 @pytest.mark.slow

@@ -20,9 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from dale_jax.configs import quickstart
 from dale_jax import rundir
-from dale_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two batches per attack (of the 13 points classified right), AutoAttack's APGD-T after
@@ -34,16 +32,8 @@ _ARGS = ("--version=custom", "--attacks=clean,fgsm,pgd20,apgd-ce,apgd-t", "--n_e
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  config = quickstart.get_config("PGD")
-  config.update(num_epochs=1, batch_size=32)
-  config.data.max_train_examples = 96
-  config.sampler.steps = 1
-  config.eval.update(max_examples=32, evaluators=("Clean",))
-  config.model.initializer = "lecun"  # classifies most digits after these few steps
-  workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(config, workdir)
-  return workdir
+def finished_run(pgd_tiny_run):
+  return pgd_tiny_run
 
 
 def _free_port() -> int:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +19,12 @@ import numpy as np
 import pytest
 
 
+from conftest import run_module
+
 from dale_jax import perturbations
 from dale_jax import rundir
-from dale_jax import train
 from dale_jax.attacks import robustness
-from dale_jax.configs import quickstart
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 10
 
 
@@ -134,22 +131,12 @@ def test_bad_spatial_settings_name_the_field(kwargs, field):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  config = quickstart.get_config("PGD")
-  config.update(num_epochs=1, batch_size=32)
-  config.data.max_train_examples = 96
-  config.sampler.steps = 1
-  config.eval.update(max_examples=32, evaluators=("Clean",))
-  config.model.initializer = "lecun"
-  workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(config, workdir)
-  return workdir
+def finished_run(pgd_tiny_run):
+  return pgd_tiny_run
 
 
 def _dale_eval(*args):
-  return subprocess.run([sys.executable, "-m", "dale_jax.cli.evaluate", *args],
-                        capture_output=True, text=True, timeout=600, check=False,
-                        env=dict(os.environ, PYTHONPATH=ROOT))
+  return run_module("dale_jax.cli.evaluate", *args)
 
 
 @pytest.mark.slow
