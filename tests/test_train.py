@@ -392,6 +392,21 @@ def test_dale_train_refuses_to_resume_a_workdir_with_other_flags_and_writes_noth
   assert "Config-Changes" not in records[1]
 
 
+def test_the_bundled_configs_former_path_still_names_them(tmp_path):
+  bundled = os.path.join(configs.CONFIG_DIR, "quickstart.py") + ":DALE"
+  assert configs.config_path("experiments/configs/quickstart.py:DALE") == bundled
+  assert configs.config_path("/any/checkout/experiments/configs/quickstart.py:DALE") == bundled
+  # Anywhere else a missing file is the user's own, reported as missing by ml_collections.
+  assert configs.config_path("my/configs/quickstart.py:DALE") == "my/configs/quickstart.py:DALE"
+  assert configs.config_path("experiments/configs/nope.py:DALE") == (
+      "experiments/configs/nope.py:DALE")
+  # A file that exists at the former path is read, not replaced.
+  own = tmp_path / "experiments" / "configs" / "quickstart.py"
+  own.parent.mkdir(parents=True)
+  own.write_text("")
+  assert configs.config_path(f"{own}:DALE") == f"{own}:DALE"
+
+
 @pytest.mark.slow
 def test_print_config_shows_every_field_with_its_source_and_writes_nothing(tmp_path):
   assert configs.bundled() == ["cifar10", "mnist", "quickstart", "spatial", "svhn"]

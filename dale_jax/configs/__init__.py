@@ -45,12 +45,24 @@ def bundled() -> list[str]:
                 if f.endswith(".py") and not f.startswith("_"))
 
 
+# Where the bundled configs lived before they moved into the package; commands written
+# with that path (``--config=experiments/configs/quickstart.py:PGD``) still run.
+_FORMER_CONFIG_DIR = os.path.join("experiments", "configs")
+
+
 def config_path(spec: str) -> str:
   """``--config``'s value with a bundled config's name made a path: ``quickstart:PGD`` ->
-  ``<CONFIG_DIR>/quickstart.py:PGD``. A path to an existing file (or anything that
-  is not a bundled name) is returned unchanged."""
+  ``<CONFIG_DIR>/quickstart.py:PGD``. So is the bundled configs' former path,
+  ``experiments/configs/<name>.py``, where no such file exists. A path to an existing
+  file (or anything else that is not a bundled name) is returned unchanged."""
   name, sep, arg = spec.partition(":")
-  if os.path.exists(name) or name not in bundled():
+  if os.path.exists(name):
+    return spec
+  folder, file = os.path.split(os.path.normpath(name))
+  former = folder == _FORMER_CONFIG_DIR or folder.endswith(os.sep + _FORMER_CONFIG_DIR)
+  if former and file.endswith(".py"):
+    name = file[:-3]
+  if name not in bundled():
     return spec
   return os.path.join(CONFIG_DIR, f"{name}.py") + sep + arg
 
