@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -229,3 +230,37 @@ def test_findings_pair_the_seeds_and_flag_runs_at_chance():
   assert lines[-1].startswith("Gaussian_DALE_PD's seed 0 is the README's main job (the same "
                               "command): clean 94.0, PGD-10 nan")
   assert paper._name(choices[4]) == "MART † 2/3"
+
+
+def _advbench_record(algorithm, seed, clean, pgd):
+  return {"algorithm": algorithm, "seed": seed,
+          "Test": {"Clean-Accuracy": clean, "PGD-Accuracy": pgd}}
+
+
+def test_advbench_rows_sit_beside_the_table_and_same_start_runs_beside_their_seed():
+  runs = tuple(collect.Run(f"/r/PGD/{seed}", "d", "PGD", 0, seed, {}, (), True)
+               for seed in range(3))
+  records = tuple({"Test": {"Clean-Accuracy": c, "PGD-Accuracy": p}}
+                  for c, p in [(41.4, 21.1), (10.0, 10.0), (23.8, 19.4)])
+  pgd = collect.Choice("d", "PGD", "LastStep", None, 0, runs, records, float("nan"))
+  erm = _choice("ERM", (95.0,), (0.0,))
+  theirs = {"PGD": [_advbench_record("PGD", 0, 60.7, 29.1),
+                    _advbench_record("PGD", 1, 72.3, 34.5)],
+            "MART": [_advbench_record("MART", 0, 45.9, 18.7)]}
+  mart = dataclasses.replace(pgd, algorithm="MART")
+  table = paper.advbench_table([erm, pgd], theirs)
+  # One advbench seed: its value alone, no spread.
+  assert paper.advbench_table([mart], theirs).splitlines()[2].split(" | ")[2] == "45.9"
+  clean, robust = np.array([41.4, 10.0, 23.8]), np.array([21.1, 10.0, 19.4])
+  # One row per algorithm advbench ran (ERM did not): both sides' mean ± std over seeds.
+  assert table.splitlines()[2:] == [
+      f"| PGD | {clean.mean():.1f} ± {clean.std(ddof=1):.1f} | 66.5 ± "
+      f"{np.std([60.7, 72.3], ddof=1):.1f} | {robust.mean():.1f} ± {robust.std(ddof=1):.1f} "
+      f"| 31.8 ± {np.std([29.1, 34.5], ddof=1):.1f} | 2 |"]
+  # From the same start: each advbench run beside dale_jax's run of its seed only; a
+  # seed dale_jax did not run has no row, and a run without a test record "diverged".
+  same = {"PGD": [_advbench_record("PGD", 1, 10.0, 10.0), _advbench_record("PGD", 5, 1, 1),
+                  {"algorithm": "PGD", "seed": 0, "Test": None}]}
+  assert paper.same_start_table([erm, pgd], same).splitlines()[2:] == [
+      "| PGD | 0 | 41.4 | diverged | 21.1 | diverged |",
+      "| PGD | 1 | 10.0 | 10.0 | 10.0 | 10.0 |"]

@@ -113,6 +113,9 @@ class Experiment:
     advbench: a ``results.jsonl`` of advbench's own classes trained in the same
       setting (``experiments/fidelity/advbench_digits.py``), set beside the table;
       empty: none.
+    advbench_same_start: the same runner's ``results.jsonl`` of advbench's classes
+      started from dale_jax's initial weights and batch order of one seed
+      (``--start=dale_jax``), each set beside dale_jax's run of that seed; empty: none.
   """
 
   name: str
@@ -126,6 +129,7 @@ class Experiment:
   setting: str = ""
   caveats: tuple[str, ...] = ()
   advbench: str = ""
+  advbench_same_start: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,10 +383,31 @@ def advbench_table(choices: Sequence[collect.Choice], advbench: Mapping[str, lis
     for metric in ("Clean-Accuracy", "PGD-Accuracy"):
       ours = _cell(*_mean_std(c, metric))
       values = [r["Test"][metric] for r in runs if r.get("Test")]
-      theirs = _cell(*collect.mean_std(values)) if values else "diverged"
+      if len(values) > 1:
+        theirs = _cell(*collect.mean_std(values))
+      else:  # one seed has no spread to show
+        theirs = f"{values[0]:.1f}" if values else "diverged"
       cells += [ours, theirs]
     lines.append(f"| {c.algorithm} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
                  f"{len(runs)} |")
+  return "\n".join(lines)
+
+
+def same_start_table(choices: Sequence[collect.Choice],
+                     advbench: Mapping[str, list[dict]]) -> str:
+  """advbench's runs from dale_jax's start, each beside dale_jax's run of that seed."""
+  lines = ["| Algorithm | seed | dale_jax Clean | advbench Clean | dale_jax PGD-10 "
+           "| advbench PGD-10 |", "|:---|---:|---:|---:|---:|---:|"]
+  for c in choices:
+    ours = {run.trial_seed: record for run, record in zip(c.runs, c.records)}
+    for theirs in sorted(advbench.get(c.algorithm, ()), key=lambda r: r["seed"]):
+      if theirs["seed"] not in ours:
+        continue
+      cells = []
+      for metric in ("Clean-Accuracy", "PGD-Accuracy"):
+        cells.append(f"{collect.metric_value(ours[theirs['seed']], 'Test', metric):.1f}")
+        cells.append(f"{theirs['Test'][metric]:.1f}" if theirs.get("Test") else "diverged")
+      lines.append(f"| {c.algorithm} | {theirs['seed']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -557,7 +582,8 @@ def page(experiment: Experiment, choices: Sequence[collect.Choice], settings: Ev
       f"and again on AutoAttack's points; AutoAttack ({budget}: APGD-CE, APGD-T, FAB-T, "
       f"Square, each on the points the previous ones left) on the first {n_aa}, so the last "
       "two columns compare the attacks on the same images. Training time is the run's own "
-      f"clock. † k/n: k of the n runs ended at chance (clean accuracy below "
+      "wall clock, which counts any time it shared the cores with other jobs. † k/n: k of "
+      "the n runs ended at chance (clean accuracy below "
       f"{CHANCE + AT_CHANCE_MARGIN:g} %): they did not learn, and their numbers are in the "
       "row's mean.",
       "",
@@ -621,7 +647,20 @@ def _advbench_section(experiment: Experiment, choices: Sequence[collect.Choice])
           "batch and epochs) and measured by the same dale_jax evaluators, mean ± std over "
           "its seeds; `docs/fidelity.md` has every algorithm and the commands. A weakness "
           "that both columns share belongs to the method and the budget, not to the port.",
-          "", advbench_table(choices, runs), ""]
+          "", advbench_table(choices, runs), "", *_same_start_section(experiment, choices)]
+
+
+def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice]
+                        ) -> list[str]:
+  if not experiment.advbench_same_start:
+    return []
+  table = same_start_table(choices, read_advbench(experiment.advbench_same_start))
+  if table.count("\n") < 2:  # no run beside one of the table's
+    return []
+  return ["From the same start: advbench's class trained from dale_jax's initial weights "
+          "and batch order of one seed (`--start=dale_jax`; only the dropout masks differ), "
+          "beside dale_jax's run of that seed. What the two columns share here is the "
+          "start's; what differs, the code's.", "", table, ""]
 
 
 def report(experiment: Experiment, output_dir: str, settings: EvalSettings, *, doc: str,

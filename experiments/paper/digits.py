@@ -11,7 +11,8 @@ schedule, three seeds each, on the 5,000 real MNIST digits that ship with mlxten
 (no download); evaluates clean, FGSM, PGD-10 and PGD-20 accuracy on the 1,000
 test digits, AutoAttack (standard) and PGD-20 again on the first 100; writes
 docs/results.md with the table beside the paper's MNIST numbers and advbench's own
-code in the same setting (docs/fidelity/advbench_digits.jsonl, written by
+code in the same setting (docs/fidelity/advbench_digits.jsonl, and from dale_jax's
+start docs/fidelity/advbench_same_start.jsonl, both written by
 experiments/fidelity/advbench_digits.py), and the figures in docs/results/digits/.
 """
 
@@ -55,6 +56,7 @@ EXPERIMENT = paper.Experiment(
         "`cifar10.py`) trains it on the full datasets, on a GPU or TPU.",
     ),
     advbench=os.path.join(_DOCS, "fidelity", "advbench_digits.jsonl"),
+    advbench_same_start=os.path.join(_DOCS, "fidelity", "advbench_same_start.jsonl"),
 )
 
 if __name__ == "__main__":
