@@ -660,7 +660,10 @@ def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice
   return ["From the same start: advbench's class trained from dale_jax's initial weights "
           "and batch order of one seed (`--start=dale_jax`; only the dropout masks differ), "
           "beside dale_jax's run of that seed. What the two columns share here is the "
-          "start's; what differs, the code's.", "", table, ""]
+          "start's; a gap left is the code's or the dropout masks'. A run that ended near "
+          "chance (test loss near ln 10) reads the argmax of near-uniform outputs, whose "
+          "clean accuracy moves by tens of points at an unchanged loss; `docs/fidelity.md` "
+          "sets the two training curves side by side.", "", table, ""]
 
 
 def report(experiment: Experiment, output_dir: str, settings: EvalSettings, *, doc: str,
