@@ -350,17 +350,19 @@ def _name(choice: collect.Choice) -> str:
   return f"{choice.algorithm} † {k}/{len(choice.records)}" if k else choice.algorithm
 
 
-def results_table(choices: Sequence[collect.Choice]) -> str:
-  """The Markdown table: one row per algorithm, mean ± std over its seeds."""
-  header = ["Algorithm", *(title for _, title in COLUMNS), "seeds", "train (min/run)"]
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A Markdown table: the first column left-aligned, the others right-aligned."""
   lines = ["| " + " | ".join(header) + " |",
            "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-  for c in choices:
-    cells = [_cell(*_mean_std(c, metric)) for metric, _ in COLUMNS]
-    minutes = np.mean([_train_seconds(r) for r in c.runs]) / 60
-    lines.append("| " + " | ".join([_name(c), *cells, str(len(c.runs)),
-                                    f"{minutes:.1f}"]) + " |")
-  return "\n".join(lines)
+  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def results_table(choices: Sequence[collect.Choice]) -> str:
+  """The Markdown table: one row per algorithm, mean ± std over its seeds."""
+  rows = [[_name(c), *(_cell(*_mean_std(c, metric)) for metric, _ in COLUMNS), str(len(c.runs)),
+           f"{np.mean([_train_seconds(r) for r in c.runs]) / 60:.1f}"] for c in choices]
+  return _markdown(["Algorithm", *(title for _, title in COLUMNS), "seeds", "train (min/run)"],
+                   rows)
 
 
 def read_advbench(path: str) -> dict[str, list[dict]]:
@@ -371,53 +373,67 @@ def read_advbench(path: str) -> dict[str, list[dict]]:
   return runs
 
 
-def advbench_table(choices: Sequence[collect.Choice], advbench: Mapping[str, list[dict]]) -> str:
-  """The table's rows beside advbench's own classes in the same setting (clean, PGD-10)."""
-  lines = ["| Algorithm | dale_jax Clean | advbench Clean | dale_jax PGD-10 | advbench PGD-10 "
-           "| advbench seeds |", "|:---|---:|---:|---:|---:|---:|"]
+_ADVBENCH_METRICS = ("Clean-Accuracy", "PGD-Accuracy")
+
+
+def _advbench_cell(values: Sequence[float]) -> str:
+  """advbench's runs of one cell: mean ± std; one seed alone (no spread); none "diverged"."""
+  if len(values) > 1:
+    return _cell(*collect.mean_std(values))
+  return f"{values[0]:.1f}" if values else "diverged"
+
+
+def advbench_rows(choices: Sequence[collect.Choice], advbench: Mapping[str, list[dict]]
+                  ) -> list[list[str]]:
+  """One row per algorithm advbench ran: dale_jax's and advbench's clean and PGD-10."""
+  rows = []
   for c in choices:
     runs = advbench.get(c.algorithm)
     if not runs:
       continue
     cells = []
-    for metric in ("Clean-Accuracy", "PGD-Accuracy"):
-      ours = _cell(*_mean_std(c, metric))
-      values = [r["Test"][metric] for r in runs if r.get("Test")]
-      if len(values) > 1:
-        theirs = _cell(*collect.mean_std(values))
-      else:  # one seed has no spread to show
-        theirs = f"{values[0]:.1f}" if values else "diverged"
-      cells += [ours, theirs]
-    lines.append(f"| {c.algorithm} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
-                 f"{len(runs)} |")
-  return "\n".join(lines)
+    for metric in _ADVBENCH_METRICS:
+      cells += [_cell(*_mean_std(c, metric)),
+                _advbench_cell([r["Test"][metric] for r in runs if r.get("Test")])]
+    rows.append([c.algorithm, *cells, str(len(runs))])
+  return rows
 
 
-def same_start_table(choices: Sequence[collect.Choice],
-                     advbench: Mapping[str, list[dict]]) -> str:
+def advbench_table(choices: Sequence[collect.Choice], advbench: Mapping[str, list[dict]]) -> str:
+  """The table's rows beside advbench's own classes in the same setting (clean, PGD-10)."""
+  return _markdown(["Algorithm", "dale_jax Clean", "advbench Clean", "dale_jax PGD-10",
+                    "advbench PGD-10", "advbench seeds"], advbench_rows(choices, advbench))
+
+
+def same_start_rows(choices: Sequence[collect.Choice], advbench: Mapping[str, list[dict]]
+                    ) -> list[list[str]]:
   """advbench's runs from dale_jax's start, each beside dale_jax's run of that seed."""
-  lines = ["| Algorithm | seed | dale_jax Clean | advbench Clean | dale_jax PGD-10 "
-           "| advbench PGD-10 |", "|:---|---:|---:|---:|---:|---:|"]
+  rows = []
   for c in choices:
     ours = {run.trial_seed: record for run, record in zip(c.runs, c.records)}
     for theirs in sorted(advbench.get(c.algorithm, ()), key=lambda r: r["seed"]):
       if theirs["seed"] not in ours:
         continue
       cells = []
-      for metric in ("Clean-Accuracy", "PGD-Accuracy"):
-        cells.append(f"{collect.metric_value(ours[theirs['seed']], 'Test', metric):.1f}")
-        cells.append(f"{theirs['Test'][metric]:.1f}" if theirs.get("Test") else "diverged")
-      lines.append(f"| {c.algorithm} | {theirs['seed']} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+      for metric in _ADVBENCH_METRICS:
+        cells += [f"{collect.metric_value(ours[theirs['seed']], 'Test', metric):.1f}",
+                  _advbench_cell([theirs["Test"][metric]] if theirs.get("Test") else [])]
+      rows.append([c.algorithm, str(theirs["seed"]), *cells])
+  return rows
+
+
+def same_start_table(choices: Sequence[collect.Choice],
+                     advbench: Mapping[str, list[dict]]) -> str:
+  """:func:`same_start_rows` as a Markdown table."""
+  return _markdown(["Algorithm", "seed", "dale_jax Clean", "advbench Clean", "dale_jax PGD-10",
+                    "advbench PGD-10"], same_start_rows(choices, advbench))
 
 
 def published_table(published: Published) -> str:
   """The paper's table in Markdown."""
-  lines = ["| Method | " + " | ".join(published.columns) + " |",
-           "|:---|" + "|".join(["---:"] * len(published.columns)) + "|"]
-  for method, values in published.rows.items():
-    lines.append(f"| {method} | " + " | ".join(f"{v:g}" for v in values) + " |")
-  return "\n".join(lines)
+  return _markdown(["Method", *published.columns],
+                   [[method, *(f"{v:g}" for v in values)]
+                    for method, values in published.rows.items()])
 
 
 def _train_seconds(run: collect.Run) -> float:
@@ -654,8 +670,8 @@ def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice
                         ) -> list[str]:
   if not experiment.advbench_same_start:
     return []
-  table = same_start_table(choices, read_advbench(experiment.advbench_same_start))
-  if table.count("\n") < 2:  # no run beside one of the table's
+  advbench = read_advbench(experiment.advbench_same_start)
+  if not same_start_rows(choices, advbench):
     return []
   return ["From the same start: advbench's class trained from dale_jax's initial weights "
           "and batch order of one seed (`--start=dale_jax`; only the dropout masks differ), "
@@ -663,7 +679,8 @@ def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice
           "start's; a gap left is the code's or the dropout masks'. A run that ended near "
           "chance (test loss near ln 10) reads the argmax of near-uniform outputs, whose "
           "clean accuracy moves by tens of points at an unchanged loss; `docs/fidelity.md` "
-          "sets the two training curves side by side.", "", table, ""]
+          "sets the two training curves side by side.", "",
+          same_start_table(choices, advbench), ""]
 
 
 def report(experiment: Experiment, output_dir: str, settings: EvalSettings, *, doc: str,
