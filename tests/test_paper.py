@@ -264,3 +264,24 @@ def test_advbench_rows_sit_beside_the_table_and_same_start_runs_beside_their_see
   assert paper.same_start_table([erm, pgd], same).splitlines()[2:] == [
       "| PGD | 0 | 41.4 | diverged | 21.1 | diverged |",
       "| PGD | 1 | 10.0 | 10.0 | 10.0 | 10.0 |"]
+
+
+def test_the_advbench_section_gives_its_remarks_and_drops_an_empty_same_start_table(tmp_path):
+  pgd = _choice("PGD", (41.4, 10.0), (0.0, 0.0))
+  pgd = dataclasses.replace(pgd, records=tuple(
+      {"Test": {"Clean-Accuracy": c, "PGD-Accuracy": p}} for c, p in [(41.4, 21.1), (10.0, 10.0)]))
+  own, same = tmp_path / "own.jsonl", tmp_path / "same.jsonl"
+  own.write_text(json.dumps(_advbench_record("PGD", 0, 60.7, 29.1)) + "\n")
+  same.write_text(json.dumps(_advbench_record("PGD", 7, 10.0, 10.0)) + "\n")
+  experiment = paper.Experiment(name="d", config="quickstart", algorithms=("PGD",), seeds=2,
+                                advbench=str(own), advbench_same_start=str(same),
+                                advbench_remarks=("PGD: one remark.",))
+  lines = paper._advbench_section(experiment, [pgd])
+  table = lines.index(paper.advbench_table([pgd], paper.read_advbench(str(own))))
+  # The remark follows the table as a bullet; advbench's only same-start run is of a seed
+  # dale_jax did not run, so there is no same-start paragraph or table.
+  assert lines[table + 1:] == ["", "- PGD: one remark.", ""]
+  same.write_text(json.dumps(_advbench_record("PGD", 1, 10.0, 10.0)) + "\n")
+  lines = paper._advbench_section(dataclasses.replace(experiment, advbench_remarks=()), [pgd])
+  assert lines[table + 1] == "" and lines[table + 2].startswith("From the same start")
+  assert lines[-2].splitlines()[2:] == ["| PGD | 1 | 10.0 | 10.0 | 10.0 | 10.0 |"]

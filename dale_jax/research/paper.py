@@ -116,6 +116,8 @@ class Experiment:
     advbench_same_start: the same runner's ``results.jsonl`` of advbench's classes
       started from dale_jax's initial weights and batch order of one seed
       (``--start=dale_jax``), each set beside dale_jax's run of that seed; empty: none.
+    advbench_remarks: sentences under the advbench table, for the rows whose
+      dale_jax default departs from advbench's class on purpose.
   """
 
   name: str
@@ -130,6 +132,7 @@ class Experiment:
   caveats: tuple[str, ...] = ()
   advbench: str = ""
   advbench_same_start: str = ""
+  advbench_remarks: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -657,13 +660,15 @@ def _advbench_section(experiment: Experiment, choices: Sequence[collect.Choice])
   runs = read_advbench(experiment.advbench)
   if not any(c.algorithm in runs for c in choices):
     return []
+  remarks = [f"- {remark}" for remark in experiment.advbench_remarks]
   return ["## advbench's own code in this setting", "",
           "The same rows trained by advbench's classes (the authors' PyTorch code, "
           "arobey1/advbench, run from a local checkout with the same digits, schedule, "
           "batch and epochs) and measured by the same dale_jax evaluators, mean ± std over "
           "its seeds; `docs/fidelity.md` has every algorithm and the commands. A weakness "
           "that both columns share belongs to the method and the budget, not to the port.",
-          "", advbench_table(choices, runs), "", *_same_start_section(experiment, choices)]
+          "", advbench_table(choices, runs), "", *remarks, *([""] if remarks else []),
+          *_same_start_section(experiment, choices)]
 
 
 def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice]
@@ -674,9 +679,10 @@ def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice
   if not same_start_rows(choices, advbench):
     return []
   return ["From the same start: advbench's class trained from dale_jax's initial weights "
-          "and batch order of one seed (`--start=dale_jax`; only the dropout masks differ), "
-          "beside dale_jax's run of that seed. What the two columns share here is the "
-          "start's; a gap left is the code's or the dropout masks'. A run that ended near "
+          "and batch order of one seed (`--start=dale_jax`; only the random draws of dropout "
+          "and of an attack's start differ), beside dale_jax's run of that seed. What the "
+          "two columns share here is the start's; a gap left is the code's or those "
+          "draws'. A run that ended near "
           "chance (test loss near ln 10) reads the argmax of near-uniform outputs, whose "
           "clean accuracy moves by tens of points at an unchanged loss; `docs/fidelity.md` "
           "sets the two training curves side by side.", "",

@@ -57,6 +57,12 @@ EXPERIMENT = paper.Experiment(
     ),
     advbench=os.path.join(_DOCS, "fidelity", "advbench_digits.jsonl"),
     advbench_same_start=os.path.join(_DOCS, "fidelity", "advbench_same_start.jsonl"),
+  advbench_remarks=(
+      "TRADES: dale_jax's puts the clean images in the cross-entropy, as the TRADES "
+      "paper; advbench's class puts the adversarial ones (`--config.loss.ce_on=adv`). "
+      "Its row therefore differs by that choice as well as by the start; "
+      "`docs/fidelity.md` measures each part.",
+  ),
 )
 
 if __name__ == "__main__":
