@@ -205,10 +205,11 @@ def _recording_algorithm(torch, nan_at_step: int | None):
       self.classifier = _mnist_net(torch)
       self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=hparams["learning_rate"])
       self.meters = {"Loss": _Meter()}
-      self.seen, self.rates, self.modes = [], [], []
+      self.seen, self.rates, self.modes, self.draws = [], [], [], []
 
     def step(self, imgs, labels):
       self.seen.append(labels.clone())
+      self.draws.append(torch.rand(()).item())  # as dropout and the attacks draw
       self.rates.append(self.optimizer.param_groups[0]["lr"])
       self.modes.append(self.training)
       loss = 1.0
@@ -291,3 +292,34 @@ def test_start_from_dale_jax_takes_its_initial_weights_and_batch_order(runner):
   other = runner.dale_initial_variables(config, 4)["params"]
   assert not np.array_equal(np.asarray(other["fc2"]["kernel"]),
                             np.asarray(params["fc2"]["kernel"]))
+
+
+def test_the_torch_seed_offset_reseeds_torchs_draws_alone_from_dale_jaxs_start(runner):
+  torch = require("torch")
+  from dale_jax import data  # pylint: disable=import-outside-toplevel
+
+  config = runner.quickstart_config("PGD")
+  x, y = data.load("mnist_digits").train
+
+  def train(seed, offset):
+    advbench = types.SimpleNamespace(
+        algorithms=types.SimpleNamespace(PGD=_recording_algorithm(torch, None)))
+    return runner.train_advbench(advbench, "PGD", {"batch_size": 64, "learning_rate": 0.02},
+                                 config, x[:200], y[:200], num_classes=10, seed=seed,
+                                 num_epochs=1, start="dale_jax",
+                                 torch_seed_offset=offset)["algorithm"]
+
+  base, moved, seed1 = train(3, 0), train(3, 1), train(4, 0)
+  # The same batches and initial weights (dale_jax's seed 3); torch's own draws are
+  # those of torch seed 4, i.e. seed 4's with no offset.
+  assert [b.tolist() for b in moved.seen] == [b.tolist() for b in base.seen]
+  for name, tensor in base.classifier.state_dict().items():
+    torch.testing.assert_close(moved.classifier.state_dict()[name], tensor, rtol=0, atol=0)
+  assert moved.draws != base.draws and moved.draws == seed1.draws
+  # An offset is part of the results file's setting, so runs with and without one never
+  # share a file; without one the setting is as before.
+  advbench = types.SimpleNamespace(commit="bd2071d")
+  plain = runner.run_setting(advbench, config, 200, 100, "dale_jax")
+  assert "torch_seed_offset" not in plain
+  assert runner.run_setting(advbench, config, 200, 100, "dale_jax", 1) == dict(
+      plain, torch_seed_offset=1)

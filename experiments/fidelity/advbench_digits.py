@@ -83,6 +83,11 @@ flags.DEFINE_enum("start", "advbench", ["advbench", "dale_jax"],
                   "dale_jax: the initial weights and batch order of dale-train's run with "
                   "the same seed, so that only the attacks' and dropout's draws differ.",
                   flag_values=FLAGS)
+flags.DEFINE_integer("torch_seed_offset", 0, "Seeds torch with the run's seed plus this "
+                     "(its own draws: dropout and the attacks' random starts, and with "
+                     "--start=advbench the initial weights and batch order). With "
+                     "--start=dale_jax another value measures how far those draws alone "
+                     "move a run.", flag_values=FLAGS)
 _cli_flags.mark_required(["advbench", "algorithms"], FLAGS)
 
 
@@ -277,7 +282,7 @@ def _finite(value: float) -> float | None:
 
 def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x, y, *,
                    num_classes: int, seed: int, num_epochs: int,
-                   start: str = "advbench") -> dict[str, Any]:
+                   start: str = "advbench", torch_seed_offset: int = 0) -> dict[str, Any]:
   """Trains ``advbench.algorithms.<algorithm>`` on NHWC ``x`` and labels ``y``.
 
   As advbench's train.py: the algorithm in train mode, the learning rate of every
@@ -290,7 +295,8 @@ def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x,
   ``start="dale_jax"`` replaces torch's initial weights by those of ``dale-train``'s
   run of ``config`` with this seed and the DataLoader's order by dale_jax's batches
   (:func:`dale_jax.data.batches`): the two implementations then differ only in the
-  draws of the attacks and of dropout.
+  draws of the attacks and of dropout, which ``torch_seed_offset`` reseeds (torch is
+  seeded with ``seed + torch_seed_offset``).
 
   Returns:
     ``{"algorithm": the trained object, "epochs": [...], "seconds": training time,
@@ -301,13 +307,14 @@ def train_advbench(advbench: Advbench, algorithm: str, hparams: dict, config, x,
   from torch.utils.data import DataLoader, TensorDataset  # pylint: disable=import-outside-toplevel
   from dale_jax.bench import torch_reference  # pylint: disable=import-outside-toplevel
 
-  torch.manual_seed(seed)
+  torch_seed = seed + torch_seed_offset
+  torch.manual_seed(torch_seed)
   h, w, c = x.shape[1:]
   model = getattr(advbench.algorithms, algorithm)(
       input_shape=(c, h, w), num_classes=num_classes, hparams=hparams, device="cpu")
   dataset = TensorDataset(torch_reference.to_nchw(x), torch.from_numpy(y.astype("int64")))
   loader = DataLoader(dataset, batch_size=hparams["batch_size"], shuffle=True, drop_last=True,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(torch_seed))
   if start == "dale_jax":
     # advbench's MNISTNet has torch_reference.MnistCNN's layers under the same names.
     reference = torch_reference.MnistCNN(num_classes=num_classes)
@@ -426,10 +433,11 @@ def check_conversion(classifier, variables: dict, model, x, atol: float = _CHECK
 
 
 def run_setting(advbench: Advbench, config, train_examples: int, test_examples: int,
-                start: str = "advbench") -> dict:
+                start: str = "advbench", torch_seed_offset: int = 0) -> dict:
   """What every line of one results file shares (all but algorithm, seed and hparams)."""
   return {
       **({} if start == "advbench" else {"start": start}),
+      **({"torch_seed_offset": torch_seed_offset} if torch_seed_offset else {}),
       "advbench_commit": advbench.commit,
       "dataset": config.dataset,
       "train_examples": train_examples,
@@ -525,11 +533,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     x_train = x_train[:first.data.max_train_examples]
     y_train = y_train[:first.data.max_train_examples]
   x_test, y_test = dataset.test
-  setting = run_setting(advbench, first, len(y_train), len(y_test), args.start)
+  setting = run_setting(advbench, first, len(y_train), len(y_test), args.start,
+                        args.torch_seed_offset)
   path = os.path.join(args.output_dir, _RESULTS)
   try:
     for config in settings.values():
-      if run_setting(advbench, config, len(y_train), len(y_test), args.start) != setting:
+      if run_setting(advbench, config, len(y_train), len(y_test), args.start,
+                     args.torch_seed_offset) != setting:
         raise validation.InvalidArgument(
             "--algorithms", rest="need quickstart configs that differ only in the algorithm")
     done = finished_runs(path, setting)
@@ -550,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       config = settings[name]
       trained = train_advbench(advbench, name, hparams[name], config, x_train, y_train,
                                num_classes=dataset.num_classes, seed=seed,
-                               num_epochs=int(config.num_epochs), start=args.start)
+                               num_epochs=int(config.num_epochs), start=args.start,
+                               torch_seed_offset=args.torch_seed_offset)
       classifier = trained["algorithm"].classifier
       test, error = None, None
       if not trained["non_finite_weights"]:
