@@ -28,6 +28,9 @@ advbench's commit and the machine. Rerunning skips the (algorithm, seed) pairs
 already in the file; a file written in another setting (epochs, training
 examples, advbench commit, ...) is refused rather than mixed with.
 ``--max_train_examples`` and ``--num_epochs`` shorten a run for a smoke test.
+``--start=dale_jax`` trains from ``dale-train``'s initial weights and batch order
+of the seed; ``--torch_seed_offset`` then reseeds only torch's own draws (dropout,
+the attacks' random starts), which measures the spread those draws give.
 """
 
 from __future__ import annotations
