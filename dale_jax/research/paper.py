@@ -682,10 +682,10 @@ def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice
           "and batch order of one seed (`--start=dale_jax`; only the random draws of dropout "
           "and of an attack's start differ), beside dale_jax's run of that seed. What the "
           "two columns share here is the start's; a gap left is the code's or those "
-          "draws'. A run that ended near "
-          "chance (test loss near ln 10) reads the argmax of near-uniform outputs, whose "
-          "clean accuracy moves by tens of points at an unchanged loss; `docs/fidelity.md` "
-          "sets the two training curves side by side.", "",
+          "draws'. A run that ended near chance (test loss near ln 10) reads the argmax of "
+          "near-uniform outputs, whose clean accuracy moves by tens of points at an "
+          "unchanged loss; `docs/fidelity.md` sets the two training curves side by side.",
+          "",
           same_start_table(choices, advbench), ""]
 
 

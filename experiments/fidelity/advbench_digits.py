@@ -90,7 +90,7 @@ flags.DEFINE_integer("torch_seed_offset", 0, "Seeds torch with the run's seed pl
                      "(its own draws: dropout and the attacks' random starts, and with "
                      "--start=advbench the initial weights and batch order). With "
                      "--start=dale_jax another value measures how far those draws alone "
-                     "move a run.", flag_values=FLAGS)
+                     "move a run.", lower_bound=0, flag_values=FLAGS)
 _cli_flags.mark_required(["advbench", "algorithms"], FLAGS)
 
 
