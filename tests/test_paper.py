@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
 import pathlib
-import re
 
 import numpy as np
 import pytest
@@ -237,12 +235,15 @@ def _advbench_record(algorithm, seed, clean, pgd):
           "Test": {"Clean-Accuracy": clean, "PGD-Accuracy": pgd}}
 
 
+def _clean_pgd_choice(algorithm, pairs):
+  """A choice whose seed-i run ended at ``pairs[i]`` = (clean, PGD-10)."""
+  choice = _choice(algorithm, [c for c, _ in pairs], [0.0] * len(pairs))
+  return dataclasses.replace(choice, records=tuple(
+      {"Test": {"Clean-Accuracy": c, "PGD-Accuracy": p}} for c, p in pairs))
+
+
 def test_advbench_rows_sit_beside_the_table_and_same_start_runs_beside_their_seed():
-  runs = tuple(collect.Run(f"/r/PGD/{seed}", "d", "PGD", 0, seed, {}, (), True)
-               for seed in range(3))
-  records = tuple({"Test": {"Clean-Accuracy": c, "PGD-Accuracy": p}}
-                  for c, p in [(41.4, 21.1), (10.0, 10.0), (23.8, 19.4)])
-  pgd = collect.Choice("d", "PGD", "LastStep", None, 0, runs, records, float("nan"))
+  pgd = _clean_pgd_choice("PGD", [(41.4, 21.1), (10.0, 10.0), (23.8, 19.4)])
   erm = _choice("ERM", (95.0,), (0.0,))
   theirs = {"PGD": [_advbench_record("PGD", 0, 60.7, 29.1),
                     _advbench_record("PGD", 1, 72.3, 34.5)],
@@ -267,9 +268,7 @@ def test_advbench_rows_sit_beside_the_table_and_same_start_runs_beside_their_see
 
 
 def test_the_advbench_section_gives_its_remarks_and_drops_an_empty_same_start_table(tmp_path):
-  pgd = _choice("PGD", (41.4, 10.0), (0.0, 0.0))
-  pgd = dataclasses.replace(pgd, records=tuple(
-      {"Test": {"Clean-Accuracy": c, "PGD-Accuracy": p}} for c, p in [(41.4, 21.1), (10.0, 10.0)]))
+  pgd = _clean_pgd_choice("PGD", [(41.4, 21.1), (10.0, 10.0)])
   own, same = tmp_path / "own.jsonl", tmp_path / "same.jsonl"
   own.write_text(json.dumps(_advbench_record("PGD", 0, 60.7, 29.1)) + "\n")
   same.write_text(json.dumps(_advbench_record("PGD", 7, 10.0, 10.0)) + "\n")

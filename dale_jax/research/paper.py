@@ -402,10 +402,14 @@ def advbench_rows(choices: Sequence[collect.Choice], advbench: Mapping[str, list
   return rows
 
 
+_PAIR_HEADER = ("dale_jax Clean", "advbench Clean", "dale_jax PGD-10", "advbench PGD-10")
+_ADVBENCH_HEADER = ("Algorithm", *_PAIR_HEADER, "advbench seeds")
+_SAME_START_HEADER = ("Algorithm", "seed", *_PAIR_HEADER)
+
+
 def advbench_table(choices: Sequence[collect.Choice], advbench: Mapping[str, list[dict]]) -> str:
   """The table's rows beside advbench's own classes in the same setting (clean, PGD-10)."""
-  return _markdown(["Algorithm", "dale_jax Clean", "advbench Clean", "dale_jax PGD-10",
-                    "advbench PGD-10", "advbench seeds"], advbench_rows(choices, advbench))
+  return _markdown(_ADVBENCH_HEADER, advbench_rows(choices, advbench))
 
 
 def same_start_rows(choices: Sequence[collect.Choice], advbench: Mapping[str, list[dict]]
@@ -428,8 +432,7 @@ def same_start_rows(choices: Sequence[collect.Choice], advbench: Mapping[str, li
 def same_start_table(choices: Sequence[collect.Choice],
                      advbench: Mapping[str, list[dict]]) -> str:
   """:func:`same_start_rows` as a Markdown table."""
-  return _markdown(["Algorithm", "seed", "dale_jax Clean", "advbench Clean", "dale_jax PGD-10",
-                    "advbench PGD-10"], same_start_rows(choices, advbench))
+  return _markdown(_SAME_START_HEADER, same_start_rows(choices, advbench))
 
 
 def published_table(published: Published) -> str:
@@ -675,8 +678,8 @@ def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice
                         ) -> list[str]:
   if not experiment.advbench_same_start:
     return []
-  advbench = read_advbench(experiment.advbench_same_start)
-  if not same_start_rows(choices, advbench):
+  rows = same_start_rows(choices, read_advbench(experiment.advbench_same_start))
+  if not rows:
     return []
   return ["From the same start: advbench's class trained from dale_jax's initial weights "
           "and batch order of one seed (`--start=dale_jax`; only the random draws of dropout "
@@ -685,8 +688,7 @@ def _same_start_section(experiment: Experiment, choices: Sequence[collect.Choice
           "draws'. A run that ended near chance (test loss near ln 10) reads the argmax of "
           "near-uniform outputs, whose clean accuracy moves by tens of points at an "
           "unchanged loss; `docs/fidelity.md` sets the two training curves side by side.",
-          "",
-          same_start_table(choices, advbench), ""]
+          "", _markdown(_SAME_START_HEADER, rows), ""]
 
 
 def report(experiment: Experiment, output_dir: str, settings: EvalSettings, *, doc: str,
